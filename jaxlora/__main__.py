@@ -1,0 +1,3 @@
+from jaxlora.cli import main
+
+main()

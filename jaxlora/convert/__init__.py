@@ -1,0 +1,246 @@
+"""Conversion of an HF checkpoint (safetensors, sharded, .bin, .pth + config, GGUF, hub id) to a jaxlora one.
+
+The output folder holds `config.json` (ours), `hf_config.json` (the source's), `generation_config.json`,
+`tokenizer/`, and `params/` (an orbax checkpoint). It is written under a temporary name beside DST and renamed
+at the end, so a failed or interrupted conversion never leaves a half checkpoint at DST.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlora.checkpoint import DTYPES, save_checkpoint
+from jaxlora.config import ModelConfig
+from jaxlora.convert.gguf import GGUFFile
+from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
+from jaxlora.errors import ConversionError, UsageError
+from jaxlora.families import config_from_hf, ignored_pattern, tensor_plan
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
+
+
+@dataclass
+class Source:
+    """What a conversion reads: the HF config, a tensor reader, and how to obtain the tokenizer."""
+
+    hf_config: dict[str, Any]
+    reader: TensorReader
+    tokenizer_files: list[Path] = field(default_factory=list)
+    write_tokenizer: Callable[[Path], None] | None = None
+    generation_config: dict[str, Any] | None = None
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConversionError(f"missing {what}: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _weights_reader(folder: Path) -> TensorReader:
+    if (folder / "model.safetensors.index.json").is_file():
+        return SafetensorsReader(shard_files(folder, "model.safetensors.index.json"))
+    if (folder / "model.safetensors").is_file():
+        return SafetensorsReader([folder / "model.safetensors"])
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return TorchPickleReader(shard_files(folder, "pytorch_model.bin.index.json"))
+    if (folder / "pytorch_model.bin").is_file():
+        return TorchPickleReader([folder / "pytorch_model.bin"])
+    raise ConversionError(
+        f"no weights in {folder} (looked for model.safetensors[.index.json], pytorch_model.bin[.index.json])"
+    )
+
+
+def _folder_source(folder: Path) -> Source:
+    hf_config = _read_json(folder / "config.json", "config.json")
+    generation = folder / "generation_config.json"
+    return Source(
+        hf_config=hf_config,
+        reader=_weights_reader(folder),
+        tokenizer_files=[folder / name for name in TOKENIZER_FILES if (folder / name).is_file()],
+        generation_config=_read_json(generation, "generation config") if generation.is_file() else None,
+    )
+
+
+def _gguf_source(path: Path) -> Source:
+    gguf = GGUFFile(path)
+    hf_config = gguf.hf_config()
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+    return Source(hf_config, gguf, write_tokenizer=gguf.write_tokenizer, generation_config=generation)
+
+
+def _file_source(path: Path, config_path: str | None) -> Source:
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        return _gguf_source(path)
+    readers = {".safetensors": SafetensorsReader, ".bin": TorchPickleReader, ".pth": TorchPickleReader,
+               ".pt": TorchPickleReader}
+    if suffix not in readers:
+        raise ConversionError(
+            f"unrecognized source {path}: expected a model folder, .safetensors, .bin, .pth/.pt or .gguf"
+        )
+    config_file = Path(config_path) if config_path else path.parent / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{path.name} is a bare state dict: pass its HF config.json with --config")
+    folder = path.parent
+    return Source(
+        hf_config=_read_json(config_file, "config"),
+        reader=readers[suffix]([path]),
+        tokenizer_files=[folder / name for name in TOKENIZER_FILES if (folder / name).is_file()],
+    )
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", src) is not None and not src.startswith((".", "/"))
+
+
+def _hub_source(repo_id: str) -> Source:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConversionError(f"{repo_id} is not a local path (install huggingface_hub to fetch it)") from None
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # network and auth failures come in many types
+        raise ConversionError(f"{repo_id} is neither a local path nor a reachable hub model ({e})") from None
+    return _folder_source(Path(folder))
+
+
+def open_source(src: str, config_path: str | None = None) -> Source:
+    path = Path(src)
+    if path.is_dir():
+        if config_path:
+            raise UsageError("--config is only for a bare state-dict file; a folder brings its config.json")
+        return _folder_source(path)
+    if path.is_file():
+        return _file_source(path, config_path)
+    if _looks_like_hub_id(src):
+        return _hub_source(src)
+    raise ConversionError(f"no such file or folder: {src}")
+
+
+def _flat_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    from jax.tree_util import tree_flatten_with_path
+
+    from jaxlora.model import param_shapes
+
+    leaves, _ = tree_flatten_with_path(param_shapes(config))
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in leaves}
+
+
+def _list(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:6])
+    return shown + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def convert_tensors(source: Source, config: ModelConfig, dtype: str, progress: bool = False) -> dict:
+    """Read, place, check and cast every tensor the config needs. Returns the param tree of numpy arrays."""
+    from tqdm.auto import tqdm
+
+    plan = tensor_plan(config)
+    shapes = _flat_shapes(config)
+    assert {p.param_path for p in plan.values()} == set(shapes), "family table and decoder disagree"
+    names = source.reader.names()
+    ignored = ignored_pattern(config)
+    unexpected = [n for n in names if n not in plan and not ignored.fullmatch(n)]
+    missing = [n for n in plan if n not in set(names)]
+    if missing:
+        raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {_list(missing)}")
+    if unexpected:
+        raise ConversionError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_list(unexpected)}")
+    target = DTYPES[dtype]
+    params: dict = {}
+    for name in tqdm(list(plan), desc="converting", unit="tensor", disable=not progress):
+        rule = plan[name]
+        array = source.reader.get(name)
+        if rule.transform == "transpose":
+            array = array.T
+        expected = shapes[rule.param_path]
+        if array.shape != expected:
+            raise ConversionError(
+                f"tensor {name} has shape {tuple(array.shape)} but the config implies {expected}"
+            )
+        _set_path(params, rule.param_path, np.ascontiguousarray(array.astype(target)))
+    return params
+
+
+def convert(
+    src: str,
+    dst: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    config_path: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Convert SRC into a jaxlora checkpoint folder DST; returns DST."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise UsageError(f"{dst} already exists (pass --force to overwrite it)")
+    source = open_source(src, config_path)
+    try:
+        config = config_from_hf(source.hf_config)
+        params = convert_tensors(source, config, dtype, progress)
+    finally:
+        source.reader.close()
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        tokenizer_dir = staging / "tokenizer"
+        tokenizer_dir.mkdir()
+        for file in source.tokenizer_files:
+            shutil.copy2(file, tokenizer_dir / file.name)
+        if source.write_tokenizer is not None:
+            source.write_tokenizer(tokenizer_dir)
+        (staging / "hf_config.json").write_text(json.dumps(source.hf_config, indent=2))
+        if source.generation_config is not None:
+            (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
+        save_checkpoint(staging, config, params, dtype=dtype, source=str(src))
+        if dst.exists():  # --force: swap the new folder in, then drop the old one
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            dst.rename(old)
+            staging.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(dst)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return dst

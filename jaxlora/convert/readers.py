@@ -1,0 +1,135 @@
+"""Readers that hand out one source tensor at a time as a numpy array, under its HF name.
+
+Each reader opens its files lazily (safetensors and torch pickles memory-mapped), so conversion holds at most
+the output plus one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.errors import ConversionError
+
+
+class TensorReader:
+    """names(): every tensor name in the source; get(name) -> np.ndarray in its stored dtype."""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsReader(TensorReader):
+    def __init__(self, files: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._handles = []
+        self._where: dict[str, int] = {}
+        for path in files:
+            if not path.is_file():
+                raise ConversionError(f"missing safetensors shard: {path}")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except SafetensorError as e:
+                raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
+            self._handles.append(handle)
+            for name in handle.keys():
+                self._where[name] = len(self._handles) - 1
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import ml_dtypes
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        # numpy has no bfloat16 of its own: reinterpret the bits, no rounding.
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"reading {path.name} needs PyTorch: pip install 'jaxlora[torch]'"
+        ) from None
+    import pickle
+
+    if not path.is_file():
+        raise ConversionError(f"missing checkpoint file: {path}")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"refused to load {path.name}: it needs more than plain tensors to unpickle "
+            f"(loaded with weights_only=True only; {first})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
+    # Training scripts often wrap the state dict: {"state_dict": {...}} or {"model": {...}}.
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and set(state) == {wrapper} and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path.name} does not hold a state dict of tensors")
+    return state
+
+
+class TorchPickleReader(TensorReader):
+    """`pytorch_model.bin` (sharded too) or a bare `.pth`/`.pt` state dict, loaded with weights_only=True."""
+
+    def __init__(self, files: list[Path]):
+        self._tensors: dict = {}
+        for path in files:
+            self._tensors.update(_load_pickle(path))
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def get(self, name: str) -> np.ndarray:
+        return _torch_to_numpy(self._tensors[name])
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+def shard_files(folder: Path, index_name: str) -> list[Path]:
+    """The shard files an HF `*.index.json` names, in order, each once."""
+    index_path = folder / index_name
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index_path} is not a valid shard index ({e})") from None
+    return [folder / name for name in dict.fromkeys(weight_map.values())]
+
+
+def iter_tensors(reader: TensorReader, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for name in names:
+        yield name, reader.get(name)

@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints `error: <message>` for these and exits non-zero; anything else is a bug."""
+
+
+class JaxloraError(Exception):
+    """Base class: the message is written for the user, on one line."""
+
+
+class ConfigError(JaxloraError):
+    """A model configuration jaxlora cannot (or will not silently) implement."""
+
+
+class ConversionError(JaxloraError):
+    """A source checkpoint that is missing, malformed, or does not match its config."""
+
+
+class CheckpointError(JaxloraError):
+    """A converted jaxlora checkpoint that is missing or unreadable."""
+
+
+class UsageError(JaxloraError):
+    """Impossible arguments to a public function or CLI command."""

@@ -1,0 +1,161 @@
+"""The decoder as flax linen modules (params are a plain nested dict) and the pure `forward` over it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxlora.attention import apply_rope, attention_mask, dot_product_attention, rope_cos_sin
+from jaxlora.cache import KVCache
+from jaxlora.config import ModelConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] as in HF's Linear weight transposed."""
+
+    features: int
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _init, (x.shape[-1], self.features), jnp.float32)
+        y = jnp.dot(x, kernel.astype(x.dtype) if kernel.dtype != x.dtype else kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        # As HF: normalize in float32, cast back to the input dtype, then scale.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    window: int | None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
+        c = self.config
+        b, t, _ = x.shape
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="v_proj")(x)
+        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if cache_kv is not None:
+            # Write this call's keys/values into their slots and attend over the whole buffer.
+            cached_k, cached_v = cache_kv
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, write_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
+        mask = attention_mask(query_slots, key_valid, self.window)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = Linear(c.hidden_size, c.o_bias, name="o_proj")(out.reshape(b, t, c.num_heads * c.head_dim))
+        return out, (k, v)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = Linear(c.intermediate_size, c.mlp_bias, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, name="up_proj")(x)
+        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    window: int | None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
+        c = self.config
+        attn_out, new_kv = Attention(c, self.window, name="attn")(
+            RMSNorm(c.norm_eps, name="attn_norm")(x), cos, sin, query_slots, key_valid, cache_kv, write_index
+        )
+        x = x + attn_out
+        x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(x))
+        return x, new_kv
+
+
+class Decoder(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init, param_dtype=jnp.float32)
+        self.layers = [Block(c, c.layer_windows[i]) for i in range(c.num_layers)]
+        self.final_norm = RMSNorm(c.norm_eps)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size)
+
+    def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0):
+        """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
+
+        Returns logits [batch, seq, vocab] float32 and the updated cache (None without a cache).
+        """
+        c = self.config
+        embedding = self.embed.embedding
+        x = jnp.take(embedding, input_ids, axis=0)
+        cos, sin = rope_cos_sin(positions, c)
+        query_slots = write_index + jnp.arange(input_ids.shape[1])
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v) = layer(x, cos, sin, query_slots, key_valid, cache_kv, write_index)
+            new_keys.append(k)
+            new_values.append(v)
+        x = self.final_norm(x)
+        if c.tie_word_embeddings:
+            logits = jnp.dot(x, embedding.T.astype(x.dtype))
+        else:
+            logits = self.lm_head(x)
+        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
+        return logits.astype(jnp.float32), new_cache
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions that skip left padding, as HF generate derives them: cumsum(mask) - 1, floored at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, positions=None) -> jax.Array:
+    """The model's logits. Pure: works under jax.jit (config static), jax.grad and jax.vmap.
+
+    params: the nested dict from `jaxlora.load(...).params`; input_ids [batch, seq] int32;
+    attention_mask [batch, seq] (1 = real token, 0 = padding; default all ones);
+    positions [batch, seq] int32 (default: derived from the mask).
+    Returns logits [batch, seq, vocab] float32.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, bool)
+    attention_mask = jnp.asarray(attention_mask).astype(bool)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    logits, _ = Decoder(config).apply({"params": params}, input_ids, positions, attention_mask)
+    return logits
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+    """Random float32 params (for tests and shapes); real weights come from `jaxlora.load`."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(key, ids, ids, jnp.ones((1, 1), bool))["params"]
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The param tree as jax.ShapeDtypeStruct leaves (float32), without allocating."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
