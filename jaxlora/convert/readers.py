@@ -7,6 +7,7 @@ the output plus one tensor in memory.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """torch's weights-only refusal buries the reason after 'WeightsUnpickler error:'."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
+    return " ".join(match.group(1).split()) if match else _first_line(error)
+
+
 def _load_pickle(path: Path) -> dict:
     try:
         import torch
@@ -85,14 +97,15 @@ def _load_pickle(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"refused to load {path.name}: it needs more than plain tensors to unpickle "
-            f"(loaded with weights_only=True only; {first})"
-        ) from None
+        needs_code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if needs_code:
+            raise ConversionError(
+                f"refused to load {path.name}: unpickling it would call {needs_code.group(1)} "
+                "(pickles are loaded with weights_only=True only)"
+            ) from None
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_unpickler_reason(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
     # Training scripts often wrap the state dict: {"state_dict": {...}} or {"model": {...}}.
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and set(state) == {wrapper} and isinstance(state[wrapper], dict):

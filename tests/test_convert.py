@@ -1,0 +1,230 @@
+"""Conversion: complete weight tables, bit-exact orbax round trip, atomic output, and clear errors on bad input."""
+
+import json
+import pickle
+import shutil
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIGS, hf_model, save_hf
+from safetensors.numpy import load_file, save_file
+
+import jaxlora
+from jaxlora.errors import ConfigError, ConversionError, JaxloraError, UsageError
+from jaxlora.families import config_from_hf, ignored_pattern, tensor_plan
+from jaxlora.model import param_shapes
+
+
+def flat(tree):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(k.key for k in path): np.asarray(leaf) for path, leaf in leaves}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_weight_table_is_complete(name):
+    """Every HF tensor is consumed exactly once and every param is filled exactly once."""
+    model = hf_model(TINY_CONFIGS[name])
+    config = config_from_hf({"model_type": model.config.model_type, **model.config.to_dict()})
+    plan = tensor_plan(config)
+    hf_names = set(model.state_dict())
+    ignored = ignored_pattern(config)
+    assert set(plan) == {n for n in hf_names if not ignored.fullmatch(n)}
+    paths = [p.param_path for p in plan.values()]
+    assert len(paths) == len(set(paths))
+    assert set(paths) == set(flat(param_shapes(config)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_is_bit_identical(tiny, tmp_path, dtype):
+    m = tiny("llama-bias")
+    dst = jaxlora.convert(str(m.hf_dir), tmp_path / "out", dtype=dtype)
+    params = flat(jaxlora.load(dst).params)
+    source = load_file(str(m.hf_dir / "model.safetensors"))
+    config = jaxlora.load(dst).config
+    target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    for hf_name, rule in tensor_plan(config).items():
+        expected = source[hf_name].T if rule.transform == "transpose" else source[hf_name]
+        got = params[rule.param_path]
+        assert got.dtype == np.dtype(target)
+        np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(expected.astype(target)).view(np.uint8))
+
+
+def test_load_can_cast(tiny):
+    model = jaxlora.load(tiny("qwen2").jax_dir, dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(model.params)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def no_output(dst):
+    """DST absent and no staging folder left beside it."""
+    return not dst.exists() and not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    return save_hf(hf_model(TINY_CONFIGS["llama-gqa"]), tmp_path / "hf")
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def edit_tensors(folder, drop=(), add=None):
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in drop:
+        del tensors[name]
+    tensors.update(add or {})
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def expect_error(src, dst, kind, match, **kwargs):
+    with pytest.raises(kind, match=match):
+        jaxlora.convert(str(src), dst, **kwargs)
+    assert no_output(dst)
+
+
+def test_missing_source(tmp_path):
+    expect_error(tmp_path / "nope", tmp_path / "out", ConversionError, "no such file or folder")
+
+
+def test_folder_without_config(hf_dir, tmp_path):
+    (hf_dir / "config.json").unlink()
+    expect_error(hf_dir, tmp_path / "out", ConversionError, "missing config.json")
+
+
+def test_folder_without_weights(hf_dir, tmp_path):
+    (hf_dir / "model.safetensors").unlink()
+    expect_error(hf_dir, tmp_path / "out", ConversionError, "no weights in")
+
+
+def test_invalid_config_json(hf_dir, tmp_path):
+    (hf_dir / "config.json").write_text("{not json")
+    expect_error(hf_dir, tmp_path / "out", ConversionError, "is not valid JSON")
+
+
+def test_unknown_architecture(hf_dir, tmp_path):
+    edit_config(hf_dir, model_type="bert")
+    expect_error(hf_dir, tmp_path / "out", ConfigError, r"unsupported model_type 'bert'; supported: llama")
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported yet"),
+        ({"num_key_value_heads": 3}, "must be a multiple of"),
+    ],
+)
+def test_unimplemented_options_are_refused(hf_dir, tmp_path, changes, match):
+    edit_config(hf_dir, **changes)
+    expect_error(hf_dir, tmp_path / "out", JaxloraError, match)
+
+
+def test_shape_mismatch(hf_dir, tmp_path):
+    edit_config(hf_dir, intermediate_size=66)
+    expect_error(hf_dir, tmp_path / "out", ConversionError,
+                 r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape .* but the config implies")
+
+
+def test_missing_tensors_are_listed(hf_dir, tmp_path):
+    edit_tensors(hf_dir, drop=["model.layers.1.mlp.up_proj.weight", "model.norm.weight"])
+    expect_error(hf_dir, tmp_path / "out", ConversionError,
+                 r"missing 2 tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight, model\.norm\.weight")
+
+
+def test_unexpected_tensors_are_listed(hf_dir, tmp_path):
+    edit_tensors(hf_dir, add={"extra.weight": np.zeros(3, np.float32)})
+    expect_error(hf_dir, tmp_path / "out", ConversionError, r"1 unexpected tensor\(s\): extra\.weight")
+
+
+def test_truncated_safetensors(hf_dir, tmp_path):
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    expect_error(hf_dir, tmp_path / "out", ConversionError, "is not a readable safetensors file")
+
+
+def test_missing_shard(tmp_path):
+    src = save_hf(hf_model(TINY_CONFIGS["llama-gqa"]), tmp_path / "hf", "sharded")
+    next(src.glob("model-0000*.safetensors")).unlink()
+    expect_error(src, tmp_path / "out", ConversionError, "missing safetensors shard")
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("notes.txt", b"hello", "unrecognized source"),
+        ("model.gguf", b"GGUF but not really", "is not a readable GGUF file"),
+        ("pytorch_model.bin", b"\x00garbage", "is not a readable PyTorch checkpoint"),
+    ],
+)
+def test_non_checkpoint_files(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIGS["llama-gqa"]))
+    expect_error(path, tmp_path / "out", ConversionError, match)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/definitely/not/a/real/path",))
+
+
+def test_pickle_needing_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": Exploit()}, path)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIGS["llama-gqa"]))
+    expect_error(path, tmp_path / "out", ConversionError, r"refused to load evil\.pth: unpickling it would call shutil\.rmtree", config_path=str(config))
+    with pytest.raises(pickle.UnpicklingError):  # the refusal is torch's weights_only check, not our guess
+        torch.load(path, weights_only=True)
+
+
+def test_bare_state_dict_needs_config(tmp_path):
+    src = save_hf(hf_model(TINY_CONFIGS["llama-gqa"]), tmp_path / "src", "pth")
+    expect_error(src, tmp_path / "out", ConversionError, "pass its HF config.json with --config")
+
+
+def test_existing_destination_needs_force(tiny, tmp_path):
+    m = tiny("llama-gqa")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="already exists"):
+        jaxlora.convert(str(m.hf_dir), dst)
+    assert (dst / "keep.txt").read_text() == "mine"
+    jaxlora.convert(str(m.hf_dir), dst, force=True)
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_while_writing_leaves_nothing(tiny, tmp_path, monkeypatch):
+    convert_module = sys.modules["jaxlora.convert"]  # the package; `jaxlora.convert` is the function
+
+    def broken_save(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-write
+
+    monkeypatch.setattr(convert_module, "save_checkpoint", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        jaxlora.convert(str(tiny("llama-gqa").hf_dir), tmp_path / "out")
+    assert no_output(tmp_path / "out")
+
+
+def test_unknown_dtype(tiny, tmp_path):
+    expect_error(tiny("llama-gqa").hf_dir, tmp_path / "out", UsageError, "unknown dtype 'int8'", dtype="int8")
+
+
+def test_load_rejects_non_checkpoints(tiny, tmp_path):
+    from jaxlora.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no config.json"):
+        jaxlora.load(tmp_path)
+    with pytest.raises(CheckpointError, match="run `jaxlora convert` first"):
+        jaxlora.load(tiny("llama-gqa").hf_dir)

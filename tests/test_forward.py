@@ -1,0 +1,112 @@
+"""forward is a pure function (jit, grad, vmap); the cached path equals the full forward; batching is exact."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import random_ids
+
+import jaxlora
+from jaxlora.cache import init_cache
+from jaxlora.model import Decoder
+
+
+def test_forward_under_jit_grad_vmap(tiny):
+    model = tiny("llama-gqa").load()
+    config = model.config
+    ids = random_ids((2, 9), config.vocab_size, seed=7)
+
+    eager = np.asarray(jaxlora.forward(model.params, config, ids))
+    jitted = np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, config, ids))
+    np.testing.assert_allclose(jitted, eager, rtol=0, atol=1e-5)
+
+    def loss(params):
+        logits = jaxlora.forward(params, config, ids[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    value, grads = jax.value_and_grad(loss)(model.params)
+    assert np.isfinite(value)
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert jax.tree.structure(grads) == jax.tree.structure(model.params)
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in leaves)
+
+    per_row = jax.vmap(lambda row: jaxlora.forward(model.params, config, row[None])[0])(jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(per_row), eager, rtol=0, atol=1e-5)
+
+
+def test_prefill_plus_cached_decode_equals_full_forward(tiny):
+    """Feeding tokens one at a time through the KV cache gives the logits of one full forward."""
+    for name in ("llama-gqa", "mistral-window"):  # the window (7) is shorter than the 15 tokens
+        model = tiny(name).load()
+        config = model.config
+        ids = random_ids((2, 15), config.vocab_size, seed=8)
+        full = np.asarray(jaxlora.forward(model.params, config, ids))
+        decoder = Decoder(config)
+        cache = init_cache(config, 2, 20)
+        prefill = 6
+        valid = cache.valid.at[:, :prefill].set(True)
+        positions = jnp.broadcast_to(jnp.arange(prefill), (2, prefill))
+        logits, cache = decoder.apply({"params": model.params}, ids[:, :prefill], positions, valid, cache, 0)
+        steps = [np.asarray(logits)]
+        for t in range(prefill, ids.shape[1]):
+            valid = cache.valid.at[:, t].set(True)
+            pos = jnp.full((2, 1), t)
+            logits, cache = decoder.apply({"params": model.params}, ids[:, t : t + 1], pos, valid, cache, t)
+            steps.append(np.asarray(logits))
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-5)
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    model = tiny("qwen2").load()
+    prompts = [list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (3, 11, 7)]
+    ids, mask = jaxlora.left_pad(prompts)
+    batched = jaxlora.generate(model.params, model.config, ids, attention_mask=mask, max_new_tokens=12)
+    for row, prompt in enumerate(prompts):
+        alone = jaxlora.generate(model.params, model.config, [prompt], max_new_tokens=12)
+        np.testing.assert_array_equal(batched.tokens[row], alone.tokens[0])
+
+
+def test_generation_stops_at_eos_and_pads(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((2, 5), model.config.vocab_size, seed=9)
+    free = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10)
+    eos = int(free.tokens[0, 3])  # a token row 0 emits at step 3 (and maybe earlier)
+    first = int(np.argmax(free.tokens[0] == eos))
+    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10, eos_token_ids=[eos], pad_token_id=-1)
+    assert out.lengths[0] == first + 1
+    np.testing.assert_array_equal(out.tokens[0, : first + 1], free.tokens[0, : first + 1])
+    assert (out.tokens[0, first + 1 :] == -1).all()
+    row1_hits = np.flatnonzero(free.tokens[1] == eos)
+    expected_len1 = row1_hits[0] + 1 if row1_hits.size else 10
+    assert out.lengths[1] == expected_len1
+
+
+def test_sampling_is_reproducible_and_differs_from_greedy(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((1, 5), model.config.vocab_size, seed=10)
+    kwargs = dict(max_new_tokens=16, temperature=1.5)
+    a = jaxlora.generate(model.params, model.config, ids, key=jax.random.key(1), **kwargs)
+    b = jaxlora.generate(model.params, model.config, ids, key=jax.random.key(1), **kwargs)
+    c = jaxlora.generate(model.params, model.config, ids, key=jax.random.key(2), **kwargs)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+
+
+def test_bfloat16_params_run_and_stay_close(tiny):
+    model = tiny("llama-gqa").load()
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.params)
+    ids = random_ids((1, 8), model.config.vocab_size, seed=11)
+    ref = np.asarray(jaxlora.forward(model.params, model.config, ids))
+    out = np.asarray(jaxlora.forward(bf16, model.config, ids))
+    assert out.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa; these logits are O(0.1-1).
+    assert np.abs(out - ref).max() < 0.05
+
+
+def test_config_is_hashable_and_static(tiny):
+    config = tiny("llama-gqa").load().config
+    assert hash(config) == hash(dataclasses.replace(config))
+    assert jaxlora.ModelConfig.from_dict(config.to_dict()) == config
