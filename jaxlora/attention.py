@@ -47,9 +47,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_mask(
-    query_slots: jax.Array, key_valid: jax.Array, window: int | None
-) -> jax.Array:
+def attention_mask(query_slots: jax.Array, key_valid: jax.Array, window: int | None) -> jax.Array:
     """Which keys each query may see: [batch, q_len, k_len] bool.
 
     query_slots [q_len] int32: the cache slot of each query; keys occupy slots 0..k_len-1.

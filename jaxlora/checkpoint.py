@@ -1,10 +1,10 @@
 """The jaxlora checkpoint folder: our config.json, the params as an orbax checkpoint, tokenizer files.
 
-    DST/config.json            {"format": "jaxlora", "format_version": 1, "model": ModelConfig, "dtype": ...}
-    DST/hf_config.json         the source's HF config, verbatim
-    DST/generation_config.json eos/bos/pad ids and sampling defaults from the source, when it had them
-    DST/tokenizer/             HF tokenizer files
-    DST/params/                orbax checkpoint of the param tree
+DST/config.json            {"format": "jaxlora", "format_version": 1, "model": ModelConfig, "dtype": ...}
+DST/hf_config.json         the source's HF config, verbatim
+DST/generation_config.json eos/bos/pad ids and sampling defaults from the source, when it had them
+DST/tokenizer/             HF tokenizer files
+DST/params/                orbax checkpoint of the param tree
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 
 FORMAT_VERSION = 1
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 @dataclass
@@ -55,8 +59,13 @@ def save_checkpoint(path: Path, config: ModelConfig, params: dict, *, dtype: str
     """Write config.json and params/ into an existing folder `path`."""
     import orbax.checkpoint as ocp
 
-    meta = {"format": "jaxlora", "format_version": FORMAT_VERSION, "model": config.to_dict(), "dtype": dtype,
-            "source": source}
+    meta = {
+        "format": "jaxlora",
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "dtype": dtype,
+        "source": source,
+    }
     (path / "config.json").write_text(json.dumps(meta, indent=2))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(_params_dir(path), params)

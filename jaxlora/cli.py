@@ -39,8 +39,10 @@ def _load(path: str, dtype: str | None):
     start = time.perf_counter()
     _say(f"loading {path} ...")
     model = load(path, dtype=dtype)
-    _say(f"loaded {model.config.family} ({model.config.num_params / 1e6:.1f}M params) "
-         f"in {time.perf_counter() - start:.1f}s")
+    _say(
+        f"loaded {model.config.family} ({model.config.num_params / 1e6:.1f}M params) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return model
 
 
@@ -82,8 +84,14 @@ def cmd_generate(args) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = time.perf_counter()
     out = generate(
-        model.params, model.config, [list(ids)], key=jax.random.key(args.seed), max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, eos_token_ids=model.eos_token_ids, pad_token_id=pad_id,
+        model.params,
+        model.config,
+        [list(ids)],
+        key=jax.random.key(args.seed),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        eos_token_ids=model.eos_token_ids,
+        pad_token_id=pad_id,
     )
     elapsed = time.perf_counter() - start
     n = int(out.lengths[0])

@@ -48,9 +48,7 @@ class ModelConfig:
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
-            raise ConfigError(
-                f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
-            )
+            raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -80,7 +78,13 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        d, f, h, kv, hd = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         attn = d * h * hd * 2 + d * kv * hd * 2
         attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.o_bias
         mlp = 3 * d * f + (2 * f + d) * self.mlp_bias

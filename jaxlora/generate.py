@@ -38,8 +38,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_token_ids", "pad_token_id"))
-def _generate(params, config, input_ids, attention_mask, key, temperature, *, max_new_tokens, eos_token_ids,
-              pad_token_id):
+def _generate(
+    params,
+    config,
+    input_ids,
+    attention_mask,
+    key,
+    temperature,
+    *,
+    max_new_tokens,
+    eos_token_ids,
+    pad_token_id,
+):
     batch, prompt_len = input_ids.shape
     decoder = Decoder(config)
     dtype = params["embed"]["embedding"].dtype
@@ -110,7 +120,14 @@ def generate(
     mask = np.ones(input_ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
     temperatures = jnp.full((input_ids.shape[0],), temperature, jnp.float32)
     tokens, lengths = _generate(
-        params, config, input_ids, mask, key, temperatures, max_new_tokens=max_new_tokens,
-        eos_token_ids=tuple(int(e) for e in eos_token_ids), pad_token_id=int(pad_token_id),
+        params,
+        config,
+        input_ids,
+        mask,
+        key,
+        temperatures,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=tuple(int(e) for e in eos_token_ids),
+        pad_token_id=int(pad_token_id),
     )
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths))

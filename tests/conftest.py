@@ -19,21 +19,36 @@ sys.path.insert(0, str(ROOT / "scripts"))
 torch.set_num_threads(2)
 
 # Prime-ish, mismatched sizes so a transposed or mis-split weight cannot pass by shape alone.
-BASE = dict(vocab_size=97, hidden_size=40, intermediate_size=67, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=40,
+    intermediate_size=67,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 TINY_CONFIGS = {
     "llama-gqa": dict(model_type="llama", **BASE),
     "llama-tied-mha": dict(model_type="llama", **{**BASE, "num_key_value_heads": 4}, tie_word_embeddings=True),
     "llama-bias": dict(model_type="llama", **BASE, attention_bias=True, mlp_bias=True, head_dim=12),
-    "llama3-rope": dict(model_type="llama", **BASE, rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)),
+    "llama3-rope": dict(
+        model_type="llama",
+        **BASE,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
     "llama-linear-rope": dict(model_type="llama", **BASE, rope_scaling=dict(rope_type="linear", factor=2.0)),
     "mistral-window": dict(model_type="mistral", **BASE, sliding_window=7),
     "qwen2": dict(model_type="qwen2", **BASE, tie_word_embeddings=True),
-    "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6,
-                         max_window_layers=1),
+    "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6, max_window_layers=1),
 }
 
 
@@ -82,7 +97,10 @@ def save_hf(model, folder: Path, fmt: str = "safetensors") -> Path:
             return folder / "weights.pth"
         else:
             names = sorted(state)
-            halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+            halves = {
+                "pytorch_model-00001-of-00002.bin": names[::2],
+                "pytorch_model-00002-of-00002.bin": names[1::2],
+            }
             weight_map = {}
             for file, keys in halves.items():
                 torch.save({k: state[k] for k in keys}, folder / file)

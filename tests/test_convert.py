@@ -129,14 +129,22 @@ def test_unimplemented_options_are_refused(hf_dir, tmp_path, changes, match):
 
 def test_shape_mismatch(hf_dir, tmp_path):
     edit_config(hf_dir, intermediate_size=66)
-    expect_error(hf_dir, tmp_path / "out", ConversionError,
-                 r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape .* but the config implies")
+    expect_error(
+        hf_dir,
+        tmp_path / "out",
+        ConversionError,
+        r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape .* but the config implies",
+    )
 
 
 def test_missing_tensors_are_listed(hf_dir, tmp_path):
     edit_tensors(hf_dir, drop=["model.layers.1.mlp.up_proj.weight", "model.norm.weight"])
-    expect_error(hf_dir, tmp_path / "out", ConversionError,
-                 r"missing 2 tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight, model\.norm\.weight")
+    expect_error(
+        hf_dir,
+        tmp_path / "out",
+        ConversionError,
+        r"missing 2 tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight, model\.norm\.weight",
+    )
 
 
 def test_unexpected_tensors_are_listed(hf_dir, tmp_path):
@@ -182,7 +190,13 @@ def test_pickle_needing_code_is_refused(tmp_path):
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": Exploit()}, path)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_CONFIGS["llama-gqa"]))
-    expect_error(path, tmp_path / "out", ConversionError, r"refused to load evil\.pth: unpickling it would call shutil\.rmtree", config_path=str(config))
+    expect_error(
+        path,
+        tmp_path / "out",
+        ConversionError,
+        r"refused to load evil\.pth: unpickling it would call shutil\.rmtree",
+        config_path=str(config),
+    )
     with pytest.raises(pickle.UnpicklingError):  # the refusal is torch's weights_only check, not our guess
         torch.load(path, weights_only=True)
 

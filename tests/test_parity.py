@@ -51,9 +51,12 @@ def test_greedy_tokens_match_transformers(tiny, name):
     ids = random_ids((2, 7), model.config.vocab_size, seed=3)
     with torch.no_grad():
         ref = m.torch_model.generate(
-            torch.tensor(ids, dtype=torch.long), max_new_tokens=24, do_sample=False, eos_token_id=None,
+            torch.tensor(ids, dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
             pad_token_id=0,
-        )[:, ids.shape[1]:].numpy()
+        )[:, ids.shape[1] :].numpy()
     out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=24)
     np.testing.assert_array_equal(out.tokens, ref)
     np.testing.assert_array_equal(out.lengths, [24, 24])

@@ -17,9 +17,11 @@ PROMPTS = [
 
 
 def chat_ids(tokenizer, text):
-    return list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-    ))
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
 
 
 def test_logits_match_transformers(smollm2):
@@ -42,13 +44,18 @@ def test_greedy_generation_matches_transformers(smollm2):
     prompts = [chat_ids(model.tokenizer, text) for text in PROMPTS]
     ids, mask = jaxlora.left_pad(prompts, model.tokenizer.pad_token_id)
     out = jaxlora.generate(
-        model.params, model.config, ids, attention_mask=mask, max_new_tokens=32,
-        eos_token_ids=model.eos_token_ids, pad_token_id=model.tokenizer.pad_token_id,
+        model.params,
+        model.config,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=32,
+        eos_token_ids=model.eos_token_ids,
+        pad_token_id=model.tokenizer.pad_token_id,
     )
     assert model.eos_token_ids == (reference.generation_config.eos_token_id,)
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):]
+            ref = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt) :]
         ref = ref.numpy()
         assert out.lengths[row] == len(ref)
         np.testing.assert_array_equal(out.tokens[row, : len(ref)], ref)

@@ -42,10 +42,13 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.j
 
 @dataclass
 class Source:
-    """What a conversion reads: the HF config, a tensor reader, and how to obtain the tokenizer."""
+    """What a conversion reads: the HF config, how to open the tensors, and how to obtain the tokenizer.
+
+    The tensors open only after the config is accepted, so an unsupported model fails before any heavy I/O.
+    """
 
     hf_config: dict[str, Any]
-    reader: TensorReader
+    open_reader: Callable[[], TensorReader]
     tokenizer_files: list[Path] = field(default_factory=list)
     write_tokenizer: Callable[[Path], None] | None = None
     generation_config: dict[str, Any] | None = None
@@ -82,7 +85,7 @@ def _folder_source(folder: Path) -> Source:
     generation = folder / "generation_config.json"
     return Source(
         hf_config=hf_config,
-        reader=_weights_reader(folder),
+        open_reader=lambda: _weights_reader(folder),
         tokenizer_files=[folder / name for name in TOKENIZER_FILES if (folder / name).is_file()],
         generation_config=_read_json(generation, "generation config") if generation.is_file() else None,
     )
@@ -92,15 +95,19 @@ def _gguf_source(path: Path) -> Source:
     gguf = GGUFFile(path)
     hf_config = gguf.hf_config()
     generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-    return Source(hf_config, gguf, write_tokenizer=gguf.write_tokenizer, generation_config=generation)
+    return Source(hf_config, lambda: gguf, write_tokenizer=gguf.write_tokenizer, generation_config=generation)
 
 
 def _file_source(path: Path, config_path: str | None) -> Source:
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         return _gguf_source(path)
-    readers = {".safetensors": SafetensorsReader, ".bin": TorchPickleReader, ".pth": TorchPickleReader,
-               ".pt": TorchPickleReader}
+    readers = {
+        ".safetensors": SafetensorsReader,
+        ".bin": TorchPickleReader,
+        ".pth": TorchPickleReader,
+        ".pt": TorchPickleReader,
+    }
     if suffix not in readers:
         raise ConversionError(
             f"unrecognized source {path}: expected a model folder, .safetensors, .bin, .pth/.pt or .gguf"
@@ -111,7 +118,7 @@ def _file_source(path: Path, config_path: str | None) -> Source:
     folder = path.parent
     return Source(
         hf_config=_read_json(config_file, "config"),
-        reader=readers[suffix]([path]),
+        open_reader=lambda: readers[suffix]([path]),
         tokenizer_files=[folder / name for name in TOKENIZER_FILES if (folder / name).is_file()],
     )
 
@@ -166,14 +173,14 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def convert_tensors(source: Source, config: ModelConfig, dtype: str, progress: bool = False) -> dict:
+def convert_tensors(reader: TensorReader, config: ModelConfig, dtype: str, progress: bool = False) -> dict:
     """Read, place, check and cast every tensor the config needs. Returns the param tree of numpy arrays."""
     from tqdm.auto import tqdm
 
     plan = tensor_plan(config)
     shapes = _flat_shapes(config)
     assert {p.param_path for p in plan.values()} == set(shapes), "family table and decoder disagree"
-    names = source.reader.names()
+    names = reader.names()
     ignored = ignored_pattern(config)
     unexpected = [n for n in names if n not in plan and not ignored.fullmatch(n)]
     missing = [n for n in plan if n not in set(names)]
@@ -185,14 +192,12 @@ def convert_tensors(source: Source, config: ModelConfig, dtype: str, progress: b
     params: dict = {}
     for name in tqdm(list(plan), desc="converting", unit="tensor", disable=not progress):
         rule = plan[name]
-        array = source.reader.get(name)
+        array = reader.get(name)
         if rule.transform == "transpose":
             array = array.T
         expected = shapes[rule.param_path]
         if array.shape != expected:
-            raise ConversionError(
-                f"tensor {name} has shape {tuple(array.shape)} but the config implies {expected}"
-            )
+            raise ConversionError(f"tensor {name} has shape {tuple(array.shape)} but the config implies {expected}")
         _set_path(params, rule.param_path, np.ascontiguousarray(array.astype(target)))
     return params
 
@@ -213,11 +218,12 @@ def convert(
     if dst.exists() and not force:
         raise UsageError(f"{dst} already exists (pass --force to overwrite it)")
     source = open_source(src, config_path)
+    config = config_from_hf(source.hf_config)
+    reader = source.open_reader()
     try:
-        config = config_from_hf(source.hf_config)
-        params = convert_tensors(source, config, dtype, progress)
+        params = convert_tensors(reader, config, dtype, progress)
     finally:
-        source.reader.close()
+        reader.close()
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"

@@ -82,9 +82,7 @@ def _load_pickle(path: Path) -> dict:
     try:
         import torch
     except ImportError:
-        raise ConversionError(
-            f"reading {path.name} needs PyTorch: pip install 'jaxlora[torch]'"
-        ) from None
+        raise ConversionError(f"reading {path.name} needs PyTorch: pip install 'jaxlora[torch]'") from None
     import pickle
 
     if not path.is_file():

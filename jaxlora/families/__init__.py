@@ -59,9 +59,7 @@ def supported_model_types() -> list[str]:
 def family_for(model_type: str | None) -> Family:
     family = _registry().get(model_type or "")
     if family is None:
-        raise ConfigError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
-        )
+        raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
     return family
 
 

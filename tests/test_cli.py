@@ -1,0 +1,92 @@
+"""The `jaxlora` command: bad input is one `error:` line and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlora", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_clean_error(result, message):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert message in error_lines[0]
+
+
+def test_convert_missing_source(tmp_path):
+    result = run_cli("convert", tmp_path / "missing", tmp_path / "out")
+    assert_clean_error(result, "no such file or folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_unknown_architecture(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    (src / "model.safetensors").write_bytes(b"")
+    result = run_cli("convert", src, tmp_path / "out")
+    assert_clean_error(result, "supported: llama, mistral, qwen2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_to_overwrite(tiny, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert_clean_error(run_cli("convert", tiny("llama-gqa").hf_dir, tmp_path / "out"), "already exists")
+
+
+def test_script_is_the_same_entry_point(tmp_path):
+    from conftest import ROOT
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "convert_checkpoint.py"),
+            tmp_path / "x.txt",
+            tmp_path / "out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_clean_error(result, "no such file or folder")
+
+
+def test_info_and_generate_on_a_non_checkpoint(tmp_path):
+    assert_clean_error(run_cli("info", tmp_path), "is not a jaxlora checkpoint")
+    assert_clean_error(run_cli("generate", tmp_path, "--prompt", "hi"), "is not a jaxlora checkpoint")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+        ([], "give a prompt"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
+    ],
+)
+def test_generate_bad_arguments(tmp_path, args, message):
+    assert_clean_error(run_cli("generate", tmp_path, *args), message)
+
+
+def test_generate_without_tokenizer(tiny):
+    assert_clean_error(run_cli("generate", tiny("llama-gqa").jax_dir, "--prompt", "hi"), "has no tokenizer")
+
+
+@pytest.mark.real
+def test_info_and_chat_generate_on_smollm2(smollm2):
+    dst, _ = smollm2
+    info = run_cli("info", dst)
+    assert info.returncode == 0, info.stderr
+    assert "134,515,008" in info.stdout and "llama" in info.stdout
+    result = run_cli("generate", dst, "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
