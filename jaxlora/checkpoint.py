@@ -4,7 +4,7 @@ DST/config.json            {"format": "jaxlora", "format_version": 1, "model": M
 DST/hf_config.json         the source's HF config, verbatim
 DST/generation_config.json eos/bos/pad ids and sampling defaults from the source, when it had them
 DST/tokenizer/             HF tokenizer files
-DST/params/                orbax checkpoint of the param tree
+DST/params/<group>/        one orbax checkpoint per top-level param group (embed, layers_0, ..., lm_head)
 """
 
 from __future__ import annotations
@@ -55,10 +55,7 @@ def _params_dir(path: Path) -> Path:
     return (path / "params").absolute()
 
 
-def save_checkpoint(path: Path, config: ModelConfig, params: dict, *, dtype: str, source: str = "") -> None:
-    """Write config.json and params/ into an existing folder `path`."""
-    import orbax.checkpoint as ocp
-
+def write_config(path: Path, config: ModelConfig, *, dtype: str, source: str = "") -> None:
     meta = {
         "format": "jaxlora",
         "format_version": FORMAT_VERSION,
@@ -67,9 +64,19 @@ def save_checkpoint(path: Path, config: ModelConfig, params: dict, *, dtype: str
         "source": source,
     }
     (path / "config.json").write_text(json.dumps(meta, indent=2))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(_params_dir(path), params)
-    checkpointer.wait_until_finished()
+
+
+def save_param_group(path: Path, group: str, subtree: dict) -> None:
+    """Write one top-level param group (`embed`, `layers_3`, ...) as its own orbax checkpoint params/<group>.
+
+    One checkpoint per group lets conversion stream: only one group is ever in memory, plus orbax's copy of it.
+    Uncompressed, since zstd costs another copy during the write and slows every load while float weights
+    barely compress.
+    """
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    checkpointer.save(_params_dir(path) / group, args=ocp.args.PyTreeSave(subtree))
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
@@ -102,10 +109,13 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, stored_dtype: s
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no params/ folder")
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype]), param_shapes(config))
-    try:
-        params = ocp.StandardCheckpointer().restore(params_dir, target)
-    except Exception as e:  # orbax raises assorted types for damaged or mismatched checkpoints
-        raise CheckpointError(f"cannot restore params from {params_dir} ({type(e).__name__}: {e})") from None
+    checkpointer = ocp.StandardCheckpointer()
+    params = {}
+    for group, subtree in target.items():
+        try:
+            params[group] = checkpointer.restore(params_dir / group, subtree)
+        except Exception as e:  # orbax raises assorted types for damaged or mismatched checkpoints
+            raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {e})") from None
     cast = DTYPES[dtype] if dtype else None
     return jax.tree.map(lambda a: jnp.asarray(a, cast), params)
 

@@ -225,7 +225,7 @@ def test_failure_while_writing_leaves_nothing(tiny, tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-write
 
-    monkeypatch.setattr(convert_module, "save_checkpoint", broken_save)
+    monkeypatch.setattr(convert_module, "write_config", broken_save)
     with pytest.raises(KeyboardInterrupt):
         jaxlora.convert(str(tiny("llama-gqa").hf_dir), tmp_path / "out")
     assert no_output(tmp_path / "out")

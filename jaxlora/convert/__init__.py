@@ -12,14 +12,14 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxlora.checkpoint import DTYPES, save_checkpoint
+from jaxlora.checkpoint import DTYPES, save_param_group, write_config
 from jaxlora.config import ModelConfig
 from jaxlora.convert.gguf import GGUFFile
 from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
@@ -173,33 +173,54 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def convert_tensors(reader: TensorReader, config: ModelConfig, dtype: str, progress: bool = False) -> dict:
-    """Read, place, check and cast every tensor the config needs. Returns the param tree of numpy arrays."""
-    from tqdm.auto import tqdm
-
+def check_names(reader: TensorReader, config: ModelConfig) -> None:
+    """Every tensor the config needs is there, and nothing else is (before any tensor is read)."""
     plan = tensor_plan(config)
-    shapes = _flat_shapes(config)
-    assert {p.param_path for p in plan.values()} == set(shapes), "family table and decoder disagree"
     names = reader.names()
     ignored = ignored_pattern(config)
+    present = set(names)
+    missing = [n for n in plan if n not in present]
     unexpected = [n for n in names if n not in plan and not ignored.fullmatch(n)]
-    missing = [n for n in plan if n not in set(names)]
     if missing:
         raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {_list(missing)}")
     if unexpected:
         raise ConversionError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_list(unexpected)}")
+
+
+def convert_groups(
+    reader: TensorReader, config: ModelConfig, dtype: str, progress: bool = False
+) -> Iterator[tuple[str, dict]]:
+    """Read, place, check and cast the tensors one param group at a time (embed, layers_0, ..., lm_head).
+
+    Yields (group name, subtree of numpy arrays), so the caller can write each group and let it go: memory
+    holds one group, not the model.
+    """
+    from tqdm.auto import tqdm
+
+    check_names(reader, config)
+    plan = tensor_plan(config)
+    shapes = _flat_shapes(config)
+    assert {p.param_path for p in plan.values()} == set(shapes), "family table and decoder disagree"
     target = DTYPES[dtype]
-    params: dict = {}
-    for name in tqdm(list(plan), desc="converting", unit="tensor", disable=not progress):
-        rule = plan[name]
-        array = reader.get(name)
-        if rule.transform == "transpose":
-            array = array.T
-        expected = shapes[rule.param_path]
-        if array.shape != expected:
-            raise ConversionError(f"tensor {name} has shape {tuple(array.shape)} but the config implies {expected}")
-        _set_path(params, rule.param_path, np.ascontiguousarray(array.astype(target)))
-    return params
+    by_group: dict[str, list[str]] = {}
+    for name, rule in plan.items():
+        by_group.setdefault(rule.param_path[0], []).append(name)
+    with tqdm(total=len(plan), desc="converting", unit="tensor", disable=not progress) as bar:
+        for group, names in by_group.items():
+            subtree: dict = {}
+            for name in names:
+                rule = plan[name]
+                array = reader.get(name)
+                if rule.transform == "transpose":
+                    array = array.T
+                expected = shapes[rule.param_path]
+                if array.shape != expected:
+                    raise ConversionError(
+                        f"tensor {name} has shape {tuple(array.shape)} but the config implies {expected}"
+                    )
+                _set_path(subtree, rule.param_path[1:], np.ascontiguousarray(array.astype(target)))
+                bar.update()
+            yield group, subtree
 
 
 def convert(
@@ -220,15 +241,13 @@ def convert(
     source = open_source(src, config_path)
     config = config_from_hf(source.hf_config)
     reader = source.open_reader()
-    try:
-        params = convert_tensors(reader, config, dtype, progress)
-    finally:
-        reader.close()
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
+        for group, subtree in convert_groups(reader, config, dtype, progress):
+            save_param_group(staging, group, subtree)
+        reader.close()
         tokenizer_dir = staging / "tokenizer"
         tokenizer_dir.mkdir()
         for file in source.tokenizer_files:
@@ -238,7 +257,7 @@ def convert(
         (staging / "hf_config.json").write_text(json.dumps(source.hf_config, indent=2))
         if source.generation_config is not None:
             (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
-        save_checkpoint(staging, config, params, dtype=dtype, source=str(src))
+        write_config(staging, config, dtype=dtype, source=str(src))
         if dst.exists():  # --force: swap the new folder in, then drop the old one
             old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
             dst.rename(old)
@@ -247,6 +266,7 @@ def convert(
         else:
             staging.rename(dst)
     finally:
+        reader.close()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return dst
