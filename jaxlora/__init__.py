@@ -4,18 +4,21 @@ from jaxlora.checkpoint import Model, load
 from jaxlora.config import ModelConfig
 from jaxlora.convert import convert
 from jaxlora.errors import JaxloraError
-from jaxlora.generate import GenerateOutput, generate, left_pad
+from jaxlora.generate import GenerateOutput, generate, left_pad, stream
 from jaxlora.model import forward
+from jaxlora.sampling import Sampling
 
 __all__ = [
     "GenerateOutput",
     "JaxloraError",
     "Model",
     "ModelConfig",
+    "Sampling",
     "convert",
     "forward",
     "generate",
     "left_pad",
     "load",
+    "stream",
 ]
 __version__ = "0.1.0"

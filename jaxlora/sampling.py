@@ -1,14 +1,159 @@
-"""Choosing the next token from logits: pure functions, traced inside the decode loop."""
+"""Choosing the next token: logits processors with Hugging Face semantics, as pure functions traced in the loop.
+
+Order as in transformers' `generate`: repetition penalty, temperature, top-k, top-p, min-p. Every parameter is
+a per-row array, so rows of one batch may sample differently; which processors run at all is static
+(`Processors`), so a batch that never uses top-p pays nothing for it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.errors import UsageError
+
+FILTERED = -jnp.inf
 
 
-def sample_next(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
-    """logits [batch, vocab] float32, temperature [batch] float32 (0 = greedy), key -> tokens [batch] int32."""
+class Processors(NamedTuple):
+    """Which processors any row uses (static: part of the compiled loop's identity)."""
+
+    sample: bool = False
+    repetition_penalty: bool = False
+    top_k: bool = False
+    top_p: bool = False
+    min_p: bool = False
+
+
+class SamplingArrays(NamedTuple):
+    """Per-row parameters [batch] as device arrays."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters: each a number (same for every row) or one value per row.
+
+    temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 switch that processor off.
+    """
+
+    temperature: float | Sequence[float] = 0.0
+    top_k: int | Sequence[int] = 0
+    top_p: float | Sequence[float] = 1.0
+    min_p: float | Sequence[float] = 0.0
+    repetition_penalty: float | Sequence[float] = 1.0
+
+    def per_row(self, batch: int) -> dict[str, np.ndarray]:
+        rows = {}
+        for name in SamplingArrays._fields:
+            value = np.asarray(getattr(self, name), np.int32 if name == "top_k" else np.float32)
+            if value.ndim == 0:
+                value = np.full((batch,), value)
+            if value.shape != (batch,):
+                raise UsageError(f"{name} has {value.shape[0]} values for a batch of {batch}")
+            rows[name] = value
+        checks = {
+            "temperature": (rows["temperature"] >= 0, "must be >= 0"),
+            "top_k": (rows["top_k"] >= 0, "must be >= 0"),
+            "top_p": ((rows["top_p"] > 0) & (rows["top_p"] <= 1), "must be in (0, 1]"),
+            "min_p": ((rows["min_p"] >= 0) & (rows["min_p"] <= 1), "must be in [0, 1]"),
+            "repetition_penalty": (rows["repetition_penalty"] > 0, "must be > 0"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not np.all(ok & np.isfinite(rows[name])):
+                raise UsageError(f"{name} {rule}, got {rows[name][~ok][0] if (~ok).any() else rows[name]}")
+        return rows
+
+    def compile(self, batch: int) -> tuple[Processors, SamplingArrays]:
+        rows = self.per_row(batch)
+        sampling = rows["temperature"] > 0
+        processors = Processors(
+            sample=bool(sampling.any()),
+            repetition_penalty=bool((rows["repetition_penalty"] != 1).any()),
+            # Warpers only matter for sampled rows: each keeps the top token, so greedy is unchanged.
+            top_k=bool((sampling & (rows["top_k"] > 0)).any()),
+            top_p=bool((sampling & (rows["top_p"] < 1)).any()),
+            min_p=bool((sampling & (rows["min_p"] > 0)).any()),
+        )
+        return processors, SamplingArrays(**{k: jnp.asarray(v) for k, v in rows.items()})
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """HF: a token already in the sequence has its logit divided by the penalty (multiplied when negative)."""
+    p = penalty[:, None]
+    penalized = jnp.where(logits < 0, logits * p, logits / p)
+    return jnp.where(seen, penalized, logits)
+
+
+def apply_top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Keep the k largest logits per row (ties with the k-th kept, as HF); k = 0 keeps all."""
+    descending = -jnp.sort(-logits, axis=-1)
+    k = jnp.clip(top_k, 1, logits.shape[-1])
+    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
+    return jnp.where((top_k[:, None] > 0) & (logits < kth), FILTERED, logits)
+
+
+def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """HF nucleus: drop the low tail whose cumulative probability is <= 1 - top_p; the top token always stays."""
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1 - top_p[:, None])
+    remove_sorted = remove_sorted.at[:, -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, FILTERED, logits)
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """HF min-p: drop tokens whose probability is below min_p times the top token's."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    remove = probs < threshold
+    top = jnp.argmax(probs, axis=-1)
+    remove = remove.at[jnp.arange(logits.shape[0]), top].set(False)
+    return jnp.where(remove, FILTERED, logits)
+
+
+def process_logits(
+    logits: jax.Array, params: SamplingArrays, processors: Processors, seen: jax.Array | None = None
+) -> jax.Array:
+    """logits [batch, vocab] float32 -> processed logits (filtered entries are -inf)."""
+    if processors.repetition_penalty:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if processors.sample:
+        safe_temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+        logits = logits / safe_temperature[:, None]
+    if processors.top_k:
+        logits = apply_top_k(logits, params.top_k)
+    if processors.top_p:
+        logits = apply_top_p(logits, params.top_p)
+    if processors.min_p:
+        logits = apply_min_p(logits, params.min_p)
+    return logits
+
+
+def sample_next(
+    logits: jax.Array,
+    params: SamplingArrays,
+    processors: Processors,
+    keys: jax.Array,
+    seen: jax.Array | None = None,
+) -> jax.Array:
+    """logits [batch, vocab] float32, one PRNG key per row [batch] -> next tokens [batch] int32."""
+    logits = process_logits(logits, params, processors, seen)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    sampled = jax.random.categorical(key, logits / safe_temperature[:, None], axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    if not processors.sample:
+        return greedy
+    sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return jnp.where(params.temperature > 0, sampled, greedy)
