@@ -108,7 +108,11 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, stored_dtype: s
     params_dir = _params_dir(Path(path))
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no params/ folder")
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype]), param_shapes(config))
+    # Restore straight into device arrays (a sharding in the target): no host numpy copy on the way.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype], sharding=device), param_shapes(config)
+    )
     checkpointer = ocp.StandardCheckpointer()
     params = {}
     for group, subtree in target.items():
@@ -116,8 +120,9 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, stored_dtype: s
             params[group] = checkpointer.restore(params_dir / group, subtree)
         except Exception as e:  # orbax raises assorted types for damaged or mismatched checkpoints
             raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {e})") from None
-    cast = DTYPES[dtype] if dtype else None
-    return jax.tree.map(lambda a: jnp.asarray(a, cast), params)
+    if dtype is None or DTYPES[dtype] == DTYPES[stored_dtype]:
+        return params
+    return jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
 
 
 def load_tokenizer(path: Path):
