@@ -59,42 +59,6 @@ def test_prefill_plus_cached_decode_equals_full_forward(tiny):
         np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-5)
 
 
-def test_batched_generation_equals_one_by_one(tiny):
-    model = tiny("qwen2").load()
-    prompts = [list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (3, 11, 7)]
-    ids, mask = jaxlora.left_pad(prompts)
-    batched = jaxlora.generate(model.params, model.config, ids, attention_mask=mask, max_new_tokens=12)
-    for row, prompt in enumerate(prompts):
-        alone = jaxlora.generate(model.params, model.config, [prompt], max_new_tokens=12)
-        np.testing.assert_array_equal(batched.tokens[row], alone.tokens[0])
-
-
-def test_generation_stops_at_eos_and_pads(tiny):
-    model = tiny("llama-gqa").load()
-    ids = random_ids((2, 5), model.config.vocab_size, seed=9)
-    free = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10)
-    eos = int(free.tokens[0, 3])  # a token row 0 emits at step 3 (and maybe earlier)
-    first = int(np.argmax(free.tokens[0] == eos))
-    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10, eos_token_ids=[eos], pad_token_id=-1)
-    assert out.lengths[0] == first + 1
-    np.testing.assert_array_equal(out.tokens[0, : first + 1], free.tokens[0, : first + 1])
-    assert (out.tokens[0, first + 1 :] == -1).all()
-    row1_hits = np.flatnonzero(free.tokens[1] == eos)
-    expected_len1 = row1_hits[0] + 1 if row1_hits.size else 10
-    assert out.lengths[1] == expected_len1
-
-
-def test_sampling_is_reproducible_and_differs_from_greedy(tiny):
-    model = tiny("llama-gqa").load()
-    ids = random_ids((1, 5), model.config.vocab_size, seed=10)
-    kwargs = dict(max_new_tokens=16, temperature=1.5)
-    a = jaxlora.generate(model.params, model.config, ids, key=jax.random.key(1), **kwargs)
-    b = jaxlora.generate(model.params, model.config, ids, key=jax.random.key(1), **kwargs)
-    c = jaxlora.generate(model.params, model.config, ids, key=jax.random.key(2), **kwargs)
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert (a.tokens != c.tokens).any()
-
-
 def test_bfloat16_params_run_and_stay_close(tiny):
     model = tiny("llama-gqa").load()
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.params)

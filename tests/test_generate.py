@@ -1,0 +1,166 @@
+"""The generation engine: bucketed compiles, batching, stopping, streaming, per-row sampling."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_ids
+
+import jaxlora
+from jaxlora.errors import UsageError
+from jaxlora.generate import decode, prefill, prompt_bucket
+
+
+class CharTokenizer:
+    """Decodes token t as chr(ord('a') + t % 26): enough for stop-string tests on a tiny model."""
+
+    def decode(self, tokens, **_):
+        return "".join(chr(ord("a") + int(t) % 26) for t in tokens)
+
+
+def test_prompt_buckets():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 32, 33, 100, 512, 513)] == [16, 16, 32, 32, 64, 128, 512, 1024]
+
+
+def test_prompts_in_one_bucket_compile_prefill_and_decode_once(tiny):
+    model = tiny("llama-gqa").load()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_kw: (
+            compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
+    before = prefill._cache_size(), decode._cache_size()
+    batch = 3  # a batch size no other test uses, so the first prompt compiles
+    for length in range(17, 27):  # ten lengths, all in the 32 bucket
+        ids = random_ids((batch, length), model.config.vocab_size, seed=length)
+        jaxlora.generate(model.params, model.config, ids, max_new_tokens=20)
+        if length == 17:
+            after_first = len(compiles)
+    assert (prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert len(compiles) == after_first, "a later prompt length compiled something"
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    model = tiny("qwen2").load()
+    prompts = [list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (3, 11, 7)]
+    ids, mask = jaxlora.left_pad(prompts)
+    batched = jaxlora.generate(model.params, model.config, ids, attention_mask=mask, max_new_tokens=12)
+    for row, prompt in enumerate(prompts):
+        alone = jaxlora.generate(model.params, model.config, [prompt], max_new_tokens=12)
+        np.testing.assert_array_equal(batched.tokens[row], alone.tokens[0])
+
+
+def test_batched_sampling_equals_one_by_one_with_row_keys(tiny):
+    """Row r samples with fold_in(key, r) and its own parameters, whatever else is in the batch."""
+    model = tiny("llama-gqa").load()
+    prompts = [list(random_ids((n,), model.config.vocab_size, seed=20 + n)) for n in (4, 9)]
+    ids, mask = jaxlora.left_pad(prompts)
+    key = jax.random.key(7)
+    sampling = jaxlora.Sampling(temperature=[1.2, 0.8], top_k=[0, 20], top_p=[0.9, 1.0], repetition_penalty=[1.0, 1.3])
+    batched = jaxlora.generate(
+        model.params, model.config, ids, attention_mask=mask, max_new_tokens=10, key=key, sampling=sampling
+    )
+    for row, prompt in enumerate(prompts):
+        alone = jaxlora.generate(
+            model.params,
+            model.config,
+            [prompt],
+            max_new_tokens=10,
+            key=jax.random.fold_in(key, row)[None],
+            sampling=jaxlora.Sampling(
+                **{f: [getattr(sampling, f)[row]] for f in ("temperature", "top_k", "top_p", "repetition_penalty")}
+            ),
+        )
+        np.testing.assert_array_equal(batched.tokens[row], alone.tokens[0])
+
+
+def test_same_seed_same_output_and_rows_can_mix_greedy_and_sampling(tiny):
+    model = tiny("llama-gqa").load()
+    ids = np.repeat(random_ids((1, 5), model.config.vocab_size, seed=10), 2, axis=0)
+    sampling = jaxlora.Sampling(temperature=[0.0, 1.5])
+    run = lambda seed: jaxlora.generate(  # noqa: E731
+        model.params, model.config, ids, max_new_tokens=16, key=jax.random.key(seed), sampling=sampling
+    )
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens[1] != c.tokens[1]).any()
+    greedy = jaxlora.generate(model.params, model.config, ids[:1], max_new_tokens=16)
+    np.testing.assert_array_equal(a.tokens[0], greedy.tokens[0])
+    np.testing.assert_array_equal(c.tokens[0], greedy.tokens[0])
+
+
+def test_generation_stops_at_eos_and_pads(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((2, 5), model.config.vocab_size, seed=9)
+    free = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10)
+    eos = int(free.tokens[0, 3])
+    first = int(np.argmax(free.tokens[0] == eos))
+    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10, eos_token_ids=[eos], pad_token_id=-1)
+    assert out.lengths[0] == first + 1
+    np.testing.assert_array_equal(out.tokens[0, : first + 1], free.tokens[0, : first + 1])
+    assert (out.tokens[0, first + 1 :] == -1).all()
+    hits = np.flatnonzero(free.tokens[1] == eos)
+    assert out.lengths[1] == (hits[0] + 1 if hits.size else 10)
+
+
+def test_stop_token_ids_and_stop_strings(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((1, 6), model.config.vocab_size, seed=12)
+    free = jaxlora.generate(model.params, model.config, ids, max_new_tokens=40).tokens[0]
+    by_id = jaxlora.generate(model.params, model.config, ids, max_new_tokens=40, stop_token_ids=[int(free[5])])
+    assert by_id.lengths[0] == int(np.argmax(free == free[5])) + 1
+
+    tokenizer = CharTokenizer()
+    text = tokenizer.decode(free)
+    stop = text[20:23]  # a three-token stop string, completed by token 22 at the latest
+    end = next(n for n in range(1, 41) if stop in tokenizer.decode(free[:n]))
+    out = jaxlora.generate(
+        model.params,
+        model.config,
+        ids,
+        max_new_tokens=40,
+        stop=[stop],
+        tokenizer=tokenizer,
+        pad_token_id=-1,
+        chunk_size=8,
+    )
+    assert out.lengths[0] == end
+    np.testing.assert_array_equal(out.tokens[0, :end], free[:end])
+    assert (out.tokens[0, end:] == -1).all()
+
+
+def test_stream_yields_the_generate_tokens_in_chunks_and_stops_early(tiny):
+    model = tiny("qwen2").load()
+    ids, mask = jaxlora.left_pad([list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (4, 8)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, chunk_size=8)
+    chunks = list(jaxlora.stream(model.params, model.config, ids, **kwargs))
+    assert [c.shape[1] for c in chunks] == [1, 8, 8, 8, 5]
+    whole = jaxlora.generate(model.params, model.config, ids, **kwargs)
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole.tokens)
+
+    # Once every row has hit EOS the stream ends instead of decoding to max_new_tokens.
+    eos = [int(whole.tokens[0, 2]), int(whole.tokens[1, 2])]
+    stopped = list(jaxlora.stream(model.params, model.config, ids, eos_token_ids=eos, **kwargs))
+    assert len(stopped) <= 2
+
+
+def test_prompt_plus_new_tokens_beyond_context_is_refused(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((1, 250), model.config.vocab_size)
+    with pytest.raises(UsageError, match="exceeds the model's context of 256 tokens"):
+        jaxlora.generate(model.params, model.config, ids, max_new_tokens=7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (dict(max_new_tokens=4, temperature=1.0), "needs a PRNG key"),
+        (dict(max_new_tokens=4, stop=["x"]), "stop strings need the tokenizer"),
+        (dict(max_new_tokens=4, sampling=jaxlora.Sampling(top_p=2.0)), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_bad_arguments(tiny, kwargs, message):
+    model = tiny("llama-gqa").load()
+    with pytest.raises(UsageError, match=message):
+        jaxlora.generate(model.params, model.config, random_ids((1, 3), 97), **kwargs)
