@@ -46,57 +46,161 @@ def _load(path: str, dtype: str | None):
     return model
 
 
-def _prompt_text(args) -> str:
-    if args.prompt is not None and args.prompt_file is not None:
-        raise UsageError("give --prompt or --prompt-file, not both")
+def _prompts(args) -> list[str]:
+    given = [name for name in ("prompt", "prompt_file", "batch_file") if getattr(args, name) is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --prompt, --prompt-file, --batch-file")
+    if args.prompt is not None:
+        return [args.prompt]
+    path = args.prompt_file or args.batch_file
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path} ({e})") from None
     if args.prompt_file is not None:
-        try:
-            return Path(args.prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompt file {args.prompt_file} ({e})") from None
-    if args.prompt is None:
-        raise UsageError("give a prompt with --prompt or --prompt-file")
-    return args.prompt
+        return [text]
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts (one per line)")
+    return prompts
+
+
+def _sampling(args):
+    from jaxlora.sampling import Sampling
+
+    sampling = Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+    sampling.per_row(1)  # validate before loading the model
+    return sampling
+
+
+def _encode(tokenizer, text: str, chat: bool, checkpoint: str) -> list[int]:
+    if chat:
+        if not tokenizer.chat_template:
+            raise UsageError(f"{checkpoint}'s tokenizer has no chat template; drop --chat")
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    return list(tokenizer(text)["input_ids"])
+
+
+def _enable_compile_cache(args) -> None:
+    """The persistent XLA cache: a second run of the same shapes skips compilation."""
+    if args.no_compile_cache:
+        return
+    import jax
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlora" / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class TextStream:
+    """Prints a row's text as its tokens arrive (decoding the whole row each time keeps multi-byte pieces whole)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def add(self, tokens) -> None:
+        self.tokens.extend(int(t) for t in tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+
+def _generation_kwargs(args, model, tokenizer) -> dict:
+    import jax
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return dict(
+        key=jax.random.key(args.seed),
+        sampling=_sampling(args),
+        eos_token_ids=model.eos_token_ids,
+        stop=tuple(args.stop or ()),
+        tokenizer=tokenizer,
+        pad_token_id=pad_id,
+    )
 
 
 def cmd_generate(args) -> None:
-    import jax
+    import json
 
-    from jaxlora.generate import generate
+    from jaxlora.generate import left_pad, stream
 
-    text = _prompt_text(args)
+    prompts = _prompts(args)
+    _sampling(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    _enable_compile_cache(args)
     model = _load(args.checkpoint, args.dtype)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.checkpoint} has no tokenizer; use the Python API with token ids")
-    if args.chat:
-        if not tokenizer.chat_template:
-            raise UsageError(f"{args.checkpoint}'s tokenizer has no chat template; drop --chat")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    else:
-        ids = tokenizer(text)["input_ids"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [_encode(tokenizer, text, args.chat, args.checkpoint) for text in prompts]
+    kwargs = _generation_kwargs(args, model, tokenizer)
+    ids, mask = left_pad(encoded, kwargs["pad_token_id"])
     start = time.perf_counter()
-    out = generate(
-        model.params,
-        model.config,
-        [list(ids)],
-        key=jax.random.key(args.seed),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        eos_token_ids=model.eos_token_ids,
-        pad_token_id=pad_id,
-    )
+    chunks = stream(model.params, model.config, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, **kwargs)
+    rows: list[list[int]] = [[] for _ in prompts]
+    printer = TextStream(tokenizer) if len(prompts) == 1 else None
+    for chunk in chunks:
+        for r, row in enumerate(rows):
+            row.extend(chunk.row(r))
+        if printer is not None:
+            printer.add(chunk.row(0))
     elapsed = time.perf_counter() - start
-    n = int(out.lengths[0])
-    print(tokenizer.decode(out.tokens[0, :n], skip_special_tokens=True), flush=True)
-    _say(f"{n} tokens in {elapsed:.1f}s (including compilation)")
+    if printer is not None:
+        print(flush=True)
+    else:
+        for text, row in zip(prompts, rows, strict=True):
+            completion = tokenizer.decode(row, skip_special_tokens=True)
+            print(json.dumps({"prompt": text, "completion": completion}), flush=True)
+    count = sum(len(row) for row in rows)
+    _say(f"{count} tokens in {elapsed:.1f}s ({count / elapsed:.1f} tok/s, including compilation)")
+
+
+def cmd_chat(args) -> None:
+    import jax
+
+    from jaxlora.chat import ChatSession
+
+    sampling = _sampling(args)
+    _enable_compile_cache(args)
+    model = _load(args.checkpoint, args.dtype)
+    session = ChatSession(
+        model,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        key=jax.random.key(args.seed),
+        system=args.system,
+        stop=tuple(args.stop or ()),
+    )
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _say("chat: type a message; an empty line or Ctrl-D ends the conversation")
+    while True:
+        try:
+            text = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        printer = TextStream(model.tokenizer)
+        for chunk in session.send(text):
+            printer.add(chunk.row(0))
+        print(flush=True)
 
 
 def cmd_info(args) -> None:
@@ -124,6 +228,19 @@ def cmd_info(args) -> None:
         print(f"{name:16} {value}")
 
 
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF repetition penalty (1: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", help="stop after this text (repeatable)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params on load")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,16 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     convert.set_defaults(run=cmd_convert)
 
-    gen = commands.add_parser("generate", help="generate text from a prompt")
+    gen = commands.add_parser("generate", help="generate text from a prompt (streamed) or a batch of prompts")
     gen.add_argument("checkpoint")
     gen.add_argument("--prompt")
-    gen.add_argument("--prompt-file")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--prompt-file", help="the whole file is one prompt")
+    gen.add_argument("--batch-file", help="one prompt per line; prints one JSON line per prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params on load")
+    _add_generation_flags(gen)
     gen.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="an interactive multi-turn chat (the tokenizer's chat template)")
+    chat.add_argument("checkpoint")
+    chat.add_argument("--system", help="a system message for the conversation")
+    _add_generation_flags(chat)
+    chat.set_defaults(run=cmd_chat)
 
     info = commands.add_parser("info", help="describe a converted checkpoint")
     info.add_argument("checkpoint")

@@ -8,7 +8,8 @@ tokens out, apply stop strings, and stop early once every row is done.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -31,6 +32,24 @@ class GenerateOutput(NamedTuple):
 
     tokens: np.ndarray
     lengths: np.ndarray
+
+
+class StreamChunk(NamedTuple):
+    """New tokens from one step of `stream`.
+
+    tokens [batch, n] int32 (pad past a row's end); start: index of tokens[:, 0] among the new tokens;
+    lengths [batch]: a row's final length once it has ended, 0 while it runs.
+    """
+
+    tokens: np.ndarray
+    start: int
+    lengths: np.ndarray
+
+    def row(self, r: int) -> list[int]:
+        """Row r's real tokens in this chunk (none past its end)."""
+        n = self.tokens.shape[1]
+        keep = n if self.lengths[r] == 0 else min(max(int(self.lengths[r]) - self.start, 0), n)
+        return [int(t) for t in self.tokens[r, :keep]]
 
 
 class DecodeState(NamedTuple):
@@ -93,7 +112,9 @@ def prefill(
     batch, width = input_ids.shape
     positions = default_positions(attention_mask)
     key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, 0))
-    logits, cache = Decoder(config).apply({"params": params}, input_ids, positions, key_valid, cache, 0, last_only=True)
+    logits, cache = Decoder(config).apply(
+        {"params": params}, input_ids, positions, key_valid, cache, 0, logits_at=width - 1
+    )
     if processors.repetition_penalty:
         seen = jnp.zeros((batch, config.vocab_size), bool)
         rows = jnp.broadcast_to(jnp.arange(batch)[:, None], input_ids.shape)
@@ -109,6 +130,50 @@ def prefill(
         token=first,
         position=positions[:, -1] + 1,
         write_index=jnp.asarray(width, jnp.int32),
+        done=jnp.isin(first, stop),
+        keys=keys,
+        seen=_mark_seen(seen, first, processors),
+    )
+
+
+@partial(jax.jit, static_argnames=("config", "processors", "stop_ids"), donate_argnames=("state",))
+def extend(
+    params,
+    state: DecodeState,
+    input_ids,
+    length,
+    sampling: SamplingArrays,
+    *,
+    config: ModelConfig,
+    processors: Processors,
+    stop_ids: tuple[int, ...],
+) -> DecodeState:
+    """Continue every row with `length` more tokens (input_ids [batch, bucket], right-padded) from the state's slot.
+
+    The state's `token` is discarded: the new tokens start at its slot and position. Used to add a chat turn to a
+    conversation already in the cache instead of prefilling it again. Padding slots are left invalid; decoding
+    overwrites them.
+    """
+    batch, width = input_ids.shape
+    cache = state.cache
+    real = jnp.broadcast_to(jnp.arange(width) < length, (batch, width))
+    positions = state.position[:, None] + jnp.arange(width)
+    key_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, state.write_index))
+    logits, cache = Decoder(config).apply(
+        {"params": params}, input_ids, positions, key_valid, cache, state.write_index, logits_at=length - 1
+    )
+    seen = state.seen
+    if processors.repetition_penalty:
+        rows = jnp.broadcast_to(jnp.arange(batch)[:, None], input_ids.shape)
+        seen = seen.at[rows, jnp.where(real, input_ids, config.vocab_size)].set(True, mode="drop")
+    keys, step_keys = _split_keys(state.keys)
+    first = sample_next(logits[:, 0], sampling, processors, step_keys, seen)
+    stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    return DecodeState(
+        cache=cache,
+        token=first,
+        position=state.position + length,
+        write_index=state.write_index + length,
         done=jnp.isin(first, stop),
         keys=keys,
         seen=_mark_seen(seen, first, processors),
@@ -164,7 +229,7 @@ def decode(
     return state, tokens.T
 
 
-def _row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
+def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
     if key is None:
         if sampling:
             raise UsageError("sampling with temperature > 0 needs a PRNG key")
@@ -202,7 +267,7 @@ class _Ends:
     def all_done(self) -> bool:
         return bool((self.lengths > 0).all())
 
-    def add(self, new: np.ndarray) -> np.ndarray:
+    def add(self, new: np.ndarray) -> StreamChunk:
         """Append a chunk [batch, n]; returns it with everything past each row's end set to the pad id."""
         start = self.history.shape[1]
         self.history = np.concatenate([self.history, new], axis=1)
@@ -217,17 +282,39 @@ class _Ends:
             if end is not None:
                 self.lengths[row] = end
                 self.history[row, end:] = self.pad_id
-        return self.history[:, start:]
+        return StreamChunk(self.history[:, start:].copy(), start, self.lengths.copy())
 
 
-def _run(
-    params,
+@dataclass(frozen=True)
+class DecodePlan:
+    """Everything about a generation call that is fixed before it starts (validated)."""
+
+    config: ModelConfig
+    processors: Processors
+    arrays: SamplingArrays
+    stop_ids: tuple[int, ...]
+    stop: tuple[str, ...]
+    tokenizer: object
+    pad_id: int
+    max_new_tokens: int
+    chunk: int  # decode steps per jitted call
+    chunks: int  # calls needed for max_new_tokens - 1 steps
+
+    @property
+    def decode_slots(self) -> int:
+        """Cache slots the decode loop may write after the prompt."""
+        return self.chunk * self.chunks
+
+    @property
+    def static(self) -> dict:
+        return dict(config=self.config, processors=self.processors, stop_ids=self.stop_ids)
+
+
+def make_plan(
     config: ModelConfig,
-    input_ids,
+    batch: int,
     *,
     max_new_tokens: int,
-    key: jax.Array | None = None,
-    attention_mask=None,
     sampling: Sampling | None = None,
     temperature: float | None = None,
     eos_token_ids: Sequence[int] = (),
@@ -236,10 +323,7 @@ def _run(
     tokenizer=None,
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
-) -> Iterator[tuple[np.ndarray, _Ends]]:
-    input_ids = np.asarray(input_ids, np.int32)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise UsageError(f"input_ids must be [batch, prompt_len] with both >= 1, got shape {input_ids.shape}")
+) -> DecodePlan:
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if chunk_size < 1:
@@ -250,56 +334,86 @@ def _run(
         sampling = Sampling(temperature=temperature or 0.0)
     elif temperature is not None:
         raise UsageError("give temperature inside `sampling`, not both")
+    processors, arrays = sampling.compile(batch)
+    steps = max_new_tokens - 1
+    chunk = min(chunk_size, max(steps, 1))
+    return DecodePlan(
+        config=config,
+        processors=processors,
+        arrays=arrays,
+        stop_ids=tuple(sorted({int(t) for t in (*eos_token_ids, *stop_token_ids)})),
+        stop=tuple(stop),
+        tokenizer=tokenizer,
+        pad_id=int(pad_token_id),
+        max_new_tokens=max_new_tokens,
+        chunk=chunk,
+        chunks=-(-steps // chunk),
+    )
+
+
+def decode_chunks(params, state: DecodeState, plan: DecodePlan) -> Generator[StreamChunk, None, DecodeState]:
+    """Stream the state's first token, then decode chunk by chunk; returns the final state."""
+    batch = state.token.shape[0]
+    ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id)
+    yield ends.add(np.asarray(state.token)[:, None])
+    emitted = 1
+    for _ in range(plan.chunks):
+        if ends.all_done or emitted >= plan.max_new_tokens:
+            break
+        # Rows ended by a stop string are news to the loop: from now on it pads them.
+        state = state._replace(done=jnp.asarray(ends.lengths > 0))
+        state, tokens = decode(params, state, plan.arrays, pad_id=plan.pad_id, steps=plan.chunk, **plan.static)
+        new = np.asarray(tokens)[:, : plan.max_new_tokens - emitted]
+        emitted += new.shape[1]
+        yield ends.add(new)
+    return state
+
+
+def check_context(config: ModelConfig, tokens: int, max_new_tokens: int) -> None:
+    if tokens + max_new_tokens > config.max_position_embeddings:
+        raise UsageError(
+            f"prompt ({tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{config.max_position_embeddings} tokens"
+        )
+
+
+def stream(
+    params,
+    config: ModelConfig,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    key: jax.Array | None = None,
+    attention_mask=None,
+    **options,
+) -> Iterator[StreamChunk]:
+    """Generate like `generate`, yielding new tokens as they come: `StreamChunk`s of up to `chunk_size` tokens.
+
+    Each chunk is one jitted `lax.scan` of `chunk_size` decode steps (the cache donated from one to the next);
+    every chunk is final (rows that ended hold the pad id, see `StreamChunk.row`), and the iterator ends when every
+    row is done or `max_new_tokens` tokens were produced.
+    """
+    input_ids = np.asarray(input_ids, np.int32)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise UsageError(f"input_ids must be [batch, prompt_len] with both >= 1, got shape {input_ids.shape}")
     batch, prompt_len = input_ids.shape
+    plan = make_plan(config, batch, max_new_tokens=max_new_tokens, **options)
     mask = np.ones(input_ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
     if mask.shape != input_ids.shape:
         raise UsageError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
-    longest = int(mask.sum(axis=1).max())
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise UsageError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{config.max_position_embeddings} tokens"
-        )
-    processors, arrays = sampling.compile(batch)
-    keys = _row_keys(key, batch, processors.sample)
+    check_context(config, int(mask.sum(axis=1).max()), max_new_tokens)
+    keys = row_keys(key, batch, plan.processors.sample)
 
     # Left-pad to the bucket: real tokens stay right-aligned, so every row writes the same cache slot.
     width = prompt_bucket(prompt_len)
-    ids = np.full((batch, width), pad_token_id, np.int32)
+    ids = np.full((batch, width), plan.pad_id, np.int32)
     ids[:, width - prompt_len :] = input_ids
     full_mask = np.zeros((batch, width), bool)
     full_mask[:, width - prompt_len :] = mask
 
-    steps = max_new_tokens - 1
-    chunk = min(chunk_size, max(steps, 1))
-    chunks = -(-steps // chunk)
-    cache = init_cache(config, batch, width + chunks * chunk, params["embed"]["embedding"].dtype)
-    stop_ids = tuple(sorted({int(t) for t in (*eos_token_ids, *stop_token_ids)}))
-    static = dict(config=config, processors=processors, stop_ids=stop_ids)
-    ends = _Ends(batch, stop_ids, stop, tokenizer, pad_token_id)
-
-    state = prefill(params, cache, ids, full_mask, keys, arrays, **static)
-    yield ends.add(np.asarray(state.token)[:, None]), ends
-    emitted = 1
-    for _ in range(chunks):
-        if ends.all_done or emitted >= max_new_tokens:
-            break
-        # Rows ended by a stop string are news to the loop: from now on it pads them.
-        state = state._replace(done=jnp.asarray(ends.lengths > 0))
-        state, tokens = decode(params, state, arrays, pad_id=pad_token_id, steps=chunk, **static)
-        new = np.asarray(tokens)[:, : max_new_tokens - emitted]
-        emitted += new.shape[1]
-        yield ends.add(new), ends
-
-
-def stream(params, config: ModelConfig, input_ids, *, max_new_tokens: int, **kwargs) -> Iterator[np.ndarray]:
-    """Generate like `generate`, yielding new tokens as they come: arrays [batch, n], n <= chunk_size (default 32).
-
-    Every yielded chunk is final: tokens past a row's end (EOS, stop id, stop string) are already the pad id.
-    The iterator ends when every row is done or `max_new_tokens` tokens were produced.
-    """
-    for tokens, _ in _run(params, config, input_ids, max_new_tokens=max_new_tokens, **kwargs):
-        yield tokens
+    cache = init_cache(config, batch, width + plan.decode_slots, params["embed"]["embedding"].dtype)
+    state = prefill(params, cache, ids, full_mask, keys, plan.arrays, **plan.static)
+    yield from decode_chunks(params, state, plan)
 
 
 def generate(params, config: ModelConfig, input_ids, *, max_new_tokens: int, **kwargs) -> GenerateOutput:
@@ -312,9 +426,9 @@ def generate(params, config: ModelConfig, input_ids, *, max_new_tokens: int, **k
     `stop_token_ids`, or the token completing one of the `stop` strings (needs `tokenizer`); later slots hold
     `pad_token_id`. Returns tokens [batch, max_new_tokens] int32 and lengths [batch] int32.
     """
-    *_, (_, ends) = _run(params, config, input_ids, max_new_tokens=max_new_tokens, **kwargs)
-    history = ends.history[:, :max_new_tokens]
-    tokens = np.full((history.shape[0], max_new_tokens), kwargs.get("pad_token_id", 0), np.int32)
-    tokens[:, : history.shape[1]] = history
-    lengths = np.where(ends.lengths > 0, ends.lengths, max_new_tokens).astype(np.int32)
-    return GenerateOutput(tokens, lengths)
+    chunks = list(stream(params, config, input_ids, max_new_tokens=max_new_tokens, **kwargs))
+    produced = np.concatenate([c.tokens for c in chunks], axis=1)
+    tokens = np.full((produced.shape[0], max_new_tokens), kwargs.get("pad_token_id", 0), np.int32)
+    tokens[:, : produced.shape[1]] = produced
+    final = chunks[-1].lengths
+    return GenerateOutput(tokens, np.where(final > 0, final, max_new_tokens).astype(np.int32))

@@ -102,11 +102,11 @@ class Decoder(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size)
 
-    def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, last_only=False):
+    def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, logits_at=None):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
 
-        Returns logits [batch, seq, vocab] float32 (or [batch, 1, vocab] for the last position with `last_only`,
-        which skips the vocab projection everywhere else) and the updated cache (None without a cache).
+        Returns logits [batch, seq, vocab] float32, or [batch, 1, vocab] at sequence index `logits_at` (which skips
+        the vocab projection everywhere else), and the updated cache (None without a cache).
         """
         c = self.config
         embedding = self.embed.embedding
@@ -119,8 +119,8 @@ class Decoder(nn.Module):
             x, (k, v) = layer(x, cos, sin, query_slots, key_valid, cache_kv, write_index)
             new_keys.append(k)
             new_values.append(v)
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         x = self.final_norm(x)
         if c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.T.astype(x.dtype))

@@ -80,7 +80,7 @@ def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat):
     import jax
 
     import jaxlora
-    from jaxlora.generate import _run
+    from jaxlora.generate import stream
 
     rss_before = rss_mb()
     model = jaxlora.load(checkpoint)
@@ -89,7 +89,7 @@ def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat):
     out = {"load_rss_mb": rss_mb() - rss_before}
 
     def ttft(ids):
-        next(_run(params, config, ids, max_new_tokens=new_tokens))  # prefill + first token, then stop
+        next(stream(params, config, ids, max_new_tokens=new_tokens))  # prefill + first token, then stop
 
     for batch in batches:
         ids = rng.integers(0, config.vocab_size, (batch, prompt_len)).astype(np.int32)

@@ -68,9 +68,14 @@ def test_info_and_generate_on_a_non_checkpoint(tmp_path):
     "args, message",
     [
         (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        (["--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
-        ([], "give a prompt"),
-        (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
+        (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        ([], "give exactly one of --prompt, --prompt-file, --batch-file"),
+        (["--prompt", "hi", "--batch-file", "x.txt"], "give exactly one of"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read /nonexistent/prompt.txt"),
+        (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--prompt", "hi", "--min-p", "2"], "min_p must be in [0, 1]"),
+        (["--prompt", "hi", "--repetition-penalty", "0"], "repetition_penalty must be > 0"),
     ],
 )
 def test_generate_bad_arguments(tmp_path, args, message):
@@ -79,6 +84,57 @@ def test_generate_bad_arguments(tmp_path, args, message):
 
 def test_generate_without_tokenizer(tiny):
     assert_clean_error(run_cli("generate", tiny("llama-gqa").jax_dir, "--prompt", "hi"), "has no tokenizer")
+
+
+def test_empty_batch_file(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n\n")
+    result = run_cli("generate", tmp_path, "--batch-file", tmp_path / "prompts.txt")
+    assert_clean_error(result, "holds no prompts")
+
+
+@pytest.mark.real
+def test_prompt_longer_than_the_context(smollm2, tmp_path):
+    dst, _ = smollm2
+    (tmp_path / "long.txt").write_text("word " * 8200)
+    result = run_cli("generate", dst, "--prompt-file", tmp_path / "long.txt", "--max-new-tokens", "4")
+    assert_clean_error(result, "exceeds the model's context of 8192 tokens")
+
+
+@pytest.mark.real
+def test_batch_file_prints_one_json_line_per_prompt(smollm2, tmp_path):
+    dst, _ = smollm2
+    (tmp_path / "prompts.txt").write_text("What is the capital of France?\n\nWhat is 2 + 2?\n")
+    result = run_cli(
+        "generate",
+        dst,
+        "--chat",
+        "--batch-file",
+        tmp_path / "prompts.txt",
+        "--max-new-tokens",
+        "16",
+        "--stop",
+        ".",
+        "--no-compile-cache",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == ["What is the capital of France?", "What is 2 + 2?"]
+    assert "Paris" in lines[0]["completion"]
+    assert all(line["completion"].count(".") <= 1 and line["completion"].endswith(".") for line in lines)
+
+
+@pytest.mark.real
+def test_chat_command_answers_each_line(smollm2):
+    dst, _ = smollm2
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxlora", "chat", str(dst), "--max-new-tokens", "32"],
+        input="What is the capital of France?\nAnd of Italy?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "Rome" in result.stdout
 
 
 @pytest.mark.real

@@ -134,14 +134,19 @@ def test_stream_yields_the_generate_tokens_in_chunks_and_stops_early(tiny):
     ids, mask = jaxlora.left_pad([list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (4, 8)])
     kwargs = dict(attention_mask=mask, max_new_tokens=30, chunk_size=8)
     chunks = list(jaxlora.stream(model.params, model.config, ids, **kwargs))
-    assert [c.shape[1] for c in chunks] == [1, 8, 8, 8, 5]
+    assert [c.tokens.shape[1] for c in chunks] == [1, 8, 8, 8, 5]
+    assert [c.start for c in chunks] == [0, 1, 9, 17, 25]
     whole = jaxlora.generate(model.params, model.config, ids, **kwargs)
-    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole.tokens)
+    np.testing.assert_array_equal(np.concatenate([c.tokens for c in chunks], axis=1), whole.tokens)
+    for r in range(2):
+        assert sum((c.row(r) for c in chunks), []) == list(whole.tokens[r, : whole.lengths[r]])
 
     # Once every row has hit EOS the stream ends instead of decoding to max_new_tokens.
     eos = [int(whole.tokens[0, 2]), int(whole.tokens[1, 2])]
     stopped = list(jaxlora.stream(model.params, model.config, ids, eos_token_ids=eos, **kwargs))
     assert len(stopped) <= 2
+    for r in range(2):
+        assert sum((c.row(r) for c in stopped), [])[-1] == eos[r]
 
 
 def test_prompt_plus_new_tokens_beyond_context_is_refused(tiny):
