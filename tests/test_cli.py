@@ -138,6 +138,24 @@ def test_chat_command_answers_each_line(smollm2):
 
 
 @pytest.mark.real
+def test_generate_uses_a_persistent_compile_cache_unless_told_not_to(smollm2, tmp_path):
+    import os
+
+    dst, _ = smollm2
+    for flags, cache_home in (([], tmp_path / "on"), (["--no-compile-cache"], tmp_path / "off")):
+        result = subprocess.run(
+            [sys.executable, "-m", "jaxlora", "generate", str(dst), "--prompt", "Hi", "--max-new-tokens", "4", *flags],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "XDG_CACHE_HOME": str(cache_home)},
+        )
+        assert result.returncode == 0, result.stderr
+    assert any((tmp_path / "on" / "jaxlora" / "xla").iterdir())
+    assert not (tmp_path / "off").exists()
+
+
+@pytest.mark.real
 def test_info_and_chat_generate_on_smollm2(smollm2):
     dst, _ = smollm2
     info = run_cli("info", dst)

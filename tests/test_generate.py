@@ -169,3 +169,41 @@ def test_bad_arguments(tiny, kwargs, message):
     model = tiny("llama-gqa").load()
     with pytest.raises(UsageError, match=message):
         jaxlora.generate(model.params, model.config, random_ids((1, 3), 97), **kwargs)
+
+
+def test_decode_updates_the_donated_cache_in_place(tiny):
+    """The compiled decode chunk aliases the cache buffers to its outputs and never copies a cache buffer."""
+    import re
+
+    from jaxlora.cache import init_cache
+    from jaxlora.sampling import Sampling
+
+    model = tiny("llama-gqa").load()
+    config = model.config
+    processors, arrays = Sampling().compile(2)
+    keys = jax.random.split(jax.random.key(0), 2)
+    cache = init_cache(config, 2, 48)
+    ids = random_ids((2, 16), config.vocab_size)
+    state = prefill(
+        model.params,
+        cache,
+        ids,
+        np.ones((2, 16), bool),
+        keys,
+        arrays,
+        config=config,
+        processors=processors,
+        stop_ids=(),
+    )
+    hlo = (
+        decode.lower(model.params, state, arrays, config=config, processors=processors, stop_ids=(), pad_id=0, steps=8)
+        .compile()
+        .as_text()
+    )
+    shape = f"f32[2,48,{config.num_kv_heads},{config.head_dim}]"
+    assert len(re.findall(re.escape(shape) + r"\{[^}]*\} dynamic-update-slice\(", hlo)) >= 2 * config.num_layers
+    assert not re.findall(re.escape(shape) + r"\{[^}]*\} copy\(", hlo), "a cache buffer is copied"
+    aliased = re.search(r"input_output_alias=\{(.*?)\}\s*,\s*entry", hlo, re.S) or re.search(
+        r"input_output_alias=\{(.*)", hlo
+    )
+    assert aliased and aliased.group(1).count("may-alias") >= 2 * config.num_layers
