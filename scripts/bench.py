@@ -9,6 +9,7 @@ transformers loads the same GGUF), float32 on both sides, both on all CPU thread
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -40,22 +41,23 @@ def best_of(fn, repeat: int) -> float:
 
 
 def read_bandwidth_gbs() -> dict[str, float]:
-    """Machine read bandwidth: a large numpy reduction (one thread) and a jitted JAX one (all threads)."""
-    import jax
-    import jax.numpy as jnp
+    """Machine read bandwidth from a large numpy reduction (1 GiB, far past the caches): on one thread, and
+    split over all cores (numpy releases the GIL in reductions), which is what a decode step can use."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    a = np.ones(2**28, np.float32)  # 1 GiB, far past the caches
-    numpy_s = best_of(lambda: a.sum(), 3)
-    x = jnp.asarray(a)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    jax_s = best_of(lambda: total(x).block_until_ready(), 5)
-    return {"numpy_sum": a.nbytes / numpy_s / 1e9, "jax_sum": a.nbytes / jax_s / 1e9}
+    a = np.ones(2**28, np.float32)
+    one_thread = best_of(lambda: a.sum(), 3)
+    threads = os.cpu_count() or 1
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        all_threads = best_of(lambda: list(pool.map(np.sum, parts)), 7)
+    return {"numpy_sum_1_thread": a.nbytes / one_thread / 1e9, "numpy_sum_all_cores": a.nbytes / all_threads / 1e9}
 
 
 def prepare(args):
-    import jaxlora
     from demo_model import demo_gguf_path
+
+    import jaxlora
 
     hf = Path(args.hf) if args.hf else demo_gguf_path()
     if hf is None:
@@ -82,6 +84,7 @@ def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat):
     import jaxlora
     from jaxlora.generate import stream
 
+    gc.collect()  # what the previous phase left behind is gone before we count
     rss_before = rss_mb()
     model = jaxlora.load(checkpoint)
     params, config = model.params, model.config
@@ -96,9 +99,9 @@ def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat):
         start = time.perf_counter()
         ttft(ids)
         cold = time.perf_counter() - start
-        full = lambda: jaxlora.generate(params, config, ids, max_new_tokens=new_tokens)  # noqa: E731
+        full = lambda ids=ids: jaxlora.generate(params, config, ids, max_new_tokens=new_tokens)  # noqa: E731
         full()
-        warm_first = best_of(lambda: ttft(ids), repeat)
+        warm_first = best_of(lambda ids=ids: ttft(ids), repeat)
         total = best_of(full, repeat)
         out[f"b{batch}"] = {
             "ttft_cold_s": cold,
@@ -117,6 +120,7 @@ def bench_torch(hf, prompt_len, new_tokens, batches, prefill_len, repeat):
     import torch
 
     torch.set_num_threads(os.cpu_count())
+    gc.collect()  # what the previous phase left behind is gone before we count
     rss_before = rss_mb()
     model = load_torch(hf)
     out = {"load_rss_mb": rss_mb() - rss_before}
@@ -125,16 +129,22 @@ def bench_torch(hf, prompt_len, new_tokens, batches, prefill_len, repeat):
 
     def gen(ids, n):
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+            return model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     for batch in batches:
         ids = torch.tensor(rng.integers(0, vocab, (batch, prompt_len)))
         start = time.perf_counter()
         gen(ids, 1)
         cold = time.perf_counter() - start
-        warm_first = best_of(lambda: gen(ids, 1), repeat)
-        total = best_of(lambda: gen(ids, new_tokens), repeat)
+        warm_first = best_of(lambda ids=ids: gen(ids, 1), repeat)
+        total = best_of(lambda ids=ids: gen(ids, new_tokens), repeat)
         out[f"b{batch}"] = {
             "ttft_cold_s": cold,
             "ttft_warm_s": warm_first,
@@ -148,8 +158,29 @@ def bench_torch(hf, prompt_len, new_tokens, batches, prefill_len, repeat):
     return out
 
 
+def load_peak_rss_mb(side: str, checkpoint, hf) -> float:
+    """Peak RSS added by loading the model, each side in a fresh process (libraries imported first)."""
+    import subprocess
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import numpy, torch, transformers, orbax.checkpoint, jax, jaxlora, bench
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's size at fork.
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+before = hwm()
+if {side!r} == "jaxlora":
+    model = jaxlora.load({str(checkpoint)!r})
+else:
+    model = bench.load_torch(bench.Path({str(hf)!r}))
+print((hwm() - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def table(results, bandwidth) -> str:
-    read_bw = max(bandwidth.values())
+    read_bw = bandwidth["numpy_sum_all_cores"]
     rows = [("", "jaxlora", "transformers", "ratio")]
 
     def add(name, key, fmt, higher_better=True):
@@ -161,23 +192,31 @@ def table(results, bandwidth) -> str:
         add(f"decode tok/s, batch {b}", lambda r, b=b: r[f"b{b}"]["decode_tok_s"], "{:.1f}")
     for b in results["batches"]:
         for kind in ("cold", "warm"):
-            add(f"time to first token, batch {b}, {kind} (s)", lambda r, b=b, k=kind: r[f"b{b}"][f"ttft_{k}_s"],
-                "{:.3f}", higher_better=False)
+            add(
+                f"time to first token, batch {b}, {kind} (s)",
+                lambda r, b=b, k=kind: r[f"b{b}"][f"ttft_{k}_s"],
+                "{:.3f}",
+                higher_better=False,
+            )
     add(f"prefill tok/s, {results['prefill_len']} tokens", lambda r: r["prefill_tok_s"], "{:.0f}")
-    add("RSS added by loading (MB)", lambda r: r["load_rss_mb"], "{:.0f}", higher_better=False)
+    add("peak RSS added by loading, own process (MB)", lambda r: r["load_peak_rss_mb"], "{:.0f}", higher_better=False)
     b1 = results["batches"][0]
     for name in ("jaxlora", "transformers"):
         r = results[name]
         gbs = r[f"b{b1}"]["decode_tok_s"] / b1 * r["weight_bytes"] / 1e9
         results[name]["decode_weight_gbs"] = gbs
-    rows.append((
-        f"decode weight reads, batch {b1} (GB/s, % of {read_bw:.1f})",
-        *(f"{results[n]['decode_weight_gbs']:.1f} ({100 * results[n]['decode_weight_gbs'] / read_bw:.0f}%)"
-          for n in ("jaxlora", "transformers")),
-        "",
-    ))
+    rows.append(
+        (
+            f"decode weight reads, batch {b1} (GB/s, % of {read_bw:.1f})",
+            *(
+                f"{results[n]['decode_weight_gbs']:.1f} ({100 * results[n]['decode_weight_gbs'] / read_bw:.0f}%)"
+                for n in ("jaxlora", "transformers")
+            ),
+            "",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
 
@@ -197,18 +236,27 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     common = (args.prompt_len, args.new_tokens, batches, args.prefill_len, args.repeat)
     results = {"batches": batches, "prefill_len": args.prefill_len, "cpu_count": os.cpu_count()}
+    # Import both stacks first, so the RSS figures below count the weights and runtime state, not the libraries.
+    import orbax.checkpoint  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
     results["bandwidth_gbs"] = read_bandwidth_gbs()
     results["jaxlora"] = bench_jax(checkpoint, *common)
     results["transformers"] = bench_torch(hf, *common)
     results["peak_rss_mb"] = peak_rss_mb()
-    text = table(results, results["bandwidth_gbs"])
+    for side in ("jaxlora", "transformers"):
+        results[side]["load_peak_rss_mb"] = load_peak_rss_mb(side, checkpoint, hf)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(text)
-        print(f"\nmachine read bandwidth: numpy sum {results['bandwidth_gbs']['numpy_sum']:.1f} GB/s, "
-              f"jitted JAX sum {results['bandwidth_gbs']['jax_sum']:.1f} GB/s; process peak RSS "
-              f"{results['peak_rss_mb']:.0f} MB")
+        print(table(results, results["bandwidth_gbs"]))
+        bw = results["bandwidth_gbs"]
+        print(
+            f"\nmachine read bandwidth (numpy sum of 1 GiB): {bw['numpy_sum_all_cores']:.1f} GB/s on "
+            f"{results['cpu_count']} cores, {bw['numpy_sum_1_thread']:.1f} GB/s on one; "
+            f"process peak RSS {results['peak_rss_mb']:.0f} MB"
+        )
 
 
 if __name__ == "__main__":
