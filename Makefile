@@ -26,6 +26,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python scripts/bench.py
+
 lint: install
 	$(BIN)/ruff check jaxlora tests scripts
 	$(BIN)/ruff format --check jaxlora tests scripts

@@ -4,7 +4,7 @@ from jaxlora.checkpoint import Model, load
 from jaxlora.config import ModelConfig
 from jaxlora.convert import convert
 from jaxlora.errors import JaxloraError
-from jaxlora.generate import GenerateOutput, generate, left_pad, stream
+from jaxlora.generate import GenerateOutput, StreamChunk, generate, left_pad, stream
 from jaxlora.model import forward
 from jaxlora.sampling import Sampling
 
@@ -14,6 +14,7 @@ __all__ = [
     "Model",
     "ModelConfig",
     "Sampling",
+    "StreamChunk",
     "convert",
     "forward",
     "generate",
