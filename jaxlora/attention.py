@@ -32,19 +32,28 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
 
 
 def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """positions [batch, seq] int32 -> cos, sin [batch, seq, head_dim] float32 (halves repeated, HF layout)."""
-    inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
+    """positions [batch, seq] int32 -> cos, sin [batch, seq, rope_dim // 2] float32, one angle per rotated pair."""
+    inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.rope_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [batch, seq, heads, head_dim] rotated in the rotate-half form (Llama/NeoX)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, style: str = "half") -> jax.Array:
+    """Rotate the first 2 * cos.shape[-1] dims of each head of x [batch, seq, heads, head_dim]; the rest pass.
+
+    "half" pairs dim i with dim i + d/2 (Llama, NeoX: rotate_half); "interleaved" pairs dims 2i and 2i + 1
+    (GPT-J, CodeGen: rotate_every_two).
+    """
+    rope_dim = 2 * cos.shape[-1]
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    if style == "half":
+        first, second = rot[..., : rope_dim // 2], rot[..., rope_dim // 2 :]
+        rot = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    else:
+        even, odd = rot[..., 0::2], rot[..., 1::2]
+        rot = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(rot.shape)
+    return jnp.concatenate([rot, rest], axis=-1) if rest.shape[-1] else rot
 
 
 def attention_mask(query_slots: jax.Array, key_valid: jax.Array, window: int | None) -> jax.Array:
@@ -62,8 +71,10 @@ def attention_mask(query_slots: jax.Array, key_valid: jax.Array, window: int | N
     return visible[None] & key_valid[:, None, :]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention.
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None
+) -> jax.Array:
+    """Grouped-query attention; scores are scaled by `scale` (default 1 / sqrt(head_dim)).
 
     q [batch, q_len, heads, head_dim], k/v [batch, k_len, kv_heads, head_dim], mask [batch, q_len, k_len] bool
     -> [batch, q_len, heads, head_dim] in q's dtype.
@@ -73,7 +84,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
     with jax.named_scope("attention"):
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(d))
+        scores = scores * (1.0 / math.sqrt(d) if scale is None else scale)
         # Softmax in float32 with a finite floor: a fully masked row (a padding query) stays finite.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

@@ -6,8 +6,11 @@ Per-family adapters in `jaxlora.families` build it from a Hugging Face `config.j
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import jax
 
 from jaxlora.errors import ConfigError
 
@@ -43,6 +46,19 @@ class ModelConfig:
     mlp_bias: bool = False
     # Per-layer attention window in tokens (None = full causal attention); length num_layers.
     layer_windows: tuple[int | None, ...] = ()
+    # The switches below describe how a family's block differs from Llama's (the defaults).
+    norm_kind: str = "rms"  # "rms" | "layer" (LayerNorm with bias)
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w), in float32
+    mlp_kind: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "plain": down(act(up(x)))
+    activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh"
+    rotary_dim: int | None = None  # rotate only the first rotary_dim of each head (None: all of it)
+    rotary_style: str = "half"  # "half": rotate-half (Llama, NeoX); "interleaved": pairs (GPT-J, CodeGen)
+    learned_positions: bool = False  # GPT-2: a learned position embedding instead of RoPE
+    residual: str = "sequential"  # "sequential" | "parallel" (NeoX) | "parallel_shared_norm" (GPT-J, CodeGen)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys before RoPE
+    lm_head_bias: bool = False
+    attn_scale: float | None = None  # scores times this (None: 1 / sqrt(head_dim))
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -52,11 +68,42 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self._check_choices()
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+
+    def _check_choices(self) -> None:
+        choices = {
+            "norm_kind": ("rms", "layer"),
+            "mlp_kind": ("gated", "plain"),
+            "activation": ("silu", "gelu", "gelu_tanh"),
+            "rotary_style": ("half", "interleaved"),
+            "residual": ("sequential", "parallel", "parallel_shared_norm"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def layer_norm(self) -> bool:
+        return self.norm_kind == "layer"
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp_kind == "gated"
+
+    @property
+    def separate_mlp_norm(self) -> bool:
+        return self.residual != "parallel_shared_norm"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,16 +125,6 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        d, f, h, kv, hd = (
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-        )
-        attn = d * h * hd * 2 + d * kv * hd * 2
-        attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.o_bias
-        mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
-        layer = attn + mlp + 2 * d
-        head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        from jaxlora.model import param_shapes
+
+        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes(self)))

@@ -28,16 +28,37 @@ class Linear(nn.Module):
         return y
 
 
-class RMSNorm(nn.Module):
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama: normalize in float32, cast, scale; Gemma: scale by 1 + w in float32) or LayerNorm."""
+
     eps: float
+    kind: str = "rms"
+    weight_offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        # As HF: normalize in float32, cast back to the input dtype, then scale.
         x32 = x.astype(jnp.float32)
+        if self.kind == "layer":
+            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+            centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+            return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.weight_offset:
+            return (normed * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)
         return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def make_norm(config: ModelConfig, name: str | None = None) -> Norm:
+    return Norm(config.norm_eps, config.norm_kind, config.norm_weight_offset, name=name)
 
 
 class Attention(nn.Module):
@@ -51,16 +72,22 @@ class Attention(nn.Module):
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, name="q_proj")(x)
         k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="k_proj")(x)
         v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="v_proj")(x)
-        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = Norm(c.norm_eps, "rms", c.norm_weight_offset, name="q_norm")(q)
+            k = Norm(c.norm_eps, "rms", c.norm_weight_offset, name="k_norm")(k)
+        if not c.learned_positions:
+            q = apply_rope(q, cos, sin, c.rotary_style)
+            k = apply_rope(k, cos, sin, c.rotary_style)
         if cache_kv is not None:
             # Write this call's keys/values into their slots and attend over the whole buffer.
             cached_k, cached_v = cache_kv
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, write_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
         mask = attention_mask(query_slots, key_valid, self.window)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale)
         out = Linear(c.hidden_size, c.o_bias, name="o_proj")(out.reshape(b, t, c.num_heads * c.head_dim))
         return out, (k, v)
 
@@ -71,9 +98,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = Linear(c.intermediate_size, c.mlp_bias, name="gate_proj")(x)
+        act = ACTIVATIONS[c.activation]
         up = Linear(c.intermediate_size, c.mlp_bias, name="up_proj")(x)
-        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(jax.nn.silu(gate) * up)
+        if c.gated_mlp:
+            up = act(Linear(c.intermediate_size, c.mlp_bias, name="gate_proj")(x)) * up
+        else:
+            up = act(up)
+        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(up)
 
 
 class Block(nn.Module):
@@ -83,12 +114,17 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
         c = self.config
+        normed = make_norm(c, "attn_norm")(x)
         attn_out, new_kv = Attention(c, self.window, name="attn")(
-            RMSNorm(c.norm_eps, name="attn_norm")(x), cos, sin, query_slots, key_valid, cache_kv, write_index
+            normed, cos, sin, query_slots, key_valid, cache_kv, write_index
         )
-        x = x + attn_out
-        x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(x))
-        return x, new_kv
+        mlp = MLP(c, name="mlp")
+        if c.residual == "sequential":
+            x = x + attn_out
+            return x + mlp(make_norm(c, "mlp_norm")(x)), new_kv
+        # Parallel: attention and MLP both read the block's input (GPT-J/CodeGen through the same norm).
+        mlp_in = normed if c.residual == "parallel_shared_norm" else make_norm(c, "mlp_norm")(x)
+        return x + attn_out + mlp(mlp_in), new_kv
 
 
 class Decoder(nn.Module):
@@ -97,10 +133,14 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.config
         self.embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init, param_dtype=jnp.float32)
+        if c.learned_positions:
+            self.pos_embed = nn.Embed(
+                c.max_position_embeddings, c.hidden_size, embedding_init=_init, param_dtype=jnp.float32
+            )
         self.layers = [Block(c, c.layer_windows[i]) for i in range(c.num_layers)]
-        self.final_norm = RMSNorm(c.norm_eps)
+        self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear(c.vocab_size)
+            self.lm_head = Linear(c.vocab_size, c.lm_head_bias)
 
     def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, logits_at=None):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
@@ -111,6 +151,10 @@ class Decoder(nn.Module):
         c = self.config
         embedding = self.embed.embedding
         x = jnp.take(embedding, input_ids, axis=0)
+        if c.embed_scale:  # Gemma, with the scale rounded to the embedding dtype as HF does
+            x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
+        if c.learned_positions:
+            x = x + jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
         cos, sin = rope_cos_sin(positions, c)
         query_slots = write_index + jnp.arange(input_ids.shape[1])
         new_keys, new_values = [], []

@@ -49,6 +49,34 @@ TINY_CONFIGS = {
     "mistral-window": dict(model_type="mistral", **BASE, sliding_window=7),
     "qwen2": dict(model_type="qwen2", **BASE, tie_word_embeddings=True),
     "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    "qwen3": dict(model_type="qwen3", **BASE, head_dim=12),
+    "gemma": dict(model_type="gemma", **BASE, head_dim=12, hidden_activation="gelu_pytorch_tanh"),
+    "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
+    "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
+    "codegen": dict(
+        model_type="codegen", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64, n_ctx=64
+    ),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        vocab_size=97,
+        hidden_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=67,
+        rotary_pct=0.4,
+        max_position_embeddings=64,
+    ),
+    "gpt_neox-sequential": dict(
+        model_type="gpt_neox",
+        vocab_size=97,
+        hidden_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=67,
+        rotary_pct=0.4,
+        max_position_embeddings=64,
+        use_parallel_residual=False,
+    ),
 }
 
 
@@ -70,10 +98,10 @@ def hf_model(config_kwargs: dict, seed: int = 0):
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    # Non-trivial norms and biases: the random init leaves them at exactly 1 and 0.
+    # Non-trivial norms and biases (every 1-D param): the random init leaves them at exactly 1 and 0.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+        for p in model.parameters():
+            if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
 

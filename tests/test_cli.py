@@ -33,7 +33,7 @@ def test_convert_unknown_architecture(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (src / "model.safetensors").write_bytes(b"")
     result = run_cli("convert", src, tmp_path / "out")
-    assert_clean_error(result, "supported: llama, mistral, qwen2")
+    assert_clean_error(result, "supported: codegen, gemma, gpt2, gpt_neox, gptj, llama, mistral, qwen2, qwen3")
     assert not (tmp_path / "out").exists()
 
 

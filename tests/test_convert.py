@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlora
 from jaxlora.errors import ConfigError, ConversionError, JaxloraError, UsageError
-from jaxlora.families import config_from_hf, ignored_pattern, tensor_plan
+from jaxlora.families import apply_transform, config_from_hf, ignored_pattern, supported_model_types, tensor_plan
 from jaxlora.model import param_shapes
 
 
@@ -32,8 +32,8 @@ def test_weight_table_is_complete(name):
     plan = tensor_plan(config)
     hf_names = set(model.state_dict())
     ignored = ignored_pattern(config)
-    assert set(plan) == {n for n in hf_names if not ignored.fullmatch(n)}
-    paths = [p.param_path for p in plan.values()]
+    assert {p.hf_name for p in plan} == {n for n in hf_names if not ignored.fullmatch(n)}
+    paths = [p.param_path for p in plan]
     assert len(paths) == len(set(paths))
     assert set(paths) == set(flat(param_shapes(config)))
 
@@ -46,9 +46,9 @@ def test_round_trip_is_bit_identical(tiny, tmp_path, dtype):
     source = load_file(str(m.hf_dir / "model.safetensors"))
     config = jaxlora.load(dst).config
     target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
-    for hf_name, rule in tensor_plan(config).items():
-        expected = source[hf_name].T if rule.transform == "transpose" else source[hf_name]
-        got = params[rule.param_path]
+    for item in tensor_plan(config):
+        expected = apply_transform(item, source[item.hf_name], config)
+        got = params[item.param_path]
         assert got.dtype == np.dtype(target)
         np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(expected.astype(target)).view(np.uint8))
 
@@ -111,13 +111,18 @@ def test_invalid_config_json(hf_dir, tmp_path):
 
 def test_unknown_architecture(hf_dir, tmp_path):
     edit_config(hf_dir, model_type="bert")
-    expect_error(hf_dir, tmp_path / "out", ConfigError, r"unsupported model_type 'bert'; supported: llama")
+    expect_error(
+        hf_dir,
+        tmp_path / "out",
+        ConfigError,
+        "unsupported model_type .bert.; supported: " + ", ".join(supported_model_types()),
+    )
 
 
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"hidden_act": "quick_gelu"}, "activation 'quick_gelu' is not supported for llama"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported yet"),
         ({"num_key_value_heads": 3}, "must be a multiple of"),
     ],
@@ -133,7 +138,8 @@ def test_shape_mismatch(hf_dir, tmp_path):
         hf_dir,
         tmp_path / "out",
         ConversionError,
-        r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape .* but the config implies",
+        r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight gives layers_0/mlp/\w+/kernel the shape .* "
+        r"but the config implies",
     )
 
 

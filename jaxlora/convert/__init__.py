@@ -24,7 +24,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.convert.gguf import GGUFFile
 from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
 from jaxlora.errors import ConversionError, UsageError
-from jaxlora.families import config_from_hf, ignored_pattern, tensor_plan
+from jaxlora.families import apply_transform, canonical_name, config_from_hf, ignored_pattern, tensor_plan
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -173,14 +173,31 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+class CanonicalNames(TensorReader):
+    """A reader seen through the family's renames (e.g. GPT-2 checkpoints without the `transformer.` prefix)."""
+
+    def __init__(self, reader: TensorReader, config: ModelConfig):
+        self._reader = reader
+        self._source = {canonical_name(config, n): n for n in reader.names()}
+
+    def names(self) -> list[str]:
+        return list(self._source)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._reader.get(self._source[name])
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def check_names(reader: TensorReader, config: ModelConfig) -> None:
     """Every tensor the config needs is there, and nothing else is (before any tensor is read)."""
-    plan = tensor_plan(config)
+    needed = list(dict.fromkeys(item.hf_name for item in tensor_plan(config)))
     names = reader.names()
     ignored = ignored_pattern(config)
     present = set(names)
-    missing = [n for n in plan if n not in present]
-    unexpected = [n for n in names if n not in plan and not ignored.fullmatch(n)]
+    missing = [n for n in needed if n not in present]
+    unexpected = [n for n in names if n not in set(needed) and not ignored.fullmatch(n)]
     if missing:
         raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {_list(missing)}")
     if unexpected:
@@ -200,25 +217,26 @@ def convert_groups(
     check_names(reader, config)
     plan = tensor_plan(config)
     shapes = _flat_shapes(config)
-    assert {p.param_path for p in plan.values()} == set(shapes), "family table and decoder disagree"
+    assert sorted(p.param_path for p in plan) == sorted(shapes), "family table and decoder disagree"
     target = DTYPES[dtype]
-    by_group: dict[str, list[str]] = {}
-    for name, rule in plan.items():
-        by_group.setdefault(rule.param_path[0], []).append(name)
+    by_group: dict[str, list] = {}
+    for item in plan:
+        by_group.setdefault(item.param_path[0], []).append(item)
+    last_name, last_array = None, None  # a fused tensor feeds consecutive params: read it once
     with tqdm(total=len(plan), desc="converting", unit="tensor", disable=not progress) as bar:
-        for group, names in by_group.items():
+        for group, items in by_group.items():
             subtree: dict = {}
-            for name in names:
-                rule = plan[name]
-                array = reader.get(name)
-                if rule.transform == "transpose":
-                    array = array.T
-                expected = shapes[rule.param_path]
+            for item in items:
+                if item.hf_name != last_name:
+                    last_name, last_array = item.hf_name, reader.get(item.hf_name)
+                array = apply_transform(item, last_array, config)
+                expected = shapes[item.param_path]
                 if array.shape != expected:
                     raise ConversionError(
-                        f"tensor {name} has shape {tuple(array.shape)} but the config implies {expected}"
+                        f"tensor {item.hf_name} gives {'/'.join(item.param_path)} the shape {tuple(array.shape)} "
+                        f"but the config implies {expected}"
                     )
-                _set_path(subtree, rule.param_path[1:], np.ascontiguousarray(array.astype(target)))
+                _set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))
                 bar.update()
             yield group, subtree
 
@@ -240,7 +258,7 @@ def convert(
         raise UsageError(f"{dst} already exists (pass --force to overwrite it)")
     source = open_source(src, config_path)
     config = config_from_hf(source.hf_config)
-    reader = source.open_reader()
+    reader = CanonicalNames(source.open_reader(), config)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     try:

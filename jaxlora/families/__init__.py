@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
@@ -17,16 +19,20 @@ from jaxlora.errors import ConfigError
 
 @dataclass(frozen=True)
 class WeightRule:
-    """One HF tensor. `{i}` stands for the layer index in both names.
+    """One param filled from one HF tensor. `{i}` stands for the layer index in both names.
 
-    transform: "transpose" turns a torch Linear weight [out, in] into a kernel [in, out]; None copies as is.
-    when: name of a boolean ModelConfig field; the rule applies only when it is true.
+    transform: None copies as is; "transpose" turns a torch Linear weight [out, in] into a kernel [in, out];
+    "<splitter>:<part>" takes `part` of a fused tensor cut by the family's splitter (e.g. "codegen_qkv:q").
+    when: name of a boolean ModelConfig attribute; the rule applies only when it is true.
     """
 
     hf_name: str
     param_path: str
     transform: str | None = None
     when: str | None = None
+
+
+Splitter = Callable[[np.ndarray, ModelConfig], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -36,20 +42,26 @@ class Family:
     weights: tuple[WeightRule, ...]
     # HF tensors a checkpoint may carry that hold nothing the model needs (regex over the full name).
     ignored: tuple[str, ...] = ()
+    # Fused HF tensors -> their parts, already as [in, out] kernels or vectors.
+    splitters: dict[str, Splitter] = field(default_factory=dict)
+    # (regex, replacement) applied to source tensor names first: other spellings of the same checkpoint.
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """Where one source tensor goes."""
+    """One param and where it comes from."""
 
+    hf_name: str
     param_path: tuple[str, ...]
     transform: str | None
 
 
 def _registry() -> dict[str, Family]:
-    from jaxlora.families import llama
+    from jaxlora.families import codegen, gpt2, gpt_neox, gptj, llama
 
-    return {model_type: family for family in (llama.FAMILY,) for model_type in family.model_types}
+    families = (llama.FAMILY, gpt2.FAMILY, gptj.FAMILY, codegen.FAMILY, gpt_neox.FAMILY)
+    return {model_type: family for family in families for model_type in family.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -68,18 +80,31 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     return family_for(hf_config.get("model_type")).config_from_hf(hf_config)
 
 
-def tensor_plan(config: ModelConfig) -> dict[str, TensorPlan]:
-    """Every HF tensor name this config needs -> where it goes. Each param is filled by exactly one tensor."""
-    plan: dict[str, TensorPlan] = {}
+def tensor_plan(config: ModelConfig) -> list[TensorPlan]:
+    """Every param of this config and the HF tensor it comes from (a fused tensor feeds several params)."""
+    plan = []
     for rule in family_for(config.family).weights:
         if rule.when is not None and not getattr(config, rule.when):
             continue
-        indices = range(config.num_layers) if "{i}" in rule.hf_name else [None]
-        for i in indices:
-            hf_name = rule.hf_name.format(i=i)
+        for i in range(config.num_layers) if "{i}" in rule.hf_name else [None]:
             path = tuple(rule.param_path.format(i=i).split("/"))
-            plan[hf_name] = TensorPlan(path, rule.transform)
+            plan.append(TensorPlan(rule.hf_name.format(i=i), path, rule.transform))
     return plan
+
+
+def apply_transform(item: TensorPlan, array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    if item.transform is None:
+        return array
+    if item.transform == "transpose":
+        return array.T
+    splitter, part = item.transform.split(":")
+    return family_for(config.family).splitters[splitter](array, config)[part]
+
+
+def canonical_name(config: ModelConfig, name: str) -> str:
+    for pattern, replacement in family_for(config.family).renames:
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def ignored_pattern(config: ModelConfig) -> re.Pattern[str]:

@@ -1,0 +1,90 @@
+"""GPT-2: LayerNorm, learned position embeddings, Conv1D weights (already [in, out]), fused c_attn, tied head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jaxlora.config import ModelConfig, RopeConfig
+from jaxlora.errors import ConfigError
+from jaxlora.families import Family, WeightRule
+from jaxlora.families.common import activation, hf_config_object
+
+_LAYER = "transformer.h.{i}."
+
+# Conv1D stores [in, out], so nothing here is transposed.
+WEIGHTS = (
+    WeightRule("transformer.wte.weight", "embed/embedding"),
+    WeightRule("transformer.wpe.weight", "pos_embed/embedding"),
+    WeightRule(_LAYER + "ln_1.weight", "layers_{i}/attn_norm/scale"),
+    WeightRule(_LAYER + "ln_1.bias", "layers_{i}/attn_norm/bias"),
+    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/q_proj/kernel", "gpt2_qkv:q"),
+    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/k_proj/kernel", "gpt2_qkv:k"),
+    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/v_proj/kernel", "gpt2_qkv:v"),
+    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/q_proj/bias", "gpt2_qkv:q"),
+    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/k_proj/bias", "gpt2_qkv:k"),
+    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/v_proj/bias", "gpt2_qkv:v"),
+    WeightRule(_LAYER + "attn.c_proj.weight", "layers_{i}/attn/o_proj/kernel"),
+    WeightRule(_LAYER + "attn.c_proj.bias", "layers_{i}/attn/o_proj/bias"),
+    WeightRule(_LAYER + "ln_2.weight", "layers_{i}/mlp_norm/scale"),
+    WeightRule(_LAYER + "ln_2.bias", "layers_{i}/mlp_norm/bias"),
+    WeightRule(_LAYER + "mlp.c_fc.weight", "layers_{i}/mlp/up_proj/kernel"),
+    WeightRule(_LAYER + "mlp.c_fc.bias", "layers_{i}/mlp/up_proj/bias"),
+    WeightRule(_LAYER + "mlp.c_proj.weight", "layers_{i}/mlp/down_proj/kernel"),
+    WeightRule(_LAYER + "mlp.c_proj.bias", "layers_{i}/mlp/down_proj/bias"),
+    WeightRule("transformer.ln_f.weight", "final_norm/scale"),
+    WeightRule("transformer.ln_f.bias", "final_norm/bias"),
+    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+)
+
+# Old checkpoints saved the causal-mask buffers.
+IGNORED = (r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",)
+# The original OpenAI checkpoints name the base model's tensors without the "transformer." prefix.
+RENAMES = ((r"^(?!transformer\.|lm_head\.)", "transformer."),)
+
+
+def split_qkv(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
+    """c_attn is [in, 3 * hidden] (or a [3 * hidden] bias) holding q, k, v side by side."""
+    q, k, v = np.split(w, 3, axis=-1)
+    return {"q": q, "k": k, "v": v}
+
+
+def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    hf = hf_config_object(raw)
+    if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError("gpt2 option scale_attn_by_inverse_layer_idx is not supported")
+    # reorder_and_upcast_attn only upcasts the scores to float32, which jaxlora always does.
+    hidden = hf.n_embd
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=hf.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hf.n_inner or 4 * hidden,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=hf.n_head,
+        head_dim=hidden // hf.n_head,
+        max_position_embeddings=hf.n_positions,
+        norm_eps=float(hf.layer_norm_epsilon),
+        rope=RopeConfig(),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        norm_kind="layer",
+        mlp_kind="plain",
+        activation=activation(hf.activation_function, "gpt2"),
+        learned_positions=True,
+        attn_scale=None if getattr(hf, "scale_attn_weights", True) else 1.0,
+    )
+
+
+FAMILY = Family(
+    model_types=("gpt2",),
+    config_from_hf=config_from_hf,
+    weights=WEIGHTS,
+    ignored=IGNORED,
+    splitters={"gpt2_qkv": split_qkv},
+    renames=RENAMES,
+)
