@@ -31,9 +31,11 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv_freq
 
 
-def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    positions: jax.Array, config: ModelConfig, rope: RopeConfig | None = None
+) -> tuple[jax.Array, jax.Array]:
     """positions [batch, seq] int32 -> cos, sin [batch, seq, rope_dim // 2] float32, one angle per rotated pair."""
-    inv_freq = jnp.asarray(rope_inv_freq(config.rope, config.rope_dim))
+    inv_freq = jnp.asarray(rope_inv_freq(rope or config.rope, config.rope_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -72,9 +74,14 @@ def attention_mask(query_slots: jax.Array, key_valid: jax.Array, window: int | N
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Grouped-query attention; scores are scaled by `scale` (default 1 / sqrt(head_dim)).
+    """Grouped-query attention; scores are scaled by `scale` (default 1 / sqrt(head_dim)), then soft-capped.
 
     q [batch, q_len, heads, head_dim], k/v [batch, k_len, kv_heads, head_dim], mask [batch, q_len, k_len] bool
     -> [batch, q_len, heads, head_dim] in q's dtype.
@@ -85,6 +92,8 @@ def dot_product_attention(
     with jax.named_scope("attention"):
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / math.sqrt(d) if scale is None else scale)
+        if softcap is not None:
+            scores = softcap * jnp.tanh(scores / softcap)
         # Softmax in float32 with a finite floor: a fully masked row (a padding query) stays finite.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

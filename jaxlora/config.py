@@ -59,6 +59,12 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys before RoPE
     lm_head_bias: bool = False
     attn_scale: float | None = None  # scores times this (None: 1 / sqrt(head_dim))
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    sandwich_norm: bool = False  # Gemma 2/3: norms before and after each sublayer
+    rope_local: RopeConfig | None = None  # Gemma 3: the RoPE of the sliding-window layers
+    num_experts: int = 0  # Mixtral: a mixture of this many gated MLPs per layer (0: one dense MLP)
+    experts_per_token: int = 0
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -94,6 +100,14 @@ class ModelConfig:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def dense_mlp(self) -> bool:
+        return self.num_experts == 0
+
+    @property
     def layer_norm(self) -> bool:
         return self.norm_kind == "layer"
 
@@ -116,6 +130,8 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields: {', '.join(unknown)}")
         data["rope"] = RopeConfig(**data.get("rope", {}))
+        if data.get("rope_local") is not None:
+            data["rope_local"] = RopeConfig(**data["rope_local"])
         data["layer_windows"] = tuple(data.get("layer_windows", ()))
         return cls(**data)
 

@@ -87,7 +87,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, write_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
         mask = attention_mask(query_slots, key_valid, self.window)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale, c.attn_softcap)
         out = Linear(c.hidden_size, c.o_bias, name="o_proj")(out.reshape(b, t, c.num_heads * c.head_dim))
         return out, (k, v)
 
@@ -107,6 +107,32 @@ class MLP(nn.Module):
         return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(up)
 
 
+class MixtureOfExperts(nn.Module):
+    """Mixtral's sparse MLP: a router picks experts_per_token gated MLPs per token, weighted by a softmax over the
+    picked logits. Computed densely (every expert on every token, unpicked weights zero): XLA-friendly, and
+    num_experts / experts_per_token times the FLOPs of the sparse form."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        e, d, f = c.num_experts, c.hidden_size, c.intermediate_size
+        router_logits = Linear(e, name="router")(x).astype(jnp.float32)  # [b, t, e]
+        top_logits, top_experts = jax.lax.top_k(router_logits, c.experts_per_token)
+        top_weights = jax.nn.softmax(top_logits, axis=-1)
+        weights = jnp.sum(jax.nn.one_hot(top_experts, e) * top_weights[..., None], axis=-2).astype(x.dtype)
+        gate = self.param("gate", _init, (e, d, f), jnp.float32).astype(x.dtype)
+        up = self.param("up", _init, (e, d, f), jnp.float32).astype(x.dtype)
+        down = self.param("down", _init, (e, f, d), jnp.float32).astype(x.dtype)
+        with jax.named_scope("experts"):
+            hidden = ACTIVATIONS[c.activation](jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum(
+                "btd,edf->btef", x, up
+            )
+            out = jnp.einsum("btef,efd->bted", hidden, down)
+        return jnp.einsum("bted,bte->btd", out, weights)
+
+
 class Block(nn.Module):
     config: ModelConfig
     window: int | None
@@ -118,7 +144,10 @@ class Block(nn.Module):
         attn_out, new_kv = Attention(c, self.window, name="attn")(
             normed, cos, sin, query_slots, key_valid, cache_kv, write_index
         )
-        mlp = MLP(c, name="mlp")
+        mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, name="mlp")
+        if c.sandwich_norm:
+            x = x + make_norm(c, "post_attn_norm")(attn_out)
+            return x + make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))), new_kv
         if c.residual == "sequential":
             x = x + attn_out
             return x + mlp(make_norm(c, "mlp_norm")(x)), new_kv
@@ -155,11 +184,13 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         if c.learned_positions:
             x = x + jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
-        cos, sin = rope_cos_sin(positions, c)
+        rope = rope_cos_sin(positions, c)
+        local_rope = rope_cos_sin(positions, c, c.rope_local) if c.rope_local is not None else rope
         query_slots = write_index + jnp.arange(input_ids.shape[1])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            cos, sin = local_rope if c.layer_windows[i] is not None else rope
             x, (k, v) = layer(x, cos, sin, query_slots, key_valid, cache_kv, write_index)
             new_keys.append(k)
             new_values.append(v)
@@ -170,6 +201,8 @@ class Decoder(nn.Module):
             logits = jnp.dot(x, embedding.T.astype(x.dtype))
         else:
             logits = self.lm_head(x)
+        if c.final_softcap is not None:
+            logits = c.final_softcap * jnp.tanh(logits.astype(jnp.float32) / c.final_softcap)
         new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
         return logits.astype(jnp.float32), new_cache
 

@@ -51,6 +51,30 @@ TINY_CONFIGS = {
     "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6, max_window_layers=1),
     "qwen3": dict(model_type="qwen3", **BASE, head_dim=12),
     "gemma": dict(model_type="gemma", **BASE, head_dim=12, hidden_activation="gelu_pytorch_tanh"),
+    # Random tiny weights give tiny scores: a small query_pre_attn_scalar and cap make the soft-cap bite.
+    "gemma2": dict(
+        model_type="gemma2",
+        **BASE,
+        head_dim=12,
+        sliding_window=7,
+        query_pre_attn_scalar=1,
+        attn_logit_softcapping=0.02,
+        final_logit_softcapping=2.0,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        **BASE,
+        head_dim=12,
+        sliding_window=7,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "phi3": dict(model_type="phi3", **BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi3-window": dict(model_type="phi3", **BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=7),
+    # intermediate_size a multiple of 4: torch's grouped matmul for experts wants 16-byte strides.
+    "mixtral": dict(
+        model_type="mixtral", **{**BASE, "intermediate_size": 68}, num_local_experts=4, num_experts_per_tok=2
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
     "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
     "codegen": dict(

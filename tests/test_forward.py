@@ -39,7 +39,8 @@ def test_forward_under_jit_grad_vmap(tiny):
 
 def test_prefill_plus_cached_decode_equals_full_forward(tiny):
     """Feeding tokens one at a time through the KV cache gives the logits of one full forward."""
-    for name in ("llama-gqa", "mistral-window"):  # the window (7) is shorter than the 15 tokens
+    # Windows (6-7 tokens) shorter than the 15 tokens; Gemma 3 mixes windowed layers (own RoPE) and global ones.
+    for name in ("llama-gqa", "mistral-window", "qwen2-window", "gemma2", "gemma3", "phi3-window", "gpt2", "codegen"):
         model = tiny(name).load()
         config = model.config
         ids = random_ids((2, 15), config.vocab_size, seed=8)

@@ -72,3 +72,50 @@ def test_every_source_format_converts_to_the_same_logits(tmp_path, fmt):
     ids = random_ids((2, 11), model.config.vocab_size, seed=4)
     out = np.asarray(jit_forward(model.params, model.config, ids))
     np.testing.assert_allclose(out, torch_logits(torch_model, ids), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_bfloat16_conversion_loads_and_runs(tiny, tmp_path, name):
+    """bfloat16 keeps 8 mantissa bits: logits stay within 5% of the float32 logits' range."""
+    m = tiny(name)
+    jaxlora.convert(str(m.hf_dir), tmp_path / "bf16", dtype="bfloat16")
+    model = jaxlora.load(tmp_path / "bf16")
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(model.params)} == {"bfloat16"}
+    ids = random_ids((2, 19), model.config.vocab_size, seed=6)
+    ref = torch_logits(m.torch_model, ids)
+    out = np.asarray(jit_forward(model.params, model.config, ids))
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+    tokens = jaxlora.generate(model.params, model.config, ids[:, :5], max_new_tokens=4).tokens
+    assert tokens.shape == (2, 4) and (tokens >= 0).all() and (tokens < model.config.vocab_size).all()
+
+
+def test_mixtral_original_per_expert_layout(tmp_path):
+    """Hub Mixtral checkpoints store block_sparse_moe.experts.{e}.w1/w2/w3; transformers 5 saves them fused."""
+    from safetensors.torch import save_file
+
+    torch_model = hf_model(TINY_CONFIGS["mixtral"], seed=8)
+    state = {}
+    for name, tensor in torch_model.state_dict().items():
+        layer = name.split(".mlp.")[0]
+        if name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            for e in range(tensor.shape[0]):
+                state[f"{layer}.block_sparse_moe.experts.{e}.w1.weight"] = gate[e].contiguous()
+                state[f"{layer}.block_sparse_moe.experts.{e}.w3.weight"] = up[e].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            for e in range(tensor.shape[0]):
+                state[f"{layer}.block_sparse_moe.experts.{e}.w2.weight"] = tensor[e].contiguous()
+        elif name.endswith("mlp.gate.weight"):
+            state[f"{layer}.block_sparse_moe.gate.weight"] = tensor.contiguous()
+        else:
+            state[name] = tensor.contiguous()
+    src = tmp_path / "src"
+    src.mkdir()
+    torch_model.config.save_pretrained(src)
+    save_file(state, src / "model.safetensors")
+    jaxlora.convert(str(src), tmp_path / "jax")
+    model = jaxlora.load(tmp_path / "jax")
+    ids = random_ids((2, 11), model.config.vocab_size, seed=9)
+    out = np.asarray(jit_forward(model.params, model.config, ids))
+    np.testing.assert_allclose(out, torch_logits(torch_model, ids), rtol=0, atol=ATOL)

@@ -192,8 +192,8 @@ class CanonicalNames(TensorReader):
 
 def check_names(reader: TensorReader, config: ModelConfig) -> None:
     """Every tensor the config needs is there, and nothing else is (before any tensor is read)."""
-    needed = list(dict.fromkeys(item.hf_name for item in tensor_plan(config)))
     names = reader.names()
+    needed = list(dict.fromkeys(n for item in tensor_plan(config, set(names)) for n in item.hf_names))
     ignored = ignored_pattern(config)
     present = set(names)
     missing = [n for n in needed if n not in present]
@@ -215,7 +215,7 @@ def convert_groups(
     from tqdm.auto import tqdm
 
     check_names(reader, config)
-    plan = tensor_plan(config)
+    plan = tensor_plan(config, set(reader.names()))
     shapes = _flat_shapes(config)
     assert sorted(p.param_path for p in plan) == sorted(shapes), "family table and decoder disagree"
     target = DTYPES[dtype]
@@ -227,13 +227,16 @@ def convert_groups(
         for group, items in by_group.items():
             subtree: dict = {}
             for item in items:
-                if item.hf_name != last_name:
-                    last_name, last_array = item.hf_name, reader.get(item.hf_name)
-                array = apply_transform(item, last_array, config)
+                parts = []
+                for name in item.hf_names:
+                    if name != last_name:
+                        last_name, last_array = name, reader.get(name)
+                    parts.append(apply_transform(item, last_array, config))
+                array = np.stack(parts) if item.stacked else parts[0]
                 expected = shapes[item.param_path]
                 if array.shape != expected:
                     raise ConversionError(
-                        f"tensor {item.hf_name} gives {'/'.join(item.param_path)} the shape {tuple(array.shape)} "
+                        f"tensor {item.hf_names[0]} gives {'/'.join(item.param_path)} the shape {tuple(array.shape)} "
                         f"but the config implies {expected}"
                     )
                 _set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))

@@ -19,7 +19,8 @@ from jaxlora.errors import ConfigError
 
 @dataclass(frozen=True)
 class WeightRule:
-    """One param filled from one HF tensor. `{i}` stands for the layer index in both names.
+    """One param filled from one HF tensor. `{i}` stands for the layer index in both names; an HF name with `{e}`
+    (an expert index) names one tensor per expert, stacked on a new leading axis.
 
     transform: None copies as is; "transpose" turns a torch Linear weight [out, in] into a kernel [in, out];
     "<splitter>:<part>" takes `part` of a fused tensor cut by the family's splitter (e.g. "codegen_qkv:q").
@@ -46,21 +47,34 @@ class Family:
     splitters: dict[str, Splitter] = field(default_factory=dict)
     # (regex, replacement) applied to source tensor names first: other spellings of the same checkpoint.
     renames: tuple[tuple[str, str], ...] = ()
+    # Another complete table for the same params, used when a checkpoint has its tensors and not the main
+    # table's (Mixtral: one tensor per expert in the original checkpoints, fused in transformers 5's).
+    alternative_weights: tuple[WeightRule, ...] = ()
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One param and where it comes from."""
+    """One param and where it comes from: one HF tensor, or one per expert stacked (`stacked`)."""
 
-    hf_name: str
+    hf_names: tuple[str, ...]
     param_path: tuple[str, ...]
     transform: str | None
+    stacked: bool = False
 
 
 def _registry() -> dict[str, Family]:
-    from jaxlora.families import codegen, gpt2, gpt_neox, gptj, llama
+    from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3
 
-    families = (llama.FAMILY, gpt2.FAMILY, gptj.FAMILY, codegen.FAMILY, gpt_neox.FAMILY)
+    families = (
+        llama.FAMILY,
+        gemma2.FAMILY,
+        phi3.FAMILY,
+        mixtral.FAMILY,
+        gpt2.FAMILY,
+        gptj.FAMILY,
+        codegen.FAMILY,
+        gpt_neox.FAMILY,
+    )
     return {model_type: family for family in families for model_type in family.model_types}
 
 
@@ -80,16 +94,38 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     return family_for(hf_config.get("model_type")).config_from_hf(hf_config)
 
 
-def tensor_plan(config: ModelConfig) -> list[TensorPlan]:
-    """Every param of this config and the HF tensor it comes from (a fused tensor feeds several params)."""
+def _plan(config: ModelConfig, rules: tuple[WeightRule, ...]) -> list[TensorPlan]:
     plan = []
-    for rule in family_for(config.family).weights:
+    for rule in rules:
         if rule.when is not None and not getattr(config, rule.when):
             continue
         for i in range(config.num_layers) if "{i}" in rule.hf_name else [None]:
             path = tuple(rule.param_path.format(i=i).split("/"))
-            plan.append(TensorPlan(rule.hf_name.format(i=i), path, rule.transform))
+            if "{e}" in rule.hf_name:
+                names = tuple(rule.hf_name.format(i=i, e=e) for e in range(config.num_experts))
+                plan.append(TensorPlan(names, path, rule.transform, stacked=True))
+            else:
+                plan.append(TensorPlan((rule.hf_name.format(i=i),), path, rule.transform))
     return plan
+
+
+def tensor_plan(config: ModelConfig, available: set[str] | None = None) -> list[TensorPlan]:
+    """Every param of this config and the HF tensor(s) it comes from (a fused tensor feeds several params).
+
+    With `available` (the checkpoint's tensor names), a family's alternative table is chosen when the checkpoint
+    has all of its tensors and not all of the main table's.
+    """
+    family = family_for(config.family)
+    plan = _plan(config, family.weights)
+    if available is not None and family.alternative_weights:
+        alternative = _plan(config, family.alternative_weights)
+        if not _complete(plan, available) and _complete(alternative, available):
+            return alternative
+    return plan
+
+
+def _complete(plan: list[TensorPlan], available: set[str]) -> bool:
+    return all(name in available for item in plan for name in item.hf_names)
 
 
 def apply_transform(item: TensorPlan, array: np.ndarray, config: ModelConfig) -> np.ndarray:

@@ -45,8 +45,9 @@ def rope_parameters(hf) -> dict[str, Any]:
     return dict(params)
 
 
-def rope_config(hf) -> RopeConfig:
-    params = rope_parameters(hf)
+def rope_config(source) -> RopeConfig:
+    """RoPE from an HF config object or from one rope-parameters dict."""
+    params = source if isinstance(source, dict) else rope_parameters(source)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in SUPPORTED_ROPE:
         raise ConfigError(f"rope_type {kind!r} is not supported yet; supported: {', '.join(SUPPORTED_ROPE)}")

@@ -1,0 +1,83 @@
+"""Gemma 2 and Gemma 3 (text): Gemma's block with norms before and after each sublayer, alternating sliding-window
+and global layers, query_pre_attn_scalar; Gemma 2 soft-caps attention scores and final logits, Gemma 3 normalizes
+q/k and gives its sliding layers their own RoPE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlora.config import ModelConfig
+from jaxlora.errors import ConfigError
+from jaxlora.families import Family, WeightRule
+from jaxlora.families.common import activation, hf_config_object, rope_config, rope_parameters
+
+_LAYER = "model.layers.{i}."
+
+WEIGHTS = (
+    WeightRule("model.embed_tokens.weight", "embed/embedding"),
+    WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
+    WeightRule(_LAYER + "self_attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "self_attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "self_attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "self_attn.q_norm.weight", "layers_{i}/attn/q_norm/scale", when="qk_norm"),
+    WeightRule(_LAYER + "self_attn.k_norm.weight", "layers_{i}/attn/k_norm/scale", when="qk_norm"),
+    # Here post_attention_layernorm normalizes the attention output; the MLP's input norm is pre_feedforward.
+    WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/post_attn_norm/scale"),
+    WeightRule(_LAYER + "pre_feedforward_layernorm.weight", "layers_{i}/mlp_norm/scale"),
+    WeightRule(_LAYER + "post_feedforward_layernorm.weight", "layers_{i}/post_mlp_norm/scale"),
+    WeightRule(_LAYER + "mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", "transpose"),
+    WeightRule("model.norm.weight", "final_norm/scale"),
+    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+)
+
+
+def _ropes(hf, model_type: str):
+    params = rope_parameters(hf)
+    if "full_attention" in params:  # transformers 5: one RoPE per layer type
+        return rope_config(params["full_attention"]), rope_config(params.get("sliding_attention"))
+    if model_type == "gemma3_text":  # transformers 4: the local layers' theta on its own
+        return rope_config(params), rope_config({"rope_theta": getattr(hf, "rope_local_base_freq", 10000.0)})
+    return rope_config(params), None
+
+
+def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    model_type = raw["model_type"]
+    hf = hf_config_object(raw)
+    layer_types = list(hf.layer_types)
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConfigError(f"unsupported layer_types {unknown}")
+    if getattr(hf, "attention_bias", False):
+        raise ConfigError(f"{model_type} with attention_bias is not supported")
+    rope, rope_local = _ropes(hf, model_type)
+    window = hf.sliding_window
+    return ModelConfig(
+        family=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads,
+        head_dim=hf.head_dim,
+        max_position_embeddings=hf.max_position_embeddings,
+        norm_eps=float(hf.rms_norm_eps),
+        rope=rope,
+        rope_local=rope_local,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        activation=activation(hf.hidden_activation, model_type),
+        norm_weight_offset=1.0,
+        embed_scale=True,
+        sandwich_norm=True,
+        qk_norm=model_type == "gemma3_text",
+        attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,
+        attn_softcap=getattr(hf, "attn_logit_softcapping", None),
+        final_softcap=getattr(hf, "final_logit_softcapping", None),
+    )
+
+
+FAMILY = Family(model_types=("gemma2", "gemma3_text"), config_from_hf=config_from_hf, weights=WEIGHTS)
