@@ -33,7 +33,9 @@ def test_convert_unknown_architecture(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "t5"}))
     (src / "model.safetensors").write_bytes(b"")
     result = run_cli("convert", src, tmp_path / "out")
-    assert_clean_error(result, "supported: codegen, gemma, gpt2, gpt_neox, gptj, llama, mistral, qwen2, qwen3")
+    from jaxlora.families import supported_model_types
+
+    assert_clean_error(result, "supported: " + ", ".join(supported_model_types()))
     assert not (tmp_path / "out").exists()
 
 
