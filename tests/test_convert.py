@@ -249,3 +249,30 @@ def test_load_rejects_non_checkpoints(tiny, tmp_path):
         jaxlora.load(tmp_path)
     with pytest.raises(CheckpointError, match="run `jaxlora convert` first"):
         jaxlora.load(tiny("llama-gqa").hf_dir)
+
+
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        (
+            "phi3",
+            {
+                "rope_scaling": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0] * 5,
+                    "long_factor": [1.0] * 5,
+                    "original_max_position_embeddings": 128,
+                }
+            },
+            "rope_type 'longrope' is not supported",
+        ),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx is not supported"),
+        ("gptj", {"rotary_dim": None}, "invalid gptj config: .*rotary_dim"),
+        ("llama-gqa", {"num_attention_heads": "four"}, "invalid llama config: .*num_attention_heads"),
+        ("gpt_neox", {"hidden_act": "relu6"}, "activation 'relu6' is not supported for gpt_neox"),
+        ("gemma2", {"layer_types": ["chunked_attention"] * 3}, "unsupported layer_types"),
+    ],
+)
+def test_family_options_the_decoder_lacks_are_refused_by_name(name, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_hf({**TINY_CONFIGS[name], **changes})

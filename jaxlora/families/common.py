@@ -27,8 +27,9 @@ def hf_config_object(raw: dict[str, Any]):
     fields = {k: v for k, v in raw.items() if k != "model_type"}
     try:
         return AutoConfig.for_model(raw["model_type"], **fields)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"invalid {raw['model_type']} config: {e}") from None
+    except Exception as e:  # transformers' validators raise assorted types, some of their own
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"invalid {raw['model_type']} config: {detail}") from None
 
 
 def activation(name: str | None, model_type: str) -> str:
