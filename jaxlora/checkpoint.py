@@ -98,8 +98,10 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{config_file} holds an invalid model config ({e})") from None
 
 
-def restore_params(path: str | os.PathLike, config: ModelConfig, stored_dtype: str, dtype: str | None = None):
-    """The param tree as jax arrays, cast to `dtype` if given."""
+def restore_params(
+    path: str | os.PathLike, config: ModelConfig, stored_dtype: str, dtype: str | None = None, mesh=None
+):
+    """The param tree as jax arrays, cast to `dtype` if given; with a mesh, each device reads only its shards."""
     import orbax.checkpoint as ocp
 
     from jaxlora.model import param_shapes
@@ -108,9 +110,17 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, stored_dtype: s
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no params/ folder")
     # Restore straight into device arrays (a sharding in the target): no host numpy copy on the way.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, param_shapes(config))
+    else:
+        from jaxlora.sharding import param_shardings
+
+        shardings = param_shardings(config, mesh)
     target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype], sharding=device), param_shapes(config)
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype], sharding=sharding),
+        param_shapes(config),
+        shardings,
     )
     checkpointer = ocp.StandardCheckpointer()
     params = {}
@@ -133,13 +143,17 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def load(path: str | os.PathLike, dtype: str | None = None) -> Model:
-    """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps."""
+def load(path: str | os.PathLike, dtype: str | None = None, mesh=None) -> Model:
+    """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
+
+    mesh: a `jax.sharding.Mesh` (see `jaxlora.sharding.make_mesh`) to restore the params directly into their
+    shardings, each device reading only its own shard.
+    """
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path = Path(path)
     config, meta = read_config(path)
-    params = restore_params(path, config, meta["dtype"], dtype)
+    params = restore_params(path, config, meta["dtype"], dtype, mesh)
     generation_file = path / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     return Model(config, params, load_tokenizer(path), generation, path)

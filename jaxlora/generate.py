@@ -22,6 +22,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import Decoder, default_positions
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, sample_next
+from jaxlora.sharding import Layout, generation_layout, params_mesh, put, to_host
 
 MIN_PROMPT_BUCKET = 16
 DEFAULT_CHUNK = 32
@@ -95,7 +96,22 @@ def _split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
-@partial(jax.jit, static_argnames=("config", "processors", "stop_ids"), donate_argnames=("cache",))
+def place_state(state: DecodeState, layout: Layout | None) -> DecodeState:
+    """On a mesh: the cache split like the heads (and the batch over `data`), the small per-row state replicated
+    so every process can read it."""
+    if layout is None:
+        return state
+    constrain = jax.lax.with_sharding_constraint
+    cache = KVCache(
+        keys=tuple(constrain(k, layout.cache_kv) for k in state.cache.keys),
+        values=tuple(constrain(v, layout.cache_kv) for v in state.cache.values),
+        valid=constrain(state.cache.valid, layout.cache_valid),
+    )
+    small = {f: constrain(getattr(state, f), layout.replicated) for f in DecodeState._fields if f != "cache"}
+    return DecodeState(cache=cache, **small)
+
+
+@partial(jax.jit, static_argnames=("config", "processors", "stop_ids", "layout"), donate_argnames=("cache",))
 def prefill(
     params,
     cache: KVCache,
@@ -107,6 +123,7 @@ def prefill(
     config: ModelConfig,
     processors: Processors,
     stop_ids: tuple[int, ...],
+    layout: Layout | None = None,
 ) -> DecodeState:
     """Run the prompt [batch, bucket] (left-padded) into slots 0..bucket-1 of `cache` and sample the first token."""
     batch, width = input_ids.shape
@@ -125,7 +142,7 @@ def prefill(
     keys, step_keys = _split_keys(keys)
     first = sample_next(logits[:, 0], sampling, processors, step_keys, seen)
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
         token=first,
         position=positions[:, -1] + 1,
@@ -134,9 +151,10 @@ def prefill(
         keys=keys,
         seen=_mark_seen(seen, first, processors),
     )
+    return place_state(state, layout)
 
 
-@partial(jax.jit, static_argnames=("config", "processors", "stop_ids"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("config", "processors", "stop_ids", "layout"), donate_argnames=("state",))
 def extend(
     params,
     state: DecodeState,
@@ -147,6 +165,7 @@ def extend(
     config: ModelConfig,
     processors: Processors,
     stop_ids: tuple[int, ...],
+    layout: Layout | None = None,
 ) -> DecodeState:
     """Continue every row with `length` more tokens (input_ids [batch, bucket], right-padded) from the state's slot.
 
@@ -169,7 +188,7 @@ def extend(
     keys, step_keys = _split_keys(state.keys)
     first = sample_next(logits[:, 0], sampling, processors, step_keys, seen)
     stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
         token=first,
         position=state.position + length,
@@ -178,11 +197,12 @@ def extend(
         keys=keys,
         seen=_mark_seen(seen, first, processors),
     )
+    return place_state(state, layout)
 
 
 @partial(
     jax.jit,
-    static_argnames=("config", "processors", "stop_ids", "pad_id", "steps"),
+    static_argnames=("config", "processors", "stop_ids", "pad_id", "steps", "layout"),
     donate_argnames=("state",),
 )
 def decode(
@@ -195,6 +215,7 @@ def decode(
     stop_ids: tuple[int, ...],
     pad_id: int,
     steps: int,
+    layout: Layout | None = None,
 ) -> tuple[DecodeState, jax.Array]:
     """`steps` decode steps as one `lax.scan`. Returns the new state and the sampled tokens [batch, steps]."""
     decoder = Decoder(config)
@@ -223,10 +244,11 @@ def decode(
             keys=keys,
             seen=_mark_seen(state.seen, token, processors),
         )
-        return new_state, token
+        return place_state(new_state, layout), token
 
     state, tokens = jax.lax.scan(step, state, None, length=steps)
-    return state, tokens.T
+    tokens = tokens.T if layout is None else jax.lax.with_sharding_constraint(tokens.T, layout.replicated)
+    return state, tokens
 
 
 def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
@@ -299,6 +321,7 @@ class DecodePlan:
     max_new_tokens: int
     chunk: int  # decode steps per jitted call
     chunks: int  # calls needed for max_new_tokens - 1 steps
+    layout: Layout | None = None  # where arrays live when the params are on a mesh
 
     @property
     def decode_slots(self) -> int:
@@ -307,7 +330,13 @@ class DecodePlan:
 
     @property
     def static(self) -> dict:
-        return dict(config=self.config, processors=self.processors, stop_ids=self.stop_ids)
+        return dict(config=self.config, processors=self.processors, stop_ids=self.stop_ids, layout=self.layout)
+
+    def to_device(self, value, batch_split: bool = False) -> jax.Array:
+        """A host value as an input of the compiled functions (on a mesh: a global array)."""
+        if self.layout is None:
+            return jnp.asarray(value)
+        return put(value, self.layout.batch if batch_split else self.layout.replicated)
 
 
 def make_plan(
@@ -323,6 +352,7 @@ def make_plan(
     tokenizer=None,
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
+    mesh=None,
 ) -> DecodePlan:
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -335,6 +365,9 @@ def make_plan(
     elif temperature is not None:
         raise UsageError("give temperature inside `sampling`, not both")
     processors, arrays = sampling.compile(batch)
+    layout = None if mesh is None else generation_layout(mesh, config, batch)
+    if layout is not None:
+        arrays = SamplingArrays(*(put(a, layout.replicated) for a in arrays))
     steps = max_new_tokens - 1
     chunk = min(chunk_size, max(steps, 1))
     return DecodePlan(
@@ -348,6 +381,7 @@ def make_plan(
         max_new_tokens=max_new_tokens,
         chunk=chunk,
         chunks=-(-steps // chunk),
+        layout=layout,
     )
 
 
@@ -355,18 +389,27 @@ def decode_chunks(params, state: DecodeState, plan: DecodePlan) -> Generator[Str
     """Stream the state's first token, then decode chunk by chunk; returns the final state."""
     batch = state.token.shape[0]
     ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id)
-    yield ends.add(np.asarray(state.token)[:, None])
+    yield ends.add(to_host(state.token)[:, None])
     emitted = 1
     for _ in range(plan.chunks):
         if ends.all_done or emitted >= plan.max_new_tokens:
             break
         # Rows ended by a stop string are news to the loop: from now on it pads them.
-        state = state._replace(done=jnp.asarray(ends.lengths > 0))
+        state = state._replace(done=plan.to_device(ends.lengths > 0))
         state, tokens = decode(params, state, plan.arrays, pad_id=plan.pad_id, steps=plan.chunk, **plan.static)
-        new = np.asarray(tokens)[:, : plan.max_new_tokens - emitted]
+        new = to_host(tokens)[:, : plan.max_new_tokens - emitted]
         emitted += new.shape[1]
         yield ends.add(new)
     return state
+
+
+def new_cache(plan: DecodePlan, batch: int, max_len: int, dtype) -> KVCache:
+    """An empty cache, created where it will live (on a mesh: each device allocates only its shard)."""
+    if plan.layout is None:
+        return init_cache(plan.config, batch, max_len, dtype)
+    layers = plan.config.num_layers
+    shardings = KVCache((plan.layout.cache_kv,) * layers, (plan.layout.cache_kv,) * layers, plan.layout.cache_valid)
+    return jax.jit(lambda: init_cache(plan.config, batch, max_len, dtype), out_shardings=shardings)()
 
 
 def check_context(config: ModelConfig, tokens: int, max_new_tokens: int) -> None:
@@ -397,7 +440,7 @@ def stream(
     if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise UsageError(f"input_ids must be [batch, prompt_len] with both >= 1, got shape {input_ids.shape}")
     batch, prompt_len = input_ids.shape
-    plan = make_plan(config, batch, max_new_tokens=max_new_tokens, **options)
+    plan = make_plan(config, batch, max_new_tokens=max_new_tokens, mesh=params_mesh(params), **options)
     mask = np.ones(input_ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
     if mask.shape != input_ids.shape:
         raise UsageError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
@@ -411,7 +454,10 @@ def stream(
     full_mask = np.zeros((batch, width), bool)
     full_mask[:, width - prompt_len :] = mask
 
-    cache = init_cache(config, batch, width + plan.decode_slots, params["embed"]["embedding"].dtype)
+    cache = new_cache(plan, batch, width + plan.decode_slots, params["embed"]["embedding"].dtype)
+    if plan.layout is not None:
+        keys = jax.random.wrap_key_data(plan.to_device(jax.random.key_data(keys)))
+    ids, full_mask = plan.to_device(ids, batch_split=True), plan.to_device(full_mask, batch_split=True)
     state = prefill(params, cache, ids, full_mask, keys, plan.arrays, **plan.static)
     yield from decode_chunks(params, state, plan)
 

@@ -13,18 +13,25 @@ from jaxlora.config import ModelConfig
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def _axes(init, *names: str | None):
+    """Declare a param's logical axes where it is defined; `jaxlora.sharding` maps them onto a mesh."""
+    return nn.with_logical_partitioning(init, names)
+
+
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] as in HF's Linear weight transposed."""
+    """y = x @ kernel (+ bias); kernel [in, out] as in HF's Linear weight transposed, with logical axes."""
 
     features: int
     use_bias: bool = False
+    axes: tuple[str, str] = ("embed", "embed")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _init, (x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", _axes(_init, *self.axes), (x.shape[-1], self.features), jnp.float32)
         y = jnp.dot(x, kernel.astype(x.dtype) if kernel.dtype != x.dtype else kernel)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+            bias = self.param("bias", _axes(nn.initializers.zeros, self.axes[1]), (self.features,), jnp.float32)
+            y = y + bias.astype(y.dtype)
         return y
 
 
@@ -41,13 +48,14 @@ class Norm(nn.Module):
     eps: float
     kind: str = "rms"
     weight_offset: float = 0.0
+    axis: str = "norm"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", _axes(nn.initializers.ones, self.axis), (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         if self.kind == "layer":
-            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+            bias = self.param("bias", _axes(nn.initializers.zeros, self.axis), (x.shape[-1],), jnp.float32)
             centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
             normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
             return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
@@ -69,15 +77,15 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
         c = self.config
         b, t, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, name="v_proj")(x)
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="v_proj")(x)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q = Norm(c.norm_eps, "rms", c.norm_weight_offset, name="q_norm")(q)
-            k = Norm(c.norm_eps, "rms", c.norm_weight_offset, name="k_norm")(k)
+            q = Norm(c.norm_eps, "rms", c.norm_weight_offset, "head_dim", name="q_norm")(q)
+            k = Norm(c.norm_eps, "rms", c.norm_weight_offset, "head_dim", name="k_norm")(k)
         if not c.learned_positions:
             q = apply_rope(q, cos, sin, c.rotary_style)
             k = apply_rope(k, cos, sin, c.rotary_style)
@@ -88,7 +96,9 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
         mask = attention_mask(query_slots, key_valid, self.window)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale, c.attn_softcap)
-        out = Linear(c.hidden_size, c.o_bias, name="o_proj")(out.reshape(b, t, c.num_heads * c.head_dim))
+        out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj")(
+            out.reshape(b, t, c.num_heads * c.head_dim)
+        )
         return out, (k, v)
 
 
@@ -99,12 +109,12 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         act = ACTIVATIONS[c.activation]
-        up = Linear(c.intermediate_size, c.mlp_bias, name="up_proj")(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="up_proj")(x)
         if c.gated_mlp:
-            up = act(Linear(c.intermediate_size, c.mlp_bias, name="gate_proj")(x)) * up
+            up = act(Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="gate_proj")(x)) * up
         else:
             up = act(up)
-        return Linear(c.hidden_size, c.mlp_bias, name="down_proj")(up)
+        return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj")(up)
 
 
 class MixtureOfExperts(nn.Module):
@@ -118,13 +128,13 @@ class MixtureOfExperts(nn.Module):
     def __call__(self, x):
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.intermediate_size
-        router_logits = Linear(e, name="router")(x).astype(jnp.float32)  # [b, t, e]
+        router_logits = Linear(e, axes=("embed", "experts"), name="router")(x).astype(jnp.float32)  # [b, t, e]
         top_logits, top_experts = jax.lax.top_k(router_logits, c.experts_per_token)
         top_weights = jax.nn.softmax(top_logits, axis=-1)
         weights = jnp.sum(jax.nn.one_hot(top_experts, e) * top_weights[..., None], axis=-2).astype(x.dtype)
-        gate = self.param("gate", _init, (e, d, f), jnp.float32).astype(x.dtype)
-        up = self.param("up", _init, (e, d, f), jnp.float32).astype(x.dtype)
-        down = self.param("down", _init, (e, f, d), jnp.float32).astype(x.dtype)
+        gate = self.param("gate", _axes(_init, "experts", "embed", "mlp"), (e, d, f), jnp.float32).astype(x.dtype)
+        up = self.param("up", _axes(_init, "experts", "embed", "mlp"), (e, d, f), jnp.float32).astype(x.dtype)
+        down = self.param("down", _axes(_init, "experts", "mlp", "embed"), (e, f, d), jnp.float32).astype(x.dtype)
         with jax.named_scope("experts"):
             hidden = ACTIVATIONS[c.activation](jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum(
                 "btd,edf->btef", x, up
@@ -161,15 +171,20 @@ class Decoder(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init, param_dtype=jnp.float32)
+        self.embed = nn.Embed(
+            c.vocab_size, c.hidden_size, embedding_init=_axes(_init, "vocab", "embed"), param_dtype=jnp.float32
+        )
         if c.learned_positions:
             self.pos_embed = nn.Embed(
-                c.max_position_embeddings, c.hidden_size, embedding_init=_init, param_dtype=jnp.float32
+                c.max_position_embeddings,
+                c.hidden_size,
+                embedding_init=_axes(_init, "positions", "embed"),
+                param_dtype=jnp.float32,
             )
         self.layers = [Block(c, c.layer_windows[i]) for i in range(c.num_layers)]
         self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear(c.vocab_size, c.lm_head_bias)
+            self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"))
 
     def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, logits_at=None):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
@@ -230,10 +245,19 @@ def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, posi
     return logits
 
 
-def init_params(config: ModelConfig, key: jax.Array) -> dict:
-    """Random float32 params (for tests and shapes); real weights come from `jaxlora.load`."""
+def _init_boxed(config: ModelConfig, key: jax.Array) -> dict:
     ids = jnp.zeros((1, 1), jnp.int32)
     return Decoder(config).init(key, ids, ids, jnp.ones((1, 1), bool))["params"]
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+    """Random float32 params (for tests and shapes); real weights come from `jaxlora.load`."""
+    return nn.unbox(_init_boxed(config, key))
+
+
+def logical_axes(config: ModelConfig) -> dict:
+    """The param tree with each leaf's logical axis names (a PartitionSpec of names like "embed", "heads")."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
 
 
 def param_shapes(config: ModelConfig) -> dict:

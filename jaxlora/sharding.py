@@ -1,0 +1,182 @@
+"""Placing a model on a device mesh: a mesh from a spec string, one small table from logical axes to mesh axes.
+
+Params declare their logical axes where the decoder defines them (`model.logical_axes`); nothing else knows
+about the mesh. Megatron-style tensor parallelism splits attention heads and the MLP over `tensor`, FSDP splits
+the embedding dimension over `fsdp`, and batches split over `data`. An axis that does not divide evenly (9 query
+heads over 4 devices, as in SmolLM2) is replicated instead, with a logged note.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlora.config import ModelConfig
+from jaxlora.errors import UsageError
+
+log = logging.getLogger("jaxlora.sharding")
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (None: replicated)
+RULES: dict[str, str | None] = {
+    "batch": "data",
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "experts": None,
+    "head_dim": None,
+    "norm": None,
+    "positions": None,
+    "cache_len": None,
+}
+
+
+def parse_mesh_spec(spec: str, device_count: int) -> dict[str, int]:
+    """ "data=2,fsdp=1,tensor=4" -> sizes per mesh axis; one axis may be -1 (the rest); missing axes are 1."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    rest = None
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in sizes or not value.strip().lstrip("-").isdigit():
+            raise UsageError(f"bad mesh spec {spec!r}: expected name=size with names {', '.join(MESH_AXES)}")
+        size = int(value)
+        if size == -1:
+            if rest is not None:
+                raise UsageError(f"bad mesh spec {spec!r}: only one axis may be -1")
+            rest = name
+        elif size < 1:
+            raise UsageError(f"bad mesh spec {spec!r}: sizes must be >= 1 (or -1 for the rest)")
+        else:
+            sizes[name] = size
+    fixed = math.prod(v for k, v in sizes.items() if k != rest)
+    if rest is not None:
+        if device_count % fixed:
+            raise UsageError(f"mesh {spec!r}: {device_count} devices do not divide by {fixed}")
+        sizes[rest] = device_count // fixed
+    if math.prod(sizes.values()) != device_count:
+        raise UsageError(f"mesh {spec!r} has {math.prod(sizes.values())} devices but {device_count} are available")
+    return sizes
+
+
+def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
+    """A mesh over `devices` (default: all, across processes) with axes data, fsdp, tensor."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices)) if isinstance(spec, str) else {**dict.fromkeys(MESH_AXES, 1), **spec}
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise UsageError(f"mesh {sizes} needs {math.prod(shape)} devices, {len(devices)} given")
+    # Auto axes: XLA propagates shardings from the params and inputs (no per-op annotations needed).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _units(logical: str, size: int, config: ModelConfig) -> int:
+    """How many indivisible units a dimension holds: whole heads for the head axes, else elements."""
+    if logical == "heads":
+        return config.num_heads
+    if logical == "kv_heads":
+        return config.num_kv_heads
+    return size
+
+
+def spec_for(
+    names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, config: ModelConfig, where: str = ""
+) -> PartitionSpec:
+    """Logical names of one array -> its PartitionSpec on `mesh`, replicating axes that do not divide."""
+    axes = []
+    for name, size in zip(names, shape, strict=True):
+        mesh_axis = RULES.get(name) if name else None
+        if mesh_axis is None or mesh.shape[mesh_axis] == 1 or mesh_axis in axes:
+            axes.append(None)
+            continue
+        n = mesh.shape[mesh_axis]
+        if _units(name, size, config) % n:
+            log.info(
+                "%s: %s (%d) does not split over %s=%d; replicated",
+                where,
+                name,
+                _units(name, size, config),
+                mesh_axis,
+                n,
+            )
+            axes.append(None)
+            continue
+        axes.append(mesh_axis)
+    return PartitionSpec(*axes)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
+    """The NamedSharding of every param (same tree as the params)."""
+    from jaxlora.model import logical_axes, param_shapes
+
+    def one(path, names, shape):
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        return NamedSharding(mesh, spec_for(tuple(names), shape.shape, mesh, config, where))
+
+    return jax.tree_util.tree_map_with_path(
+        one, logical_axes(config), param_shapes(config), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    """Move (single-process) params onto the mesh."""
+    return jax.tree.map(jax.device_put, params, param_shardings(config, mesh))
+
+
+def params_mesh(params: dict) -> Mesh | None:
+    """The mesh params live on, or None for params on one device."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+class Layout(NamedTuple):
+    """Where generation's arrays live on a mesh (static: part of the compiled functions' identity)."""
+
+    batch: NamedSharding  # [batch, ...] arrays
+    cache_kv: NamedSharding  # [batch, max_len, kv_heads, head_dim]
+    cache_valid: NamedSharding  # [batch, max_len]
+    replicated: NamedSharding
+
+
+def generation_layout(mesh: Mesh, config: ModelConfig, batch: int) -> Layout:
+    batch_spec = spec_for(("batch",), (batch,), mesh, config, "batch")
+    b = batch_spec[0] if len(batch_spec) else None
+    kv = spec_for(
+        ("batch", "cache_len", "kv_heads", "head_dim"),
+        (batch, 1, config.num_kv_heads, config.head_dim),
+        mesh,
+        config,
+        "kv cache",
+    )
+    return Layout(
+        batch=NamedSharding(mesh, PartitionSpec(b)),
+        cache_kv=NamedSharding(mesh, kv),
+        cache_valid=NamedSharding(mesh, PartitionSpec(b, None)),
+        replicated=NamedSharding(mesh, PartitionSpec()),
+    )
+
+
+def put(value, sharding: NamedSharding) -> jax.Array:
+    """A host value (the same on every process) as a global array with `sharding`."""
+    value = np.asarray(value) if not isinstance(value, jax.Array) or not value.is_fully_addressable else value
+    if isinstance(value, jax.Array):
+        value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) array as numpy on every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

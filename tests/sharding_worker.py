@@ -1,0 +1,101 @@
+"""Runs in a subprocess with fake CPU devices (set before JAX starts): sharded load, forward and generate.
+
+python sharding_worker.py meshes CKPT IDS.npy          # 8 devices, one process: prints a JSON report
+python sharding_worker.py process CKPT IDS.npy I PORT  # one of two jax.distributed processes, 4 devices each
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def report_mesh(model_path, ids, spec, reference_logits, reference_tokens):
+    import jaxlora
+    from jaxlora.sharding import make_mesh, param_shardings
+
+    mesh = make_mesh(spec)
+    model = jaxlora.load(model_path, mesh=mesh)
+    expected = param_shardings(model.config, mesh)
+    shardings_ok = all(
+        jax.tree.leaves(jax.tree.map(lambda p, s: p.sharding.is_equivalent_to(s, p.ndim), model.params, expected))
+    )
+    logits = np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, model.config, ids))
+    tokens = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12).tokens
+    q = model.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    per_device = {int(s.data.nbytes) for s in q.addressable_shards}
+    return {
+        "mesh": dict(mesh.shape),
+        "max_logit_diff": float(np.abs(logits - reference_logits).max()),
+        "tokens_equal": bool((tokens == reference_tokens).all()),
+        "shardings_match_rules": bool(shardings_ok),
+        "q_proj_spec": str(q.sharding.spec),
+        "q_proj_bytes_per_device": sorted(per_device),
+        "q_proj_bytes": int(q.nbytes),
+        "q_proj_shard_shapes": sorted({tuple(s.data.shape) for s in q.addressable_shards}),
+    }
+
+
+def meshes(model_path, ids_path, uneven_path):
+    import jaxlora
+
+    ids = np.load(ids_path)
+    single = jaxlora.load(model_path)  # on device 0
+    reference_logits = np.asarray(jaxlora.forward(single.params, single.config, ids))
+    reference_tokens = jaxlora.generate(single.params, single.config, ids, max_new_tokens=12).tokens
+    reports = [
+        report_mesh(model_path, ids, spec, reference_logits, reference_tokens)
+        for spec in ("data=8", "tensor=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2")
+    ]
+    # SmolLM2's shape: 9 query heads and 3 kv heads over 4 tensor devices cannot split; it must still run.
+    uneven = jaxlora.load(uneven_path)
+    uneven_ids = ids[:, :7]
+    reference = jaxlora.generate(uneven.params, uneven.config, uneven_ids, max_new_tokens=8).tokens
+    from jaxlora.sharding import make_mesh
+
+    sharded = jaxlora.load(uneven_path, mesh=make_mesh("data=2,tensor=4"))
+    tokens = jaxlora.generate(sharded.params, sharded.config, uneven_ids, max_new_tokens=8).tokens
+    q = sharded.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    mlp = sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    uneven_report = {
+        "tokens_equal": bool((tokens == reference).all()),
+        "q_proj_spec": str(q.sharding.spec),
+        "up_proj_spec": str(mlp.sharding.spec),
+    }
+    print(json.dumps({"devices": jax.device_count(), "meshes": reports, "uneven": uneven_report}))
+
+
+def process(model_path, ids_path, process_id, port):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
+    )
+    import jaxlora
+    from jaxlora.sharding import make_mesh
+
+    mesh = make_mesh("data=2,tensor=4")  # all 8 devices of both processes
+    model = jaxlora.load(model_path, mesh=mesh)
+    q = model.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    ids = np.load(ids_path)
+    tokens = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12).tokens
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "global_devices": jax.device_count(),
+                "local_devices": jax.local_device_count(),
+                "local_q_shards": len(q.addressable_shards),
+                "tokens": tokens.tolist(),
+            }
+        )
+    )
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    if mode == "meshes":
+        meshes(*args)
+    else:
+        process(args[0], args[1], int(args[2]), int(args[3]))

@@ -1,0 +1,118 @@
+"""Sharding on fake CPU devices, each run in a subprocess so the rest of the suite keeps its single device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import hf_model, random_ids, save_hf
+
+import jaxlora
+
+WORKER = Path(__file__).with_name("sharding_worker.py")
+
+# Sizes that split over 2, 4 and 8 devices (8 heads, 8 kv heads, mlp 128, vocab 128) ...
+EVEN = dict(
+    model_type="llama",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=8,
+    max_position_embeddings=128,
+)
+# ... and SmolLM2's awkward head counts (9 and 3) with an mlp of 36.
+UNEVEN = dict(
+    model_type="llama",
+    vocab_size=96,
+    hidden_size=72,
+    intermediate_size=36,
+    num_hidden_layers=2,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=8,
+    max_position_embeddings=128,
+)
+
+
+def run_worker(args, devices, timeout=300):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=WORKER.parent,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharding")
+    paths = {}
+    for name, config in (("even", EVEN), ("uneven", UNEVEN)):
+        save_hf(hf_model(config), root / f"{name}-hf")
+        paths[name] = jaxlora.convert(str(root / f"{name}-hf"), root / name)
+    ids = random_ids((8, 9), 96, seed=3)
+    np.save(root / "ids.npy", ids)
+    paths["ids"] = root / "ids.npy"
+    return paths
+
+
+def test_meshes_give_single_device_results(checkpoints):
+    proc = run_worker(["meshes", checkpoints["even"], checkpoints["ids"], checkpoints["uneven"]], devices=8)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    for mesh in report["meshes"]:
+        assert mesh["max_logit_diff"] <= 1e-5, mesh
+        assert mesh["tokens_equal"], mesh
+        assert mesh["shardings_match_rules"], mesh
+        tensor = mesh["mesh"]["tensor"]
+        # q_proj [embed, heads]: heads split over `tensor`, embed over `fsdp`.
+        n = tensor * mesh["mesh"]["fsdp"]
+        assert set(mesh["q_proj_bytes_per_device"]) == {mesh["q_proj_bytes"] // n}, mesh
+    tensor8 = report["meshes"][1]
+    assert tensor8["mesh"]["tensor"] == 8
+    assert tensor8["q_proj_spec"] == "P(None, 'tensor')"
+    assert tensor8["q_proj_shard_shapes"] == [[64, 8]]  # sharded restore: each device holds one head's columns
+    assert report["uneven"] == {
+        "tokens_equal": True,
+        "q_proj_spec": "P(None, None)",  # 9 heads do not split over 4: replicated
+        "up_proj_spec": "P(None, 'tensor')",  # 36 = 4 x 9 does
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_generate_like_one(checkpoints):
+    single = jaxlora.load(checkpoints["even"])
+    ids = np.load(checkpoints["ids"])
+    expected = jaxlora.generate(single.params, single.config, ids, max_new_tokens=12).tokens.tolist()
+    port = free_port()
+    procs = [run_worker(["process", checkpoints["even"], checkpoints["ids"], i, port], devices=4) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    reports = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["process"])
+    assert [r["process"] for r in reports] == [0, 1]
+    for r in reports:
+        assert (r["global_devices"], r["local_devices"], r["local_q_shards"]) == (8, 4, 4)
+        assert r["tokens"] == expected
