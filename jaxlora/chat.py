@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.cache import init_cache
 from jaxlora.checkpoint import Model
 from jaxlora.errors import UsageError
 from jaxlora.generate import (
@@ -23,11 +22,13 @@ from jaxlora.generate import (
     decode_chunks,
     extend,
     make_plan,
+    new_cache,
     prefill,
     prompt_bucket,
     row_keys,
 )
 from jaxlora.sampling import Sampling
+from jaxlora.sharding import params_mesh, to_host
 
 
 class ChatSession:
@@ -53,6 +54,7 @@ class ChatSession:
         self.plan = make_plan(
             model.config,
             1,
+            mesh=params_mesh(model.params),
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             eos_token_ids=model.eos_token_ids,
@@ -62,6 +64,8 @@ class ChatSession:
             chunk_size=chunk_size,
         )
         self.keys = row_keys(key, 1, self.plan.processors.sample)
+        if self.plan.layout is not None:
+            self.keys = jax.random.wrap_key_data(self.plan.to_device(jax.random.key_data(self.keys)))
         self.state: DecodeState | None = None
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
         self.reused_turns = 0
@@ -78,11 +82,12 @@ class ChatSession:
         params, plan = self.model.params, self.plan
         width = prompt_bucket(len(ids))
         capacity = prompt_bucket(width + 4 * plan.decode_slots)
-        cache = init_cache(plan.config, 1, capacity, params["embed"]["embedding"].dtype)
+        cache = new_cache(plan, 1, capacity, params["embed"]["embedding"].dtype)
         padded = np.full((1, width), plan.pad_id, np.int32)
         padded[0, width - len(ids) :] = ids
         mask = np.zeros((1, width), bool)
         mask[0, width - len(ids) :] = True
+        padded, mask = plan.to_device(padded, batch_split=True), plan.to_device(mask, batch_split=True)
         return prefill(params, cache, padded, mask, self.keys, plan.arrays, **plan.static)
 
     def _continue(self, suffix: list[int]) -> DecodeState | None:
@@ -93,6 +98,7 @@ class ChatSession:
             return None
         padded = np.full((1, width), self.plan.pad_id, np.int32)
         padded[0, : len(suffix)] = suffix
+        padded = self.plan.to_device(padded, batch_split=True)
         return extend(self.model.params, state, padded, len(suffix), self.plan.arrays, **self.plan.static)
 
     def send(self, text: str) -> Iterator[StreamChunk]:
@@ -106,7 +112,7 @@ class ChatSession:
             self.reused_turns += state is not None
         if state is None:
             state = self._start(ids)
-        reply_slot, reply_position = int(state.write_index), np.asarray(state.position)  # state is donated next
+        reply_slot, reply_position = int(state.write_index), to_host(state.position)  # state is donated next
         self.state = None  # donated to the decode loop below
 
         reply: list[int] = []

@@ -14,7 +14,8 @@ DEFAULT_CHECKPOINTS = Path("checkpoints")
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if "jax" not in sys.modules or _is_primary():
+        print(message, file=sys.stderr, flush=True)
 
 
 def _default_dst(src: str) -> Path:
@@ -33,12 +34,37 @@ def cmd_convert(args) -> None:
     _say(f"wrote {dst} in {time.perf_counter() - start:.1f}s")
 
 
-def _load(path: str, dtype: str | None):
+def _is_primary() -> bool:
+    """Only process 0 of a multi-process run prints."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _setup_devices(args):
+    """Start jax.distributed when asked, then build the mesh (None: one device)."""
+    import jax
+
+    from jaxlora.sharding import make_mesh
+
+    if getattr(args, "distributed", False):
+        try:
+            # With no arguments JAX reads the cluster from the environment (TPU pods, SLURM, ...).
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+            )
+        except Exception as e:  # noqa: BLE001 (the cluster probes raise assorted types)
+            raise UsageError(f"could not start jax.distributed ({' '.join(str(e).split())})") from None
+    spec = args.mesh or ("tensor=-1" if getattr(args, "distributed", False) else None)
+    return make_mesh(spec) if spec else None
+
+
+def _load(path: str, dtype: str | None, mesh=None):
     from jaxlora.checkpoint import load
 
     start = time.perf_counter()
-    _say(f"loading {path} ...")
-    model = load(path, dtype=dtype)
+    _say(f"loading {path} ..." + (f" onto mesh {dict(mesh.shape)}" if mesh is not None else ""))
+    model = load(path, dtype=dtype, mesh=mesh)
     _say(
         f"loaded {model.config.family} ({model.config.num_params / 1e6:.1f}M params) "
         f"in {time.perf_counter() - start:.1f}s"
@@ -144,7 +170,9 @@ def cmd_generate(args) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     _enable_compile_cache(args)
-    model = _load(args.checkpoint, args.dtype)
+    mesh = _setup_devices(args)
+    model = _load(args.checkpoint, args.dtype, mesh)
+    out = sys.stdout if _is_primary() else open(os.devnull, "w")  # noqa: SIM115
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise UsageError(f"{args.checkpoint} has no tokenizer; use the Python API with token ids")
@@ -154,7 +182,7 @@ def cmd_generate(args) -> None:
     start = time.perf_counter()
     chunks = stream(model.params, model.config, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, **kwargs)
     rows: list[list[int]] = [[] for _ in prompts]
-    printer = TextStream(tokenizer) if len(prompts) == 1 else None
+    printer = TextStream(tokenizer, out) if len(prompts) == 1 else None
     for chunk in chunks:
         for r, row in enumerate(rows):
             row.extend(chunk.row(r))
@@ -162,11 +190,11 @@ def cmd_generate(args) -> None:
             printer.add(chunk.row(0))
     elapsed = time.perf_counter() - start
     if printer is not None:
-        print(flush=True)
+        print(file=out, flush=True)
     else:
         for text, row in zip(prompts, rows, strict=True):
             completion = tokenizer.decode(row, skip_special_tokens=True)
-            print(json.dumps({"prompt": text, "completion": completion}), flush=True)
+            print(json.dumps({"prompt": text, "completion": completion}), file=out, flush=True)
     count = sum(len(row) for row in rows)
     _say(f"{count} tokens in {elapsed:.1f}s ({count / elapsed:.1f} tok/s, including compilation)")
 
@@ -178,7 +206,8 @@ def cmd_chat(args) -> None:
 
     sampling = _sampling(args)
     _enable_compile_cache(args)
-    model = _load(args.checkpoint, args.dtype)
+    mesh = _setup_devices(args)
+    model = _load(args.checkpoint, args.dtype, mesh)
     session = ChatSession(
         model,
         max_new_tokens=args.max_new_tokens,
@@ -239,6 +268,18 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", help="stop after this text (repeatable)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params on load")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    parser.add_argument("--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, tensor; -1: rest)")
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: start jax.distributed (cluster from the environment on TPU pods)",
+    )
+    parser.add_argument("--coordinator", help="with --distributed off TPU: the coordinator's HOST:PORT")
+    parser.add_argument("--num-processes", type=int, help="with --coordinator: how many processes")
+    parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-file", help="one prompt per line; prints one JSON line per prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_generation_flags(gen)
+    _add_distributed_flags(gen)
     gen.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="an interactive multi-turn chat (the tokenizer's chat template)")

@@ -78,7 +78,7 @@ def load_torch(hf: Path):
     return AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
 
 
-def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat):
+def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat, mesh_spec=None):
     import jax
 
     import jaxlora
@@ -86,7 +86,9 @@ def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat):
 
     gc.collect()  # what the previous phase left behind is gone before we count
     rss_before = rss_mb()
-    model = jaxlora.load(checkpoint)
+    from jaxlora.sharding import make_mesh
+
+    model = jaxlora.load(checkpoint, mesh=make_mesh(mesh_spec) if mesh_spec else None)
     params, config = model.params, model.config
     rng = np.random.default_rng(0)
     out = {"load_rss_mb": rss_mb() - rss_before}
@@ -231,6 +233,7 @@ def main():
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--mesh", help="run jaxlora sharded over devices, e.g. data=1,tensor=8")
     args = parser.parse_args()
     hf, checkpoint = prepare(args)
     batches = [int(b) for b in args.batches.split(",")]
@@ -242,7 +245,7 @@ def main():
     import transformers  # noqa: F401
 
     results["bandwidth_gbs"] = read_bandwidth_gbs()
-    results["jaxlora"] = bench_jax(checkpoint, *common)
+    results["jaxlora"] = bench_jax(checkpoint, *common, mesh_spec=args.mesh)
     results["transformers"] = bench_torch(hf, *common)
     results["peak_rss_mb"] = peak_rss_mb()
     for side in ("jaxlora", "transformers"):

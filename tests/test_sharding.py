@@ -116,3 +116,47 @@ def test_two_processes_generate_like_one(checkpoints):
     for r in reports:
         assert (r["global_devices"], r["local_devices"], r["local_q_shards"]) == (8, 4, 4)
         assert r["tokens"] == expected
+
+
+def run_cli(args, devices):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxlora", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input="What is the capital of France?\n",
+    )
+
+
+@pytest.mark.real
+def test_cli_generate_and_chat_on_a_mesh_match_one_device(smollm2):
+    dst, _ = smollm2
+    common = ["--max-new-tokens", "24", "--no-compile-cache"]
+    prompt = ["--chat", "--prompt", "What is the capital of France?"]
+    alone = run_cli(["generate", dst, *prompt, *common], devices=1)
+    # SmolLM2's 9 heads stay whole (replicated); its MLP (1536) and vocab (49152) split 8 ways.
+    sharded = run_cli(["generate", dst, *prompt, *common, "--mesh", "tensor=8"], devices=8)
+    assert alone.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
+    assert "Paris" in alone.stdout and sharded.stdout == alone.stdout
+    assert "onto mesh" in sharded.stderr
+    chat = run_cli(["chat", dst, *common, "--mesh", "data=1,fsdp=2,tensor=4"], devices=8)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip() == alone.stdout.strip()
+
+
+def test_bad_mesh_specs_are_one_line_errors():
+    from jaxlora.errors import UsageError
+    from jaxlora.sharding import parse_mesh_spec
+
+    for spec, message in (
+        ("data=3", "has 3 devices but 8 are available"),
+        ("model=8", "expected name=size"),
+        ("data=-1,tensor=-1", "only one axis may be -1"),
+        ("data=3,tensor=-1", "8 devices do not divide by 3"),
+        ("tensor=0", "sizes must be >= 1"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            parse_mesh_spec(spec, 8)
+    assert parse_mesh_spec("data=2,tensor=-1", 8) == {"data": 2, "fsdp": 1, "tensor": 4}
