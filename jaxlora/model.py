@@ -24,6 +24,7 @@ class Linear(nn.Module):
     features: int
     use_bias: bool = False
     axes: tuple[str, str] = ("embed", "embed")
+    lora_scale: float = 0.0  # alpha / rank of this model's LoRA adapters (see jaxlora.lora)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -32,6 +33,10 @@ class Linear(nn.Module):
         if self.use_bias:
             bias = self.param("bias", _axes(nn.initializers.zeros, self.axes[1]), (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
+        if self.has_variable("lora", "a"):
+            # Low-rank update without forming W + AB: x @ W + scale * (x @ A) @ B.
+            a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+            y = y + self.lora_scale * jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
         return y
 
 
@@ -72,14 +77,21 @@ def make_norm(config: ModelConfig, name: str | None = None) -> Norm:
 class Attention(nn.Module):
     config: ModelConfig
     window: int | None
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
         c = self.config
         b, t, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="v_proj")(x)
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora_scale=self.lora_scale)(
+            x
+        )
+        k = Linear(
+            c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj", lora_scale=self.lora_scale
+        )(x)
+        v = Linear(
+            c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="v_proj", lora_scale=self.lora_scale
+        )(x)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -96,7 +108,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
         mask = attention_mask(query_slots, key_valid, self.window)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale, c.attn_softcap)
-        out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj")(
+        out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora_scale=self.lora_scale)(
             out.reshape(b, t, c.num_heads * c.head_dim)
         )
         return out, (k, v)
@@ -104,17 +116,25 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: ModelConfig
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         act = ACTIVATIONS[c.activation]
-        up = Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="up_proj")(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="up_proj", lora_scale=self.lora_scale)(x)
         if c.gated_mlp:
-            up = act(Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="gate_proj")(x)) * up
+            up = (
+                act(
+                    Linear(
+                        c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora_scale=self.lora_scale
+                    )(x)
+                )
+                * up
+            )
         else:
             up = act(up)
-        return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj")(up)
+        return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj", lora_scale=self.lora_scale)(up)
 
 
 class MixtureOfExperts(nn.Module):
@@ -146,15 +166,16 @@ class MixtureOfExperts(nn.Module):
 class Block(nn.Module):
     config: ModelConfig
     window: int | None
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
         c = self.config
         normed = make_norm(c, "attn_norm")(x)
-        attn_out, new_kv = Attention(c, self.window, name="attn")(
+        attn_out, new_kv = Attention(c, self.window, self.lora_scale, name="attn")(
             normed, cos, sin, query_slots, key_valid, cache_kv, write_index
         )
-        mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, name="mlp")
+        mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, self.lora_scale, name="mlp")
         if c.sandwich_norm:
             x = x + make_norm(c, "post_attn_norm")(attn_out)
             return x + make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))), new_kv
@@ -168,6 +189,7 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     config: ModelConfig
+    lora_scale: float = 0.0
 
     def setup(self):
         c = self.config
@@ -181,10 +203,10 @@ class Decoder(nn.Module):
                 embedding_init=_axes(_init, "positions", "embed"),
                 param_dtype=jnp.float32,
             )
-        self.layers = [Block(c, c.layer_windows[i]) for i in range(c.num_layers)]
+        self.layers = [Block(c, c.layer_windows[i], self.lora_scale) for i in range(c.num_layers)]
         self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"))
+            self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora_scale)
 
     def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, logits_at=None):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
@@ -227,12 +249,21 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, positions=None) -> jax.Array:
+def variables(params, lora=None) -> dict:
+    """The flax variables for `Decoder.apply`: the params, plus LoRA adapters as their own collection."""
+    return {"params": params} if lora is None else {"params": params, "lora": lora.weights}
+
+
+def decoder(config: ModelConfig, lora=None) -> Decoder:
+    return Decoder(config, 0.0 if lora is None else lora.config.scale)
+
+
+def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, positions=None, lora=None) -> jax.Array:
     """The model's logits. Pure: works under jax.jit (config static), jax.grad and jax.vmap.
 
     params: the nested dict from `jaxlora.load(...).params`; input_ids [batch, seq] int32;
     attention_mask [batch, seq] (1 = real token, 0 = padding; default all ones);
-    positions [batch, seq] int32 (default: derived from the mask).
+    positions [batch, seq] int32 (default: derived from the mask); lora: `jaxlora.lora.Adapters` or None.
     Returns logits [batch, seq, vocab] float32.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -241,7 +272,7 @@ def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, posi
     attention_mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
         positions = default_positions(attention_mask)
-    logits, _ = Decoder(config).apply({"params": params}, input_ids, positions, attention_mask)
+    logits, _ = decoder(config, lora).apply(variables(params, lora), input_ids, positions, attention_mask)
     return logits
 
 

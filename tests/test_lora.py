@@ -1,0 +1,138 @@
+"""LoRA adapters: a pure pytree beside the params, merge == unmerged, and the round trip with HF PEFT."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids
+
+import jaxlora
+from jaxlora import lora
+from jaxlora.errors import UsageError
+from jaxlora.peft_io import export_peft, import_peft
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def nonzero(adapters, seed=0):
+    """Trained-looking adapters: B is zero right after init, which would hide a wrong B."""
+    leaves, treedef = jax.tree.flatten(adapters.weights)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return adapters.replace(weights=jax.tree.unflatten(treedef, noisy))
+
+
+def test_fresh_adapters_leave_the_model_unchanged_and_trained_ones_do_not(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((2, 9), model.config.vocab_size)
+    adapters = lora.init(model.config, jax.random.key(0), rank=4, targets=TARGETS)
+    base = np.asarray(jaxlora.forward(model.params, model.config, ids))
+    fresh = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    np.testing.assert_array_equal(fresh, base)
+    trained = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=nonzero(adapters)))
+    assert np.abs(trained - base).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "gemma2", "gpt_neox"])
+def test_merged_equals_unmerged(tiny, name):
+    model = tiny(name).load()
+    targets = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    adapters = nonzero(lora.init(model.config, jax.random.key(1), rank=3, alpha=6, targets=targets))
+    ids = random_ids((2, 11), model.config.vocab_size, seed=2)
+    unmerged = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    merged_params = lora.merge(model.params, adapters)
+    merged = np.asarray(jaxlora.forward(merged_params, model.config, ids))
+    np.testing.assert_allclose(merged, unmerged, rtol=0, atol=1e-5)
+    restored = lora.unmerge(merged_params, adapters)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_only_the_adapters(tiny):
+    model = tiny("llama-gqa").load()
+    adapters = lora.init(model.config, jax.random.key(2), rank=4, targets=TARGETS)
+    ids = random_ids((2, 9), model.config.vocab_size, seed=3)
+
+    def loss(adapters):
+        logits = jaxlora.forward(model.params, model.config, ids[:, :-1], lora=adapters)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1).mean()
+
+    grads = jax.jit(jax.grad(loss))(adapters)
+    assert isinstance(grads, lora.Adapters) and grads.config == adapters.config
+    assert jax.tree.structure(grads.weights) == jax.tree.structure(adapters.weights)
+    # B starts at zero, so at first only B has a gradient (A's is exactly zero), as in PEFT.
+    pairs = jax.tree.leaves(grads.weights, is_leaf=lambda x: isinstance(x, dict) and "a" in x)
+    assert len(pairs) == model.config.num_layers * len(TARGETS)
+    for pair in pairs:
+        assert np.abs(np.asarray(pair["b"])).max() > 0
+        assert np.abs(np.asarray(pair["a"])).max() == 0
+
+
+def test_unknown_targets_are_refused(tiny):
+    config = tiny("llama-gqa").load().config
+    with pytest.raises(UsageError, match="no Linear layer named c_attn in llama; available: .*q_proj"):
+        lora.init(config, jax.random.key(0), targets=("q_proj", "c_attn"))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def test_exported_adapter_loads_in_peft_with_matching_logits(tiny, tmp_path):
+    from peft import PeftModel
+
+    m = tiny("llama-gqa")
+    model = m.load()
+    adapters = nonzero(lora.init(model.config, jax.random.key(3), rank=4, alpha=8, targets=TARGETS))
+    export_peft(adapters, model.config, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(m.torch_model), str(tmp_path / "adapter")).eval()
+    ids = random_ids((2, 13), model.config.vocab_size, seed=4)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    np.testing.assert_allclose(ours, hf_logits(peft_model, ids), rtol=0, atol=1e-4)
+
+
+def test_adapter_trained_with_peft_reproduces_its_logits(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    m = tiny("qwen2")
+    model = m.load()
+    torch.manual_seed(0)
+    config = LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+    peft_model = get_peft_model(copy.deepcopy(m.torch_model), config)
+    with torch.no_grad():  # as if trained: PEFT initializes B to zero
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = random_ids((2, 13), model.config.vocab_size, seed=5)
+    expected = hf_logits(peft_model, ids)
+    adapters = import_peft(tmp_path / "peft", model.config)
+    assert adapters.config.rslora and adapters.config.rank == 6
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_peft_export_refuses_fused_modules(tiny, tmp_path):
+    config = tiny("gpt2").load().config
+    adapters = lora.init(config, jax.random.key(0), targets=("q_proj",))
+    with pytest.raises(UsageError, match="gpt2 has no 1:1 HF module for q_proj"):
+        export_peft(adapters, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_rejects_what_it_cannot_reproduce(tiny, tmp_path):
+    config = tiny("llama-gqa").load().config
+    with pytest.raises(UsageError, match="is not a PEFT adapter folder"):
+        import_peft(tmp_path, config)
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})
+    )
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError, match="use_dora=True is not supported"):
+        import_peft(tmp_path, config)
