@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -59,12 +60,18 @@ def _setup_devices(args):
     return make_mesh(spec) if spec else None
 
 
-def _load(path: str, dtype: str | None, mesh=None):
+def _load(path: str, dtype: str | None, mesh=None, lora: str | None = None):
     from jaxlora.checkpoint import load
 
     start = time.perf_counter()
     _say(f"loading {path} ..." + (f" onto mesh {dict(mesh.shape)}" if mesh is not None else ""))
     model = load(path, dtype=dtype, mesh=mesh)
+    if lora:
+        from jaxlora.finetune import load_adapters
+        from jaxlora.lora import merge
+
+        # Merged once: generation then runs at the base model's speed.
+        model.params = merge(model.params, load_adapters(lora, model.config))
     _say(
         f"loaded {model.config.family} ({model.config.num_params / 1e6:.1f}M params) "
         f"in {time.perf_counter() - start:.1f}s"
@@ -171,7 +178,7 @@ def cmd_generate(args) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     _enable_compile_cache(args)
     mesh = _setup_devices(args)
-    model = _load(args.checkpoint, args.dtype, mesh)
+    model = _load(args.checkpoint, args.dtype, mesh, args.lora)
     out = sys.stdout if _is_primary() else open(os.devnull, "w")  # noqa: SIM115
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -207,7 +214,7 @@ def cmd_chat(args) -> None:
     sampling = _sampling(args)
     _enable_compile_cache(args)
     mesh = _setup_devices(args)
-    model = _load(args.checkpoint, args.dtype, mesh)
+    model = _load(args.checkpoint, args.dtype, mesh, args.lora)
     session = ChatSession(
         model,
         max_new_tokens=args.max_new_tokens,
@@ -230,6 +237,65 @@ def cmd_chat(args) -> None:
         for chunk in session.send(text):
             printer.add(chunk.row(0))
         print(flush=True)
+
+
+def cmd_finetune(args) -> None:
+    from jaxlora.finetune import RunOptions, run
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    options = RunOptions(
+        data=args.data,
+        out=args.out,
+        eval_data=args.eval_data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        pack=not args.pad,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=targets,
+        full=args.full,
+        remat=args.remat,
+        dtype=args.dtype,
+        seed=args.seed,
+        save_every=args.save_every,
+        keep=args.keep,
+        eval_every=args.eval_every,
+        resume=args.resume,
+        init_lora=args.lora,
+    )
+    run(args.checkpoint, options, log=lambda message: print(message, flush=True))
+
+
+def cmd_lora_export(args) -> None:
+    from jaxlora.checkpoint import read_config
+    from jaxlora.finetune import load_adapters
+    from jaxlora.peft_io import export_peft
+
+    meta_file = Path(args.adapters) / "lora_config.json"
+    if not meta_file.is_file():
+        raise UsageError(f"{args.adapters} is not a jaxlora adapter folder (no lora_config.json)")
+    base = json.loads(meta_file.read_text()).get("base") or args.base
+    if not base:
+        raise UsageError("the adapters do not name their base checkpoint: pass --base CKPT")
+    config, _ = read_config(base)
+    export_peft(load_adapters(args.adapters, config), config, args.out, base_model=base)
+    _say(f"wrote PEFT adapter {args.out}")
+
+
+def cmd_lora_import(args) -> None:
+    from jaxlora.checkpoint import read_config
+    from jaxlora.finetune import save_adapters
+    from jaxlora.peft_io import import_peft
+
+    config, _ = read_config(args.base)
+    save_adapters(import_peft(args.peft_dir, config), Path(args.out), args.base)
+    _say(f"wrote jaxlora adapters {args.out}")
 
 
 def cmd_info(args) -> None:
@@ -269,6 +335,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params on load")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     parser.add_argument("--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, tensor; -1: rest)")
+    parser.add_argument("--lora", help="apply LoRA adapters (a jaxlora runs/NAME/final or a PEFT folder)")
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -309,6 +376,47 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message for the conversation")
     _add_generation_flags(chat)
     chat.set_defaults(run=cmd_chat)
+
+    tune = commands.add_parser("finetune", help="LoRA (or --full) fine-tuning with optax; resumable")
+    tune.add_argument("checkpoint")
+    tune.add_argument("--data", required=True, help="text file, or JSONL of text / prompt+completion / messages")
+    tune.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    tune.add_argument("--eval-data")
+    tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
+    tune.add_argument("--steps", type=int, default=100)
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--grad-accum", type=int, default=1)
+    tune.add_argument("--seq-len", type=int, default=256)
+    tune.add_argument("--pad", action="store_true", help="one example per row, padded (default: pack)")
+    tune.add_argument("--lr", type=float, default=2e-4)
+    tune.add_argument("--warmup", type=int, default=10)
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--clip-norm", type=float, default=1.0)
+    tune.add_argument("--rank", type=int, default=8)
+    tune.add_argument("--alpha", type=float, default=16.0)
+    tune.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated HF module names")
+    tune.add_argument("--full", action="store_true", help="train every param instead of LoRA adapters")
+    tune.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
+    tune.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--save-every", type=int, default=50)
+    tune.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tune.add_argument("--lora", help="start from these adapters (jaxlora or PEFT folder)")
+    tune.set_defaults(run=cmd_finetune)
+
+    lora = commands.add_parser("lora", help="move adapters to and from Hugging Face PEFT")
+    lora_commands = lora.add_subparsers(dest="lora_command", required=True)
+    export = lora_commands.add_parser("export", help="jaxlora adapters (runs/NAME/final) -> a PEFT folder")
+    export.add_argument("adapters")
+    export.add_argument("out")
+    export.add_argument("--base", help="the base checkpoint, if the adapters do not name it")
+    export.set_defaults(run=cmd_lora_export)
+    imp = lora_commands.add_parser("import", help="a PEFT LoRA folder -> jaxlora adapters for a base checkpoint")
+    imp.add_argument("peft_dir")
+    imp.add_argument("out")
+    imp.add_argument("--base", required=True, help="the converted base checkpoint")
+    imp.set_defaults(run=cmd_lora_import)
 
     info = commands.add_parser("info", help="describe a converted checkpoint")
     info.add_argument("checkpoint")

@@ -190,6 +190,7 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     config: ModelConfig
     lora_scale: float = 0.0
+    remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint) to save memory
 
     def setup(self):
         c = self.config
@@ -203,7 +204,8 @@ class Decoder(nn.Module):
                 embedding_init=_axes(_init, "positions", "embed"),
                 param_dtype=jnp.float32,
             )
-        self.layers = [Block(c, c.layer_windows[i], self.lora_scale) for i in range(c.num_layers)]
+        block = nn.remat(Block) if self.remat else Block
+        self.layers = [block(c, c.layer_windows[i], self.lora_scale) for i in range(c.num_layers)]
         self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora_scale)

@@ -1,0 +1,147 @@
+"""Training data: text or JSONL files -> token ids with a loss mask -> fixed-length batches.
+
+Formats: a plain text file (one stream, loss everywhere); JSONL lines of {"text": ...} (loss everywhere),
+{"prompt": ..., "completion": ...} (loss on the completion only) or {"messages": [...]} (the chat template;
+loss on the assistant turns only). Examples are packed into `seq_len` windows (documents may share a window,
+without cross-document masking) or padded one per row. Batches come in a fixed order from a seed, so a run
+resumed at a `position` sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.errors import UsageError
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such data file: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e})") from None
+    if path.suffix != ".jsonl":
+        if not text.strip():
+            raise UsageError(f"{path} is empty")
+        return [{"text": text}]
+    examples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(example, dict) or not (
+            isinstance(example.get("text"), str)
+            or (isinstance(example.get("prompt"), str) and isinstance(example.get("completion"), str))
+            or isinstance(example.get("messages"), list)
+        ):
+            raise UsageError(
+                f'{path}:{number}: expected {{"text"}}, {{"prompt", "completion"}} or {{"messages"}} with strings'
+            )
+        examples.append(example)
+    if not examples:
+        raise UsageError(f"{path} holds no examples")
+    return examples
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _chat_ids(tokenizer, messages, generation_prompt=False) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        )
+    )
+
+
+def tokenize(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """One example -> (token ids, loss mask) with the tokenizer's EOS closing plain text and completions."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if "messages" in example:
+        messages = example["messages"]
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("chat examples need a tokenizer with a chat template")
+        ids = _chat_ids(tokenizer, messages)
+        mask = [0] * len(ids)
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            # The assistant turn is what rendering it adds after the generation prompt.
+            start = len(_chat_ids(tokenizer, messages[:i], generation_prompt=True))
+            end = len(_chat_ids(tokenizer, messages[: i + 1]))
+            mask[start:end] = [1] * (end - start)
+        return ids, mask
+    if "prompt" in example:
+        prompt, completion = _ids(tokenizer, example["prompt"]), _ids(tokenizer, example["completion"]) + eos
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    ids = _ids(tokenizer, example["text"]) + eos
+    return ids, [1] * len(ids)
+
+
+class Batches:
+    """Rows of `seq_len` tokens, batched [grad_accum, batch_size, seq_len]; an epoch is reshuffled by seed."""
+
+    def __init__(self, examples: list[dict], tokenizer, seq_len: int, *, pack: bool = True, seed: int = 0):
+        if seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        encoded = [tokenize(e, tokenizer) for e in examples]
+        rows = []
+        if pack:
+            ids = np.concatenate([np.asarray(i, np.int32) for i, _ in encoded])
+            mask = np.concatenate([np.asarray(m, np.int32) for _, m in encoded])
+            for start in range(0, len(ids) - 1, seq_len):
+                piece, piece_mask = ids[start : start + seq_len], mask[start : start + seq_len]
+                rows.append(self._pad(piece, piece_mask, seq_len, pad))
+        else:
+            rows = [
+                self._pad(np.asarray(i[:seq_len], np.int32), np.asarray(m[:seq_len], np.int32), seq_len, pad)
+                for i, m in encoded
+            ]
+        rows = [r for r in rows if r[2][1:].sum() > 0]  # a row with no target teaches nothing
+        if not rows:
+            raise UsageError("the data has no tokens to learn from at this --seq-len")
+        self.input_ids = np.stack([r[0] for r in rows])
+        self.attention_mask = np.stack([r[1] for r in rows])
+        self.loss_mask = np.stack([r[2] for r in rows])
+        self.seed = seed
+
+    @staticmethod
+    def _pad(ids, mask, seq_len, pad):
+        n = len(ids)
+        out = np.full(seq_len, pad, np.int32), np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int32)
+        out[0][:n], out[1][:n], out[2][:n] = ids, 1, mask
+        return out
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self))
+
+    def rows(self, start: int, count: int) -> dict:
+        """`count` rows starting at global row `start` (row k of epoch e is permutation_e[k])."""
+        picked = []
+        for position in range(start, start + count):
+            epoch, index = divmod(position, len(self))
+            picked.append(self._order(epoch)[index])
+        picked = np.asarray(picked)
+        return {
+            "input_ids": self.input_ids[picked],
+            "attention_mask": self.attention_mask[picked],
+            "loss_mask": self.loss_mask[picked],
+        }
+
+    def batch(self, position: int, batch_size: int, grad_accum: int) -> dict:
+        """The step's batch [grad_accum, batch_size, seq] starting at row `position`."""
+        flat = self.rows(position, batch_size * grad_accum)
+        return {k: v.reshape(grad_accum, batch_size, -1) for k, v in flat.items()}

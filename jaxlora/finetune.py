@@ -1,0 +1,233 @@
+"""The fine-tuning run behind `jaxlora finetune`: data, the jitted step, orbax checkpoints and resume.
+
+runs/NAME/run.json        what the run was started with
+runs/NAME/checkpoints/    orbax CheckpointManager: trainable state, optimizer state, step, PRNG key, data position
+runs/NAME/final/          LoRA: lora_config.json + adapters/ (orbax); --full: a whole jaxlora checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlora import lora as lora_lib
+from jaxlora.checkpoint import DTYPES, Model, load
+from jaxlora.data import Batches, read_examples
+from jaxlora.errors import UsageError
+from jaxlora.train import evaluate, init_state, make_optimizer, make_train_step
+
+
+@dataclass
+class RunOptions:
+    data: str
+    out: str
+    eval_data: str | None = None
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    pack: bool = True
+    learning_rate: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
+    full: bool = False
+    remat: bool = False
+    dtype: str | None = None
+    seed: int = 0
+    save_every: int = 50
+    keep: int = 3
+    eval_every: int = 0
+    resume: bool = False
+    init_lora: str | None = None  # start from these adapters (jaxlora final/ or a PEFT folder)
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "rank"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise UsageError(f"--lr must be a positive number, got {self.learning_rate}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}")
+
+
+def _flat(state) -> tuple[dict, object]:
+    leaves, treedef = jax.tree.flatten(state)
+    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}, treedef
+
+
+def _manager(run_dir: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+
+
+def _as_saveable(state):
+    """The train state with its PRNG key as raw data (orbax stores arrays, not typed keys)."""
+    return state.replace(key=jax.random.key_data(state.key))
+
+
+def save_adapters(adapters: lora_lib.Adapters, folder: Path, base: str) -> None:
+    import orbax.checkpoint as ocp
+
+    staging = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        (staging / "lora_config.json").write_text(json.dumps({**asdict(adapters.config), "base": base}, indent=2))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((staging / "adapters").absolute(), adapters.weights)
+        checkpointer.wait_until_finished()
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_adapters(path: str | Path, config) -> lora_lib.Adapters:
+    """A jaxlora adapter folder (runs/NAME/final) or a PEFT adapter folder."""
+    import orbax.checkpoint as ocp
+
+    from jaxlora.peft_io import import_peft
+
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return import_peft(folder, config)
+    meta_file = folder / "lora_config.json"
+    if not meta_file.is_file():
+        raise UsageError(f"{folder} holds neither jaxlora adapters (lora_config.json) nor a PEFT adapter")
+    meta = json.loads(meta_file.read_text())
+    lora_config = lora_lib.LoraConfig(meta["rank"], meta["alpha"], tuple(meta["targets"]), meta.get("rslora", False))
+    shapes = lora_lib.target_paths(config, lora_config.targets)
+    target: dict = {}
+    for p, (fan_in, fan_out) in shapes.items():
+        lora_lib._set(
+            target,
+            p,
+            {
+                "a": jax.ShapeDtypeStruct((fan_in, lora_config.rank), np.float32),
+                "b": jax.ShapeDtypeStruct((lora_config.rank, fan_out), np.float32),
+            },
+        )
+    weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
+    return lora_lib.Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
+
+
+def run(checkpoint: str, options: RunOptions, log=print) -> Path:
+    """Train; returns the final folder."""
+    from tqdm.auto import tqdm
+
+    options.check()
+    model: Model = load(checkpoint)
+    if model.tokenizer is None:
+        raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
+    run_dir = Path(options.out)
+    manager_exists = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if manager_exists and not options.resume:
+        raise UsageError(f"{run_dir} already has checkpoints: pass --resume to continue it or choose another --out")
+    train = Batches(read_examples(options.data), model.tokenizer, options.seq_len, pack=options.pack, seed=options.seed)
+    evals = None
+    if options.eval_data:
+        evals = Batches(read_examples(options.eval_data), model.tokenizer, options.seq_len, pack=options.pack)
+
+    key = jax.random.key(options.seed)
+    if options.full:
+        trainable = model.params
+    elif options.init_lora:
+        trainable = load_adapters(options.init_lora, model.config)
+    else:
+        trainable = lora_lib.init(model.config, key, rank=options.rank, alpha=options.alpha, targets=options.targets)
+    optimizer = make_optimizer(
+        options.learning_rate,
+        options.steps,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        clip_norm=options.clip_norm,
+    )
+    dtype = DTYPES[options.dtype] if options.dtype else None
+    train_step = make_train_step(
+        model.params, model.config, optimizer, full=options.full, remat=options.remat, dtype=dtype
+    )
+    state = init_state(trainable, optimizer, key)
+    position = 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"checkpoint": str(checkpoint), **asdict(options)}, indent=2))
+    manager = _manager(run_dir, options.keep)
+    if manager_exists:
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        abstract = _as_saveable(state)
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        state = restored["state"].replace(key=jax.random.wrap_key_data(restored["state"].key))
+        position = int(restored["meta"]["position"])
+        log(f"resumed from step {step} (data row {position})")
+
+    rows_per_step = options.batch_size * options.grad_accum
+    start_step = int(state.step)
+    bar = tqdm(total=options.steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr)
+    started, tokens_seen = time.perf_counter(), 0.0
+    for step in range(start_step, options.steps):
+        batch = train.batch(position, options.batch_size, options.grad_accum)
+        state, metrics = train_step(state, batch)
+        position += rows_per_step
+        loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
+        tokens_seen += tokens
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+        done = step + 1
+        if evals is not None and options.eval_every and done % options.eval_every == 0:
+            lora = None if options.full else state.trainable
+            params = state.trainable if options.full else model.params
+            result = evaluate(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
+            log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+        if done % options.save_every == 0 or done == options.steps:
+            import orbax.checkpoint as ocp
+
+            manager.save(
+                done,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_as_saveable(state)), meta=ocp.args.JsonSave({"position": position})
+                ),
+            )
+            manager.wait_until_finished()
+            log(f"saved checkpoint at step {done}")
+    bar.close()
+    final = run_dir / "final"
+    if options.full:
+        from jaxlora.checkpoint import save_param_group, write_config
+
+        staging = run_dir / f".final.partial-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        write_config(
+            staging,
+            model.config,
+            dtype=str(np.dtype(jax.tree.leaves(state.trainable)[0].dtype)),
+            source=str(checkpoint),
+        )
+        for group, subtree in state.trainable.items():
+            save_param_group(staging, group, subtree)
+        if model.path is not None and (model.path / "tokenizer").is_dir():
+            shutil.copytree(model.path / "tokenizer", staging / "tokenizer")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    else:
+        save_adapters(state.trainable, final, str(checkpoint))
+    log(f"wrote {final}")
+    return final

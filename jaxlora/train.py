@@ -1,0 +1,108 @@
+"""Fine-tuning: one jitted pure step, `train_step(state, batch) -> (state, metrics)`, over LoRA adapters (the
+base params stay frozen and out of the optimizer) or over all params (`full=True`).
+
+A batch is {"input_ids", "attention_mask", "loss_mask"} int32 [grad_accum, micro_batch, seq]: the step scans
+over the leading axis summing gradients, then applies one optax AdamW update (warmup + cosine decay, global-norm
+clipping). The loss is next-token cross-entropy on the tokens whose loss_mask is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxlora.config import ModelConfig
+from jaxlora.model import decoder, default_positions, variables
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any  # lora.Adapters, or the params themselves for full fine-tuning
+    opt_state: Any
+    key: jax.Array
+
+
+def make_optimizer(
+    learning_rate: float, total_steps: int, *, warmup_steps: int = 0, weight_decay: float = 0.0, clip_norm: float = 1.0
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay to 10% of the peak, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=0.1 * learning_rate
+    )
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool = False, dtype=None):
+    """Summed next-token cross-entropy and the number of target tokens, for one [batch, seq] micro-batch."""
+    if dtype is not None:
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+    ids = batch["input_ids"]
+    mask = batch["attention_mask"].astype(bool)
+    model = decoder(config, lora).clone(remat=remat)
+    logits, _ = model.apply(variables(params, lora), ids, default_positions(mask), mask)
+    # Position t predicts token t + 1; count only targets that are real and asked for.
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    weight = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
+    return -(target_logp * weight).sum(), weight.sum()
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), key)
+
+
+def make_train_step(
+    base_params,
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    full: bool = False,
+    remat: bool = False,
+    dtype=None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """train_step(state, batch) -> (state, metrics), jitted, the state donated. The base params are an argument
+    of the compiled function (not a constant baked into it) and are never updated when training adapters."""
+
+    @partial(jax.jit, donate_argnums=(1,))
+    def step(base, state: TrainState, batch: dict):
+        def micro(carry, micro_batch):
+            def loss_of(trainable):
+                params, lora = (trainable, None) if full else (base, trainable)
+                return token_loss(params, config, micro_batch, lora, remat, dtype)
+
+            (total, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+            grad_sum, loss_sum, count_sum = carry
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + total, count_sum + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)  # mean over every target token of the whole step
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, trainable, opt_state, state.key), metrics
+
+    return lambda state, batch: step(base_params, state, batch)
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def _eval_batch(params, config, batch, lora=None, dtype=None):
+    return token_loss(params, config, batch, lora, False, dtype)
+
+
+def evaluate(params, config: ModelConfig, batches, lora=None, dtype=None) -> dict:
+    """Mean token loss and perplexity over an iterable of [batch, seq] micro-batches."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss, n = _eval_batch(params, config, batch, lora, dtype)
+        total, count = total + float(loss), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(jnp.exp(loss)), "tokens": count}

@@ -1,0 +1,290 @@
+"""Fine-tuning: data formats and loss masks, the pure train step, the finetune run, SIGKILL + resume, PEFT CLI."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import hf_model, save_hf
+
+import jaxlora
+from jaxlora import lora
+from jaxlora.data import Batches, read_examples, tokenize
+from jaxlora.errors import UsageError
+from jaxlora.finetune import load_adapters
+from jaxlora.train import init_state, make_optimizer, make_train_step
+
+pytestmark = pytest.mark.real  # borrows the real SmolLM2 tokenizer
+
+TINY = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(smollm2, tmp_path_factory):
+    """A tiny random llama that speaks SmolLM2's tokenizer (and chat template), converted, plus its torch twin."""
+    dst, _ = smollm2
+    root = tmp_path_factory.mktemp("tiny-chat")
+    torch_model = hf_model(TINY, seed=3)
+    save_hf(torch_model, root / "hf")
+    for file in (dst / "tokenizer").iterdir():
+        shutil.copy(file, root / "hf" / file.name)
+    jaxlora.convert(str(root / "hf"), root / "jax")
+    lines = [json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."}) for i in range(24)]
+    lines.append(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]}
+        )
+    )
+    lines.append(json.dumps({"text": "Plain text is learned everywhere."}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return root, torch_model
+
+
+def test_loss_masks_follow_the_format(tiny_chat):
+    root, _ = tiny_chat
+    tokenizer = jaxlora.load(root / "jax").tokenizer
+    ids, mask = tokenize({"prompt": "What is 2 plus 2?", "completion": " 4"}, tokenizer)
+    learned = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert tokenizer.decode(learned) == " 4" + tokenizer.eos_token
+    assert tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if not m]) == "What is 2 plus 2?"
+    messages = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "Hi there!"},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    ids, mask = tokenize({"messages": messages}, tokenizer)
+    learned = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert "Hi there!" in learned and "Hello!" in learned
+    assert "Say hi." not in learned and "Again." not in learned and "user" not in learned
+    ids, mask = tokenize({"text": "all of it"}, tokenizer)
+    assert all(mask)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "ok"}\n{not json}\n', r"train\.jsonl:2: not valid JSON"),
+        ('{"text": "ok"}\n{"question": "?"}\n', r"train\.jsonl:2: expected"),
+        ("\n\n", "holds no examples"),
+    ],
+)
+def test_malformed_data_lines(tmp_path, content, message):
+    (tmp_path / "train.jsonl").write_text(content)
+    with pytest.raises(UsageError, match=message):
+        read_examples(tmp_path / "train.jsonl")
+
+
+def test_train_step_changes_only_the_adapters_and_learns(tiny_chat):
+    root, _ = tiny_chat
+    model = jaxlora.load(root / "jax")
+    batches = Batches(read_examples(root / "train.jsonl"), model.tokenizer, seq_len=32, seed=1)
+    base_before = jax.tree.map(np.array, model.params)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapters = lora.init(model.config, jax.random.key(0), rank=8, targets=targets)
+    optimizer = make_optimizer(1e-1, 30, warmup_steps=2)
+    step = make_train_step(model.params, model.config, optimizer)
+    state = init_state(adapters, optimizer, jax.random.key(1))
+    fixed = batches.batch(0, 4, 1)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, fixed)
+        losses.append(float(metrics["loss"]))
+    # A random tiny model starts near uniform (ln 49152 = 10.8) and its small normalized hidden state times
+    # 0.02-scale tied embeddings caps how far adapters alone can move the logits: down, but slowly.
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert int(state.step) == 30
+    for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_array_equal(before, np.asarray(after))  # bitwise: the base never moves
+    # The optimizer holds moments for the adapters only, never for the base params.
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapters.weights))
+    n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0)
+    assert n_opt == 2 * n_adapter
+
+
+def test_full_fine_tuning_memorizes_a_batch(tiny_chat):
+    root, _ = tiny_chat
+    model = jaxlora.load(root / "jax")
+    batch = Batches(read_examples(root / "train.jsonl"), model.tokenizer, seq_len=32, seed=1).batch(0, 4, 1)
+    optimizer = make_optimizer(1e-2, 40, warmup_steps=2)
+    step = make_train_step(model.params, model.config, optimizer, full=True, remat=True)
+    state = init_state(jax.tree.map(lambda x: x.copy(), model.params), optimizer, jax.random.key(1))
+    first = None
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < first - 3.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_chat):
+    root, _ = tiny_chat
+    model = jaxlora.load(root / "jax")
+    batches = Batches(read_examples(root / "train.jsonl"), model.tokenizer, seq_len=32, seed=2)
+    adapters = lora.init(model.config, jax.random.key(0), rank=4, targets=("q_proj", "v_proj"))
+    adapters = adapters.replace(weights=jax.tree.map(lambda x: x + 0.01, adapters.weights))
+    optimizer = make_optimizer(1e-2, 10)
+    step = make_train_step(model.params, model.config, optimizer)
+    fresh = lambda: init_state(jax.tree.map(lambda x: x.copy(), adapters), optimizer, jax.random.key(0))  # noqa: E731
+    whole, _ = step(fresh(), batches.batch(0, 4, 1))  # the step donates its state: each call gets its own copy
+    split, _ = step(fresh(), batches.batch(0, 2, 2))
+    for a, b in zip(jax.tree.leaves(whole.trainable), jax.tree.leaves(split.trainable), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def finetune(root, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "jaxlora",
+        "finetune",
+        str(root / "jax"),
+        "--data",
+        str(root / "train.jsonl"),
+        "--out",
+        str(out),
+        "--steps",
+        "8",
+        "--save-every",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        *extra,
+    ]
+
+
+def test_a_run_killed_mid_way_and_resumed_ends_where_an_uninterrupted_one_does(tiny_chat, tmp_path):
+    root, _ = tiny_chat
+    whole = subprocess.run(finetune(root, tmp_path / "whole"), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    proc = subprocess.Popen(
+        finetune(root, tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        for line in proc.stdout:
+            if "saved checkpoint at step 4" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists()
+
+    again = subprocess.run(finetune(root, tmp_path / "killed"), capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    resumed = subprocess.run(
+        finetune(root, tmp_path / "killed", "--resume"), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 4" in resumed.stdout or "resumed from step 6" in resumed.stdout
+
+    config = jaxlora.load(root / "jax").config
+    a = load_adapters(tmp_path / "whole" / "final", config)
+    b = load_adapters(tmp_path / "killed" / "final", config)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.weights)) > 0
+
+
+def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
+    import copy
+
+    import torch
+    from peft import PeftModel
+
+    root, torch_model = tiny_chat
+    run = subprocess.run(
+        finetune(root, tmp_path / "run", "--targets", "q_proj,v_proj,down_proj"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    export = subprocess.run(
+        [sys.executable, "-m", "jaxlora", "lora", "export", str(tmp_path / "run" / "final"), str(tmp_path / "peft")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    model = jaxlora.load(root / "jax")
+    adapters = load_adapters(tmp_path / "run" / "final", model.config)
+    ids = np.random.default_rng(0).integers(0, 49152, (2, 12)).astype(np.int32)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+    back = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlora",
+            "lora",
+            "import",
+            str(tmp_path / "peft"),
+            str(tmp_path / "back"),
+            "--base",
+            str(root / "jax"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert back.returncode == 0, back.stderr[-2000:]
+    again = load_adapters(tmp_path / "back", model.config)
+    for x, y in zip(jax.tree.leaves(adapters.weights), jax.tree.leaves(again.weights), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    generated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxlora",
+            "generate",
+            str(root / "jax"),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "4",
+            "--lora",
+            str(tmp_path / "peft"),
+            "--no-compile-cache",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert generated.returncode == 0, generated.stderr[-2000:]
+
+
+def test_finetune_bad_arguments(tiny_chat, tmp_path):
+    root, _ = tiny_chat
+    for extra, message in ((["--steps", "0"], "--steps must be at least 1"), (["--lr", "-1"], "--lr must be")):
+        result = subprocess.run(finetune(root, tmp_path / "bad", *extra), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr and message in result.stderr
