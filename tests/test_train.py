@@ -288,3 +288,20 @@ def test_finetune_bad_arguments(tiny_chat, tmp_path):
     for extra, message in ((["--steps", "0"], "--steps must be at least 1"), (["--lr", "-1"], "--lr must be")):
         result = subprocess.run(finetune(root, tmp_path / "bad", *extra), capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_eval_data_reports_loss_and_perplexity(tiny_chat, tmp_path):
+    root, _ = tiny_chat
+    (tmp_path / "eval.txt").write_text("What is 3 plus 3? It is 6. What is 4 plus 4? It is 8.")
+    result = subprocess.run(
+        finetune(root, tmp_path / "run", "--eval-data", str(tmp_path / "eval.txt"), "--eval-every", "4", "--keep", "1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [line for line in result.stdout.splitlines() if "eval loss" in line]
+    assert [r.split(":")[0] for r in reports] == ["step 4", "step 8"]
+    loss, perplexity = (float(x) for x in reports[-1].replace(",", "").split("eval loss ")[1].split(" perplexity "))
+    assert abs(np.exp(loss) - perplexity) < 0.01 * perplexity
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["8"]
