@@ -258,6 +258,7 @@ def cmd_finetune(args) -> None:
         clip_norm=args.clip_norm,
         rank=args.rank,
         alpha=args.alpha,
+        dropout=args.dropout,
         targets=targets,
         full=args.full,
         remat=args.remat,
@@ -394,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--clip-norm", type=float, default=1.0)
     tune.add_argument("--rank", type=int, default=8)
     tune.add_argument("--alpha", type=float, default=16.0)
+    tune.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input")
     tune.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated HF module names")
     tune.add_argument("--full", action="store_true", help="train every param instead of LoRA adapters")
     tune.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")

@@ -42,6 +42,7 @@ class RunOptions:
     clip_norm: float = 1.0
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.0
     targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
     full: bool = False
     remat: bool = False
@@ -110,7 +111,9 @@ def load_adapters(path: str | Path, config) -> lora_lib.Adapters:
     if not meta_file.is_file():
         raise UsageError(f"{folder} holds neither jaxlora adapters (lora_config.json) nor a PEFT adapter")
     meta = json.loads(meta_file.read_text())
-    lora_config = lora_lib.LoraConfig(meta["rank"], meta["alpha"], tuple(meta["targets"]), meta.get("rslora", False))
+    lora_config = lora_lib.LoraConfig(
+        meta["rank"], meta["alpha"], tuple(meta["targets"]), meta.get("rslora", False), meta.get("dropout", 0.0)
+    )
     shapes = lora_lib.target_paths(config, lora_config.targets)
     target: dict = {}
     for p, (fan_in, fan_out) in shapes.items():
@@ -149,7 +152,9 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     elif options.init_lora:
         trainable = load_adapters(options.init_lora, model.config)
     else:
-        trainable = lora_lib.init(model.config, key, rank=options.rank, alpha=options.alpha, targets=options.targets)
+        trainable = lora_lib.init(
+            model.config, key, rank=options.rank, alpha=options.alpha, targets=options.targets, dropout=options.dropout
+        )
     optimizer = make_optimizer(
         options.learning_rate,
         options.steps,

@@ -27,6 +27,7 @@ class LoraConfig:
     alpha: float
     targets: tuple[str, ...]
     rslora: bool = False  # PEFT's use_rslora: scale alpha / sqrt(rank) instead of alpha / rank
+    dropout: float = 0.0  # PEFT's lora_dropout: on the adapter's input, in training only
 
     @property
     def scale(self) -> float:
@@ -83,13 +84,18 @@ def init(
     rank: int = 8,
     alpha: float = 16.0,
     targets: Sequence[str] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
     rslora: bool = False,
     dtype=jnp.float32,
 ) -> Adapters:
     """New adapters: A from PEFT's Kaiming-uniform (bound 1 / sqrt(in)), B zero, so the model starts unchanged."""
     if rank < 1:
         raise UsageError(f"LoRA rank must be at least 1, got {rank}")
-    lora_config = LoraConfig(rank=rank, alpha=float(alpha), targets=tuple(sorted(set(targets))), rslora=rslora)
+    if not 0.0 <= dropout < 1.0:
+        raise UsageError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    lora_config = LoraConfig(
+        rank=rank, alpha=float(alpha), targets=tuple(sorted(set(targets))), rslora=rslora, dropout=float(dropout)
+    )
     weights: dict = {}
     paths = target_paths(config, lora_config.targets)
     for path, key_i in zip(sorted(paths), jax.random.split(key, len(paths)), strict=True):

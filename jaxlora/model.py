@@ -9,6 +9,7 @@ from flax import linen as nn
 from jaxlora.attention import apply_rope, attention_mask, dot_product_attention, rope_cos_sin
 from jaxlora.cache import KVCache
 from jaxlora.config import ModelConfig
+from jaxlora.lora import LoraConfig
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -24,7 +25,7 @@ class Linear(nn.Module):
     features: int
     use_bias: bool = False
     axes: tuple[str, str] = ("embed", "embed")
-    lora_scale: float = 0.0  # alpha / rank of this model's LoRA adapters (see jaxlora.lora)
+    lora: LoraConfig | None = None  # this model's LoRA adapters, if any (their weights: the "lora" collection)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -34,9 +35,12 @@ class Linear(nn.Module):
             bias = self.param("bias", _axes(nn.initializers.zeros, self.axes[1]), (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
         if self.has_variable("lora", "a"):
-            # Low-rank update without forming W + AB: x @ W + scale * (x @ A) @ B.
+            # Low-rank update without forming W + AB: x @ W + scale * (dropout(x) @ A) @ B. Dropout (PEFT's
+            # lora_dropout) acts only when a "dropout" rng is given, i.e. in training.
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
-            y = y + self.lora_scale * jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
+            if self.lora.dropout > 0 and self.has_rng("dropout"):
+                x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
+            y = y + self.lora.scale * jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
         return y
 
 
@@ -77,21 +81,15 @@ def make_norm(config: ModelConfig, name: str | None = None) -> Norm:
 class Attention(nn.Module):
     config: ModelConfig
     window: int | None
-    lora_scale: float = 0.0
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
         c = self.config
         b, t, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora_scale=self.lora_scale)(
-            x
-        )
-        k = Linear(
-            c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj", lora_scale=self.lora_scale
-        )(x)
-        v = Linear(
-            c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="v_proj", lora_scale=self.lora_scale
-        )(x)
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora=self.lora)(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj", lora=self.lora)(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="v_proj", lora=self.lora)(x)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -108,7 +106,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
         mask = attention_mask(query_slots, key_valid, self.window)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale, c.attn_softcap)
-        out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora_scale=self.lora_scale)(
+        out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora=self.lora)(
             out.reshape(b, t, c.num_heads * c.head_dim)
         )
         return out, (k, v)
@@ -116,25 +114,20 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: ModelConfig
-    lora_scale: float = 0.0
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         act = ACTIVATIONS[c.activation]
-        up = Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="up_proj", lora_scale=self.lora_scale)(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="up_proj", lora=self.lora)(x)
         if c.gated_mlp:
             up = (
-                act(
-                    Linear(
-                        c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora_scale=self.lora_scale
-                    )(x)
-                )
-                * up
+                act(Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora=self.lora)(x)) * up
             )
         else:
             up = act(up)
-        return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj", lora_scale=self.lora_scale)(up)
+        return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj", lora=self.lora)(up)
 
 
 class MixtureOfExperts(nn.Module):
@@ -166,16 +159,16 @@ class MixtureOfExperts(nn.Module):
 class Block(nn.Module):
     config: ModelConfig
     window: int | None
-    lora_scale: float = 0.0
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
         c = self.config
         normed = make_norm(c, "attn_norm")(x)
-        attn_out, new_kv = Attention(c, self.window, self.lora_scale, name="attn")(
+        attn_out, new_kv = Attention(c, self.window, self.lora, name="attn")(
             normed, cos, sin, query_slots, key_valid, cache_kv, write_index
         )
-        mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, self.lora_scale, name="mlp")
+        mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:
             x = x + make_norm(c, "post_attn_norm")(attn_out)
             return x + make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))), new_kv
@@ -189,7 +182,7 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     config: ModelConfig
-    lora_scale: float = 0.0
+    lora: LoraConfig | None = None
     remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint) to save memory
 
     def setup(self):
@@ -205,10 +198,10 @@ class Decoder(nn.Module):
                 param_dtype=jnp.float32,
             )
         block = nn.remat(Block) if self.remat else Block
-        self.layers = [block(c, c.layer_windows[i], self.lora_scale) for i in range(c.num_layers)]
+        self.layers = [block(c, c.layer_windows[i], self.lora) for i in range(c.num_layers)]
         self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
-            self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora_scale)
+            self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora)
 
     def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, logits_at=None):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
@@ -257,7 +250,7 @@ def variables(params, lora=None) -> dict:
 
 
 def decoder(config: ModelConfig, lora=None) -> Decoder:
-    return Decoder(config, 0.0 if lora is None else lora.config.scale)
+    return Decoder(config, None if lora is None else lora.config)
 
 
 def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, positions=None, lora=None) -> jax.Array:

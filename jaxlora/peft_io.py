@@ -64,7 +64,7 @@ def export_peft(adapters: Adapters, config: ModelConfig, out_dir: str | os.PathL
         "lora_alpha": lora.alpha,
         "use_rslora": lora.rslora,
         "target_modules": list(lora.targets),
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -126,7 +126,13 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
         _set(weights, path + (leaf,), jnp.asarray(value.T))
     adapters = Adapters(
         weights,
-        LoraConfig(rank, float(meta["lora_alpha"]), tuple(sorted(targets)), bool(meta.get("use_rslora", False))),
+        LoraConfig(
+            rank,
+            float(meta["lora_alpha"]),
+            tuple(sorted(targets)),
+            bool(meta.get("use_rslora", False)),
+            float(meta.get("lora_dropout") or 0.0),
+        ),
     )
     expected = target_paths(config, adapters.config.targets)
     for path, (fan_in, fan_out) in expected.items():

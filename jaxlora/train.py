@@ -39,14 +39,18 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 
-def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool = False, dtype=None):
-    """Summed next-token cross-entropy and the number of target tokens, for one [batch, seq] micro-batch."""
+def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool = False, dtype=None, key=None):
+    """Summed next-token cross-entropy and the number of target tokens, for one [batch, seq] micro-batch.
+
+    key: a PRNG key turns LoRA dropout on (training); None is deterministic (evaluation).
+    """
     if dtype is not None:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].astype(bool)
     model = decoder(config, lora).clone(remat=remat)
-    logits, _ = model.apply(variables(params, lora), ids, default_positions(mask), mask)
+    rngs = None if key is None else {"dropout": key}
+    logits, _ = model.apply(variables(params, lora), ids, default_positions(mask), mask, rngs=rngs)
     # Position t predicts token t + 1; count only targets that are real and asked for.
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -72,23 +76,28 @@ def make_train_step(
 
     @partial(jax.jit, donate_argnums=(1,))
     def step(base, state: TrainState, batch: dict):
-        def micro(carry, micro_batch):
+        key, step_key = jax.random.split(state.key)
+
+        def micro(carry, inputs):
+            micro_batch, index = inputs
+
             def loss_of(trainable):
                 params, lora = (trainable, None) if full else (base, trainable)
-                return token_loss(params, config, micro_batch, lora, remat, dtype)
+                return token_loss(params, config, micro_batch, lora, remat, dtype, jax.random.fold_in(step_key, index))
 
             (total, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
             grad_sum, loss_sum, count_sum = carry
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + total, count_sum + count), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)  # mean over every target token of the whole step
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.global_norm(grads)}
-        return TrainState(state.step + 1, trainable, opt_state, state.key), metrics
+        return TrainState(state.step + 1, trainable, opt_state, key), metrics
 
     return lambda state, batch: step(base_params, state, batch)
 

@@ -136,3 +136,24 @@ def test_import_rejects_what_it_cannot_reproduce(tiny, tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(UsageError, match="use_dora=True is not supported"):
         import_peft(tmp_path, config)
+
+
+def test_dropout_acts_in_training_only(tiny, tmp_path):
+    from jaxlora.train import token_loss
+
+    model = tiny("llama-gqa").load()
+    adapters = nonzero(lora.init(model.config, jax.random.key(4), rank=4, dropout=0.5, targets=TARGETS))
+    ids = random_ids((2, 11), model.config.vocab_size, seed=6)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    plain = adapters.replace(config=lora.LoraConfig(4, 16.0, adapters.config.targets))
+    evaluation = token_loss(model.params, model.config, batch, adapters)[0]
+    np.testing.assert_allclose(evaluation, token_loss(model.params, model.config, batch, plain)[0], rtol=1e-6)
+    one = token_loss(model.params, model.config, batch, adapters, key=jax.random.key(1))[0]
+    two = token_loss(model.params, model.config, batch, adapters, key=jax.random.key(2))[0]
+    assert one != two and one != evaluation
+    np.testing.assert_array_equal(
+        one, token_loss(model.params, model.config, batch, adapters, key=jax.random.key(1))[0]
+    )
+    export_peft(adapters, model.config, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_dropout"] == 0.5
+    assert import_peft(tmp_path / "out", model.config).config.dropout == 0.5
