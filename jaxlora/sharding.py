@@ -180,3 +180,20 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf of a (small) pytree copied to every device of the mesh: LoRA adapters, optimizer state."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: put(x, replicated), tree)
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """A training batch [grad_accum, batch, seq] with its batch axis over `data` (replicated if it does not divide)."""
+
+    def one(x):
+        rows = x.shape[1]
+        axis = "data" if mesh.shape["data"] > 1 and rows % mesh.shape["data"] == 0 else None
+        return put(x, NamedSharding(mesh, PartitionSpec(None, axis)))
+
+    return {k: one(v) for k, v in batch.items()}

@@ -63,7 +63,42 @@ def meshes(model_path, ids_path, uneven_path):
         "q_proj_spec": str(q.sharding.spec),
         "up_proj_spec": str(mlp.sharding.spec),
     }
-    print(json.dumps({"devices": jax.device_count(), "meshes": reports, "uneven": uneven_report}))
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "meshes": reports,
+                "uneven": uneven_report,
+                "lora_step": lora_step(model_path, ids),
+            }
+        )
+    )
+
+
+def lora_step(model_path, ids):
+    """Two LoRA train steps on a data=2 x tensor=4 mesh give the single-device adapters."""
+    import jaxlora
+    from jaxlora import lora
+    from jaxlora.sharding import make_mesh, replicate, shard_batch
+    from jaxlora.train import init_state, make_optimizer, make_train_step
+
+    batch = {"input_ids": ids[None], "attention_mask": np.ones_like(ids)[None], "loss_mask": np.ones_like(ids)[None]}
+    results = []
+    for mesh in (None, make_mesh("data=2,tensor=4")):
+        model = jaxlora.load(model_path, mesh=mesh)
+        adapters = lora.init(model.config, jax.random.key(0), rank=4, targets=("q_proj", "v_proj", "down_proj"))
+        optimizer = make_optimizer(1e-2, 10)
+        state = init_state(adapters if mesh is None else replicate(adapters, mesh), optimizer, jax.random.key(1))
+        step = make_train_step(model.params, model.config, optimizer)
+        placed = batch if mesh is None else shard_batch(batch, mesh)
+        for _ in range(2):
+            state, metrics = step(state, placed)
+        results.append((jax.tree.map(np.asarray, state.trainable.weights), float(metrics["loss"])))
+    (single, single_loss), (sharded, sharded_loss) = results
+    diff = max(
+        float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True)
+    )
+    return {"max_adapter_diff": diff, "loss_diff": abs(single_loss - sharded_loss)}
 
 
 def process(model_path, ids_path, process_id, port):

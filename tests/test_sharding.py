@@ -84,6 +84,7 @@ def test_meshes_give_single_device_results(checkpoints):
     assert tensor8["mesh"]["tensor"] == 8
     assert tensor8["q_proj_spec"] == "P(None, 'tensor')"
     assert tensor8["q_proj_shard_shapes"] == [[64, 8]]  # sharded restore: each device holds one head's columns
+    assert report["lora_step"]["max_adapter_diff"] <= 1e-5 and report["lora_step"]["loss_diff"] <= 1e-5
     assert report["uneven"] == {
         "tokens_equal": True,
         "q_proj_spec": "P(None, None)",  # 9 heads do not split over 4: replicated
