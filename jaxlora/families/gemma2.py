@@ -10,27 +10,20 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
 from jaxlora.families import Family, WeightRule
 from jaxlora.families.common import activation, hf_config_object, rope_config, rope_parameters
+from jaxlora.families.llama import EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD, GATED_MLP
 
 _LAYER = "model.layers.{i}."
 
 WEIGHTS = (
-    WeightRule("model.embed_tokens.weight", "embed/embedding"),
-    WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
-    WeightRule(_LAYER + "self_attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.q_norm.weight", "layers_{i}/attn/q_norm/scale", when="qk_norm"),
-    WeightRule(_LAYER + "self_attn.k_norm.weight", "layers_{i}/attn/k_norm/scale", when="qk_norm"),
-    # Here post_attention_layernorm normalizes the attention output; the MLP's input norm is pre_feedforward.
-    WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/post_attn_norm/scale"),
-    WeightRule(_LAYER + "pre_feedforward_layernorm.weight", "layers_{i}/mlp_norm/scale"),
-    WeightRule(_LAYER + "post_feedforward_layernorm.weight", "layers_{i}/post_mlp_norm/scale"),
-    WeightRule(_LAYER + "mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", "transpose"),
-    WeightRule("model.norm.weight", "final_norm/scale"),
-    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+    EMBED_AND_ATTENTION
+    + (
+        # Here post_attention_layernorm normalizes the attention output; the MLP's input norm is pre_feedforward.
+        WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/post_attn_norm/scale"),
+        WeightRule(_LAYER + "pre_feedforward_layernorm.weight", "layers_{i}/mlp_norm/scale"),
+        WeightRule(_LAYER + "post_feedforward_layernorm.weight", "layers_{i}/post_mlp_norm/scale"),
+    )
+    + GATED_MLP
+    + FINAL_NORM_AND_HEAD
 )
 
 

@@ -12,28 +12,41 @@ from jaxlora.families.common import activation, hf_config_object, rope_config
 
 _LAYER = "model.layers.{i}."
 
-WEIGHTS = (
+# Rows the Llama-style families share (Gemma 2/3 and Mixtral build their tables from these).
+EMBED_AND_ATTENTION = (
     WeightRule("model.embed_tokens.weight", "embed/embedding"),
     WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
     WeightRule(_LAYER + "self_attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", "transpose"),
     WeightRule(_LAYER + "self_attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", "transpose"),
     WeightRule(_LAYER + "self_attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", "transpose"),
     WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.q_proj.bias", "layers_{i}/attn/q_proj/bias", when="qkv_bias"),
-    WeightRule(_LAYER + "self_attn.k_proj.bias", "layers_{i}/attn/k_proj/bias", when="qkv_bias"),
-    WeightRule(_LAYER + "self_attn.v_proj.bias", "layers_{i}/attn/v_proj/bias", when="qkv_bias"),
-    WeightRule(_LAYER + "self_attn.o_proj.bias", "layers_{i}/attn/o_proj/bias", when="o_bias"),
     WeightRule(_LAYER + "self_attn.q_norm.weight", "layers_{i}/attn/q_norm/scale", when="qk_norm"),
     WeightRule(_LAYER + "self_attn.k_norm.weight", "layers_{i}/attn/k_norm/scale", when="qk_norm"),
-    WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
+)
+GATED_MLP = (
     WeightRule(_LAYER + "mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", "transpose"),
     WeightRule(_LAYER + "mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", "transpose"),
     WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "mlp.gate_proj.bias", "layers_{i}/mlp/gate_proj/bias", when="mlp_bias"),
-    WeightRule(_LAYER + "mlp.up_proj.bias", "layers_{i}/mlp/up_proj/bias", when="mlp_bias"),
-    WeightRule(_LAYER + "mlp.down_proj.bias", "layers_{i}/mlp/down_proj/bias", when="mlp_bias"),
+)
+FINAL_NORM_AND_HEAD = (
     WeightRule("model.norm.weight", "final_norm/scale"),
     WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+)
+
+WEIGHTS = (
+    EMBED_AND_ATTENTION
+    + (
+        WeightRule(_LAYER + "self_attn.q_proj.bias", "layers_{i}/attn/q_proj/bias", when="qkv_bias"),
+        WeightRule(_LAYER + "self_attn.k_proj.bias", "layers_{i}/attn/k_proj/bias", when="qkv_bias"),
+        WeightRule(_LAYER + "self_attn.v_proj.bias", "layers_{i}/attn/v_proj/bias", when="qkv_bias"),
+        WeightRule(_LAYER + "self_attn.o_proj.bias", "layers_{i}/attn/o_proj/bias", when="o_bias"),
+        WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
+        WeightRule(_LAYER + "mlp.gate_proj.bias", "layers_{i}/mlp/gate_proj/bias", when="mlp_bias"),
+        WeightRule(_LAYER + "mlp.up_proj.bias", "layers_{i}/mlp/up_proj/bias", when="mlp_bias"),
+        WeightRule(_LAYER + "mlp.down_proj.bias", "layers_{i}/mlp/down_proj/bias", when="mlp_bias"),
+    )
+    + GATED_MLP
+    + FINAL_NORM_AND_HEAD
 )
 
 # Older checkpoints saved the rotary buffer; it is recomputed from the config.

@@ -9,19 +9,14 @@ import numpy as np
 from jaxlora.config import ModelConfig
 from jaxlora.families import Family, WeightRule
 from jaxlora.families.common import activation, hf_config_object, rope_config
+from jaxlora.families.llama import EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD
 
 _LAYER = "model.layers.{i}."
 
 ATTENTION = (
-    WeightRule("model.embed_tokens.weight", "embed/embedding"),
-    WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
-    WeightRule(_LAYER + "self_attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
-    WeightRule("model.norm.weight", "final_norm/scale"),
-    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+    EMBED_AND_ATTENTION
+    + (WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),)
+    + FINAL_NORM_AND_HEAD
 )
 
 # transformers 5 saves the experts fused: gate_up_proj [experts, 2 * mlp, hidden], down_proj [experts, hidden, mlp].
