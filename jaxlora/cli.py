@@ -269,6 +269,7 @@ def cmd_finetune(args) -> None:
         eval_every=args.eval_every,
         resume=args.resume,
         init_lora=args.lora,
+        mesh=args.mesh,
     )
     run(args.checkpoint, options, log=lambda message: print(message, flush=True))
 
@@ -405,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tune.add_argument("--lora", help="start from these adapters (jaxlora or PEFT folder)")
+    tune.add_argument("--mesh", help="train on a device mesh, e.g. data=2,tensor=4")
     tune.set_defaults(run=cmd_finetune)
 
     lora = commands.add_parser("lora", help="move adapters to and from Hugging Face PEFT")

@@ -53,6 +53,7 @@ class RunOptions:
     eval_every: int = 0
     resume: bool = False
     init_lora: str | None = None  # start from these adapters (jaxlora final/ or a PEFT folder)
+    mesh: str | None = None  # e.g. "data=2,tensor=4": base params sharded, adapters replicated, batch over data
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "rank"):
@@ -89,7 +90,10 @@ def save_adapters(adapters: lora_lib.Adapters, folder: Path, base: str) -> None:
     try:
         (staging / "lora_config.json").write_text(json.dumps({**asdict(adapters.config), "base": base}, indent=2))
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save((staging / "adapters").absolute(), adapters.weights)
+        # As host arrays: the saved adapters carry no mesh, so any device layout can read them back.
+        from jaxlora.sharding import to_host
+
+        checkpointer.save((staging / "adapters").absolute(), jax.tree.map(to_host, adapters.weights))
         checkpointer.wait_until_finished()
         if folder.exists():
             shutil.rmtree(folder)
@@ -125,6 +129,8 @@ def load_adapters(path: str | Path, config) -> lora_lib.Adapters:
                 "b": jax.ShapeDtypeStruct((lora_config.rank, fan_out), np.float32),
             },
         )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), target)
     weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
     return lora_lib.Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
 
@@ -134,7 +140,10 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     from tqdm.auto import tqdm
 
     options.check()
-    model: Model = load(checkpoint)
+    from jaxlora.sharding import make_mesh, replicate, shard_batch
+
+    mesh = make_mesh(options.mesh) if options.mesh else None
+    model: Model = load(checkpoint, mesh=mesh)
     if model.tokenizer is None:
         raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
     run_dir = Path(options.out)
@@ -155,6 +164,9 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
         trainable = lora_lib.init(
             model.config, key, rank=options.rank, alpha=options.alpha, targets=options.targets, dropout=options.dropout
         )
+    if mesh is not None and not options.full:
+        trainable = replicate(trainable, mesh)
+    place = (lambda batch: batch) if mesh is None else (lambda batch: shard_batch(batch, mesh))  # noqa: E731
     optimizer = make_optimizer(
         options.learning_rate,
         options.steps,
@@ -188,7 +200,7 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     bar = tqdm(total=options.steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr)
     started, tokens_seen = time.perf_counter(), 0.0
     for step in range(start_step, options.steps):
-        batch = train.batch(position, options.batch_size, options.grad_accum)
+        batch = place(train.batch(position, options.batch_size, options.grad_accum))
         state, metrics = train_step(state, batch)
         position += rows_per_step
         loss, tokens = float(metrics["loss"]), float(metrics["tokens"])

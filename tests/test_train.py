@@ -305,3 +305,29 @@ def test_eval_data_reports_loss_and_perplexity(tiny_chat, tmp_path):
     loss, perplexity = (float(x) for x in reports[-1].replace(",", "").split("eval loss ")[1].split(" perplexity "))
     assert abs(np.exp(loss) - perplexity) < 0.01 * perplexity
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["8"]
+
+
+def test_finetune_on_a_mesh_matches_one_device(tiny_chat, tmp_path):
+    import os
+
+    root, _ = tiny_chat
+    one = subprocess.run(
+        finetune(root, tmp_path / "one", "--steps", "3", "--save-every", "3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    mesh = subprocess.run(
+        finetune(root, tmp_path / "mesh", "--steps", "3", "--save-every", "3", "--mesh", "data=2,tensor=2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert one.returncode == 0 and mesh.returncode == 0, mesh.stderr[-2000:]
+    config = jaxlora.load(root / "jax").config
+    a = load_adapters(tmp_path / "one" / "final", config)
+    b = load_adapters(tmp_path / "mesh" / "final", config)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
