@@ -65,11 +65,6 @@ class RunOptions:
             raise UsageError(f"unknown --dtype {self.dtype!r}")
 
 
-def _flat(state) -> tuple[dict, object]:
-    leaves, treedef = jax.tree.flatten(state)
-    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}, treedef
-
-
 def _manager(run_dir: Path, keep: int):
     import orbax.checkpoint as ocp
 

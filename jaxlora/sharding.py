@@ -167,9 +167,7 @@ def generation_layout(mesh: Mesh, config: ModelConfig, batch: int) -> Layout:
 
 def put(value, sharding: NamedSharding) -> jax.Array:
     """A host value (the same on every process) as a global array with `sharding`."""
-    value = np.asarray(value) if not isinstance(value, jax.Array) or not value.is_fully_addressable else value
-    if isinstance(value, jax.Array):
-        value = np.asarray(value)
+    value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +138,3 @@ def shard_files(folder: Path, index_name: str) -> list[Path]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConversionError(f"{index_path} is not a valid shard index ({e})") from None
     return [folder / name for name in dict.fromkeys(weight_map.values())]
-
-
-def iter_tensors(reader: TensorReader, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    for name in names:
-        yield name, reader.get(name)
