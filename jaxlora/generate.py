@@ -96,6 +96,28 @@ def _split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def _mark_prompt_seen(seen: jax.Array, input_ids, real, vocab_size: int) -> jax.Array:
+    """Mark the real prompt tokens in the repetition-penalty mask; padding points past the vocab and is dropped."""
+    rows = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)
+    return seen.at[rows, jnp.where(real, input_ids, vocab_size)].set(True, mode="drop")
+
+
+def _first_token_state(cache, logits, seen, keys, sampling, processors, stop_ids, position, write_index, layout):
+    """Sample the first new token from the prompt's last logits [batch, vocab]; the state the decode loop starts."""
+    keys, step_keys = _split_keys(keys)
+    first = sample_next(logits, sampling, processors, step_keys, seen)
+    state = DecodeState(
+        cache=cache,
+        token=first,
+        position=position,
+        write_index=write_index,
+        done=jnp.isin(first, jnp.asarray(stop_ids or (-1,), jnp.int32)),
+        keys=keys,
+        seen=_mark_seen(seen, first, processors),
+    )
+    return place_state(state, layout)
+
+
 def place_state(state: DecodeState, layout: Layout | None) -> DecodeState:
     """On a mesh: the cache split like the heads (and the batch over `data`), the small per-row state replicated
     so every process can read it."""
@@ -132,26 +154,21 @@ def prefill(
     logits, cache = Decoder(config).apply(
         {"params": params}, input_ids, positions, key_valid, cache, 0, logits_at=width - 1
     )
+    seen = jnp.zeros((batch, config.vocab_size if processors.repetition_penalty else 1), bool)
     if processors.repetition_penalty:
-        seen = jnp.zeros((batch, config.vocab_size), bool)
-        rows = jnp.broadcast_to(jnp.arange(batch)[:, None], input_ids.shape)
-        # Padding slots point at a column past the vocab, dropped by the scatter.
-        seen = seen.at[rows, jnp.where(attention_mask, input_ids, config.vocab_size)].set(True, mode="drop")
-    else:
-        seen = jnp.zeros((batch, 1), bool)
-    keys, step_keys = _split_keys(keys)
-    first = sample_next(logits[:, 0], sampling, processors, step_keys, seen)
-    stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    state = DecodeState(
-        cache=cache,
-        token=first,
-        position=positions[:, -1] + 1,
-        write_index=jnp.asarray(width, jnp.int32),
-        done=jnp.isin(first, stop),
-        keys=keys,
-        seen=_mark_seen(seen, first, processors),
+        seen = _mark_prompt_seen(seen, input_ids, attention_mask, config.vocab_size)
+    return _first_token_state(
+        cache,
+        logits[:, 0],
+        seen,
+        keys,
+        sampling,
+        processors,
+        stop_ids,
+        positions[:, -1] + 1,
+        jnp.asarray(width, jnp.int32),
+        layout,
     )
-    return place_state(state, layout)
 
 
 @partial(jax.jit, static_argnames=("config", "processors", "stop_ids", "layout"), donate_argnames=("state",))
@@ -183,21 +200,19 @@ def extend(
     )
     seen = state.seen
     if processors.repetition_penalty:
-        rows = jnp.broadcast_to(jnp.arange(batch)[:, None], input_ids.shape)
-        seen = seen.at[rows, jnp.where(real, input_ids, config.vocab_size)].set(True, mode="drop")
-    keys, step_keys = _split_keys(state.keys)
-    first = sample_next(logits[:, 0], sampling, processors, step_keys, seen)
-    stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    state = DecodeState(
-        cache=cache,
-        token=first,
-        position=state.position + length,
-        write_index=state.write_index + length,
-        done=jnp.isin(first, stop),
-        keys=keys,
-        seen=_mark_seen(seen, first, processors),
+        seen = _mark_prompt_seen(seen, input_ids, real, config.vocab_size)
+    return _first_token_state(
+        cache,
+        logits[:, 0],
+        seen,
+        state.keys,
+        sampling,
+        processors,
+        stop_ids,
+        state.position + length,
+        state.write_index + length,
+        layout,
     )
-    return place_state(state, layout)
 
 
 @partial(

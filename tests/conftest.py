@@ -29,6 +29,17 @@ BASE = dict(
     max_position_embeddings=256,
 )
 
+NEOX = dict(
+    model_type="gpt_neox",
+    vocab_size=97,
+    hidden_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=67,
+    rotary_pct=0.4,
+    max_position_embeddings=64,
+)
+
 TINY_CONFIGS = {
     "llama-gqa": dict(model_type="llama", **BASE),
     "llama-tied-mha": dict(model_type="llama", **{**BASE, "num_key_value_heads": 4}, tie_word_embeddings=True),
@@ -80,27 +91,8 @@ TINY_CONFIGS = {
     "codegen": dict(
         model_type="codegen", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64, n_ctx=64
     ),
-    "gpt_neox": dict(
-        model_type="gpt_neox",
-        vocab_size=97,
-        hidden_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=67,
-        rotary_pct=0.4,
-        max_position_embeddings=64,
-    ),
-    "gpt_neox-sequential": dict(
-        model_type="gpt_neox",
-        vocab_size=97,
-        hidden_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=67,
-        rotary_pct=0.4,
-        max_position_embeddings=64,
-        use_parallel_residual=False,
-    ),
+    "gpt_neox": NEOX,
+    "gpt_neox-sequential": dict(NEOX, use_parallel_residual=False),
 }
 
 
