@@ -1,4 +1,8 @@
-"""The KV cache: one key and one value buffer per layer plus which slots hold real tokens."""
+"""The KV cache: one key and one value buffer per layer plus which slots hold real tokens.
+
+A layer with a sliding window shorter than the cache keeps a ring buffer of `window` entries instead: slot a of
+the sequence lives at entry a % window, so a long generation's memory for that layer stays bounded.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from jaxlora.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """keys/values: per layer [batch, max_len, kv_heads, head_dim]; valid [batch, max_len] bool."""
+    """keys/values: per layer [batch, max_len or window, kv_heads, head_dim]; valid [batch, max_len] bool."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -22,11 +26,34 @@ class KVCache(NamedTuple):
         return self.valid.shape[1]
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+def layer_lengths(config: ModelConfig, max_len: int, ring: bool = True) -> tuple[int, ...]:
+    """Entries per layer: the window for windowed layers (when shorter than max_len and `ring`), else max_len."""
+    return tuple(w if ring and w is not None and w < max_len else max_len for w in config.layer_windows)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, ring: bool = True) -> KVCache:
+    """An empty cache for `max_len` slots; ring buffers for windowed layers unless `ring=False`."""
+    shapes = [(batch, n, config.num_kv_heads, config.head_dim) for n in layer_lengths(config, max_len, ring)]
     return KVCache(
-        keys=zeros,
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        keys=tuple(jnp.zeros(shape, dtype) for shape in shapes),
+        values=tuple(jnp.zeros(shape, dtype) for shape in shapes),
         valid=jnp.zeros((batch, max_len), bool),
     )
+
+
+def ring_slots(next_slot: jax.Array, size: int) -> jax.Array:
+    """The sequence slot each ring entry holds once slots < next_slot are written: [size] int32, negative for an
+    entry never written. Entry j holds the latest slot a < next_slot with a % size == j."""
+    return next_slot - 1 - jnp.mod(next_slot - 1 - jnp.arange(size), size)
+
+
+def ring_write(buffer: jax.Array, new: jax.Array, write_index: jax.Array) -> jax.Array:
+    """Write new [batch, t, ...] at sequence slots write_index.. into a ring [batch, size, ...]; of more than
+    `size` new entries only the last `size` land."""
+    size, t = buffer.shape[1], new.shape[1]
+    new = new.astype(buffer.dtype)
+    if t == 1:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, write_index % size, axis=1)
+    slots = write_index + jnp.arange(t)
+    entries = jnp.where(slots >= write_index + t - size, slots % size, size)  # size: out of range, dropped
+    return buffer.at[:, entries].set(new, mode="drop")

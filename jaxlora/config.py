@@ -14,17 +14,38 @@ import jax
 
 from jaxlora.errors import ConfigError
 
+ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding. `kind` is one of "default", "linear", "llama3" (HF `rope_type`)."""
+    """Rotary position embedding; `kind` is HF's `rope_type` (one of ROPE_KINDS), see `jaxlora.rope`.
+
+    original_max_position_embeddings: the pretraining context that llama3, YaRN and LongRoPE scale from, and the
+    length past which dynamic NTK starts scaling.
+    """
 
     theta: float = 10000.0
     kind: str = "default"
     factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 0
+    attention_factor: float = 1.0  # YaRN, LongRoPE: cos and sin are scaled by this
+    beta_fast: float = 32.0  # YaRN
+    beta_slow: float = 1.0  # YaRN
+    truncate: bool = True  # YaRN: round the ramp's ends to whole dims
+    short_factor: tuple[float, ...] = ()  # LongRoPE, per rotated pair, within the original context
+    long_factor: tuple[float, ...] = ()  # LongRoPE, past it
+
+    def __post_init__(self):
+        if self.kind not in ROPE_KINDS:
+            raise ConfigError(f"rope kind must be one of {', '.join(ROPE_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
+        if self.kind in ("llama3", "yarn", "longrope", "dynamic") and self.original_max_position_embeddings <= 0:
+            raise ConfigError(f"{self.kind} RoPE needs original_max_position_embeddings > 0")
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,8 @@ class ModelConfig:
     rope_local: RopeConfig | None = None  # Gemma 3: the RoPE of the sliding-window layers
     num_experts: int = 0  # Mixtral: a mixture of this many gated MLPs per layer (0: one dense MLP)
     experts_per_token: int = 0
+    # How attention is computed (a runtime choice, not part of the model): see `jaxlora.attention`.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -88,12 +111,24 @@ class ModelConfig:
             "activation": ("silu", "gelu", "gelu_tanh"),
             "rotary_style": ("half", "interleaved"),
             "residual": ("sequential", "parallel", "parallel_shared_norm"),
+            "attention_impl": ATTENTION_IMPLS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ConfigError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model's positions cover (None: no limit; dynamic NTK scales to any length)."""
+        if self.rope.kind == "dynamic" and not self.learned_positions:
+            return None
+        return self.max_position_embeddings
+
+    def with_attention(self, impl: str) -> ModelConfig:
+        """This config with another attention implementation (see ATTENTION_IMPLS)."""
+        return dataclasses.replace(self, attention_impl=impl)
 
     @property
     def rope_dim(self) -> int:
@@ -120,7 +155,10 @@ class ModelConfig:
         return self.residual != "parallel_shared_norm"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The model's description as saved with a checkpoint (the runtime attention choice is left out)."""
+        data = dataclasses.asdict(self)
+        del data["attention_impl"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -428,10 +428,11 @@ def new_cache(plan: DecodePlan, batch: int, max_len: int, dtype) -> KVCache:
 
 
 def check_context(config: ModelConfig, tokens: int, max_new_tokens: int) -> None:
-    if tokens + max_new_tokens > config.max_position_embeddings:
+    limit = config.context_length
+    if limit is not None and tokens + max_new_tokens > limit:
         raise UsageError(
             f"prompt ({tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{config.max_position_embeddings} tokens"
+            f"{limit} tokens"
         )
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlora.attention import apply_rope, attention_mask, dot_product_attention, rope_cos_sin
-from jaxlora.cache import KVCache
+from jaxlora.attention import attend
+from jaxlora.cache import KVCache, ring_slots, ring_write
 from jaxlora.config import ModelConfig
+from jaxlora.errors import UsageError
 from jaxlora.lora import LoraConfig
+from jaxlora.rope import apply_rope, rope_cos_sin
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -99,17 +103,46 @@ class Attention(nn.Module):
         if not c.learned_positions:
             q = apply_rope(q, cos, sin, c.rotary_style)
             k = apply_rope(k, cos, sin, c.rotary_style)
-        if cache_kv is not None:
-            # Write this call's keys/values into their slots and attend over the whole buffer.
+        core = partial(attend, window=self.window, scale=c.attn_scale, softcap=c.attn_softcap, impl=c.attention_impl)
+        if cache_kv is None:
+            out, new_kv = core(q, k, v, query_slots, key_valid), (k, v)
+        elif cache_kv[0].shape[1] == key_valid.shape[1]:
+            # A buffer with every slot: write this call's keys/values and attend over it.
             cached_k, cached_v = cache_kv
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, write_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
-        mask = attention_mask(query_slots, key_valid, self.window)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attn_scale, c.attn_softcap)
+            out, new_kv = core(q, k.astype(q.dtype), v.astype(q.dtype), query_slots, key_valid), (k, v)
+        else:
+            out, new_kv = self._ring_attention(core, q, k, v, query_slots, key_valid, cache_kv, write_index)
         out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora=self.lora)(
             out.reshape(b, t, c.num_heads * c.head_dim)
         )
-        return out, (k, v)
+        return out, new_kv
+
+    @staticmethod
+    def _ring_attention(core, q, k, v, query_slots, key_valid, cache_kv, write_index):
+        """Attention through a windowed layer's ring buffer (see `jaxlora.cache`)."""
+        cached_k, cached_v = cache_kv
+        size, t = cached_k.shape[1], q.shape[1]
+
+        def valid_at(slots):
+            return jnp.take(key_valid, jnp.maximum(slots, 0), axis=1) & (slots >= 0)
+
+        if t == 1:
+            # One new token: it replaces the entry `window` slots back, which it could not see anyway.
+            new_k, new_v = ring_write(cached_k, k, write_index), ring_write(cached_v, v, write_index)
+            slots = ring_slots(write_index + 1, size)
+            out = core(q, new_k.astype(q.dtype), new_v.astype(q.dtype), query_slots, valid_at(slots), slots)
+            return out, (new_k, new_v)
+        # Several: earlier queries still need entries the later tokens overwrite, so attend over ring + new first.
+        old_slots = ring_slots(write_index, size)
+        keys = jnp.concatenate([cached_k.astype(q.dtype), k], axis=1)
+        values = jnp.concatenate([cached_v.astype(q.dtype), v], axis=1)
+        slots = jnp.concatenate([old_slots, write_index + jnp.arange(t)])
+        new_valid = jax.lax.dynamic_slice_in_dim(key_valid, write_index, t, axis=1)
+        valid = jnp.concatenate([valid_at(old_slots), new_valid], axis=1)
+        out = core(q, keys, values, query_slots, valid, slots)
+        return out, (ring_write(cached_k, k, write_index), ring_write(cached_v, v, write_index))
 
 
 class MLP(nn.Module):
@@ -239,6 +272,13 @@ class Decoder(nn.Module):
         return logits.astype(jnp.float32), new_cache
 
 
+def check_length(config: ModelConfig, length: int) -> None:
+    """Refuse a sequence longer than the positions the model covers (its outputs there would be garbage)."""
+    limit = config.context_length
+    if limit is not None and length > limit:
+        raise UsageError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
+
+
 def default_positions(attention_mask: jax.Array) -> jax.Array:
     """Positions that skip left padding, as HF generate derives them: cumsum(mask) - 1, floored at 0."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -266,6 +306,7 @@ def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, posi
         attention_mask = jnp.ones(input_ids.shape, bool)
     attention_mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
+        check_length(config, input_ids.shape[1])
         positions = default_positions(attention_mask)
     logits, _ = decoder(config, lora).apply(variables(params, lora), input_ids, positions, attention_mask)
     return logits

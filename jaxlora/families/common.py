@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from jaxlora.config import RopeConfig
 from jaxlora.errors import ConfigError
 
-SUPPORTED_ROPE = ("default", "linear", "llama3")
+SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 # HF activation names -> ours. "gelu_new", "gelu_pytorch_tanh" and "gelu_fast" are all the tanh approximation.
 ACTIVATIONS = {
@@ -46,17 +47,57 @@ def rope_parameters(hf) -> dict[str, Any]:
     return dict(params)
 
 
-def rope_config(source) -> RopeConfig:
-    """RoPE from an HF config object or from one rope-parameters dict."""
-    params = source if isinstance(source, dict) else rope_parameters(source)
+def rope_config(source, max_position_embeddings: int | None = None) -> RopeConfig:
+    """RoPE from an HF config object, or from one rope-parameters dict with the model's max_position_embeddings.
+
+    Defaults the way transformers' `_compute_*_parameters` resolve them: YaRN and LongRoPE take a missing factor as
+    max_position_embeddings / original and derive the attention factor from it; dynamic NTK scales from
+    max_position_embeddings.
+    """
+    if isinstance(source, dict):
+        params = source
+    else:
+        params, max_position_embeddings = rope_parameters(source), source.max_position_embeddings
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in SUPPORTED_ROPE:
         raise ConfigError(f"rope_type {kind!r} is not supported yet; supported: {', '.join(SUPPORTED_ROPE)}")
+    original = int(params.get("original_max_position_embeddings") or 0)
+    if kind == "dynamic":
+        original = int(max_position_embeddings)
+    elif kind in ("yarn", "longrope", "llama3") and not original:
+        original = int(max_position_embeddings)
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_position_embeddings / original if kind in ("yarn", "longrope") else 1.0
+    factor = float(factor)
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = _default_attention_factor(kind, factor, original, params)
     return RopeConfig(
         theta=float(params.get("rope_theta", 10000.0)),
         kind=kind,
-        factor=float(params.get("factor", 1.0)),
+        factor=factor,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings") or 0),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        truncate=bool(params.get("truncate", True)),
+        short_factor=tuple(params.get("short_factor") or ()),
+        long_factor=tuple(params.get("long_factor") or ()),
     )
+
+
+def _default_attention_factor(kind: str, factor: float, original: int, params: dict[str, Any]) -> float:
+    if kind == "yarn":
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if params.get("mscale") and params.get("mscale_all_dim"):
+            return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+        return mscale(factor)
+    if kind == "longrope" and factor > 1.0:
+        return math.sqrt(1 + math.log(factor) / math.log(original))
+    return 1.0

@@ -28,12 +28,13 @@ WEIGHTS = (
 
 
 def _ropes(hf, model_type: str):
-    params = rope_parameters(hf)
+    params, max_len = rope_parameters(hf), hf.max_position_embeddings
     if "full_attention" in params:  # transformers 5: one RoPE per layer type
-        return rope_config(params["full_attention"]), rope_config(params.get("sliding_attention"))
+        return rope_config(params["full_attention"], max_len), rope_config(params.get("sliding_attention"), max_len)
     if model_type == "gemma3_text":  # transformers 4: the local layers' theta on its own
-        return rope_config(params), rope_config({"rope_theta": getattr(hf, "rope_local_base_freq", 10000.0)})
-    return rope_config(params), None
+        local = {"rope_theta": getattr(hf, "rope_local_base_freq", 10000.0)}
+        return rope_config(params, max_len), rope_config(local, max_len)
+    return rope_config(params, max_len), None
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:

@@ -58,7 +58,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         head_dim=head_dim,
         max_position_embeddings=hf.max_position_embeddings,
         norm_eps=float(hf.rms_norm_eps),
-        rope=rope_config(hf),  # longrope / su scaling is refused here, by name
+        rope=rope_config(hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         layer_windows=(getattr(hf, "sliding_window", None),) * hf.num_hidden_layers,
         activation=activation(hf.hidden_act, "phi3"),
