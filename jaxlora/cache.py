@@ -47,13 +47,17 @@ def ring_slots(next_slot: jax.Array, size: int) -> jax.Array:
     return next_slot - 1 - jnp.mod(next_slot - 1 - jnp.arange(size), size)
 
 
-def ring_write(buffer: jax.Array, new: jax.Array, write_index: jax.Array) -> jax.Array:
-    """Write new [batch, t, ...] at sequence slots write_index.. into a ring [batch, size, ...]; of more than
-    `size` new entries only the last `size` land."""
+def ring_write(buffer: jax.Array, new: jax.Array, write_index: jax.Array, end: jax.Array | None = None) -> jax.Array:
+    """Write new [batch, t, ...] at sequence slots write_index.. into a ring [batch, size, ...].
+
+    Only slots before `end` (default: all t) are kept, right padding (a chat turn's) being dropped so it cannot
+    evict live entries; of those only the last `size` land.
+    """
     size, t = buffer.shape[1], new.shape[1]
     new = new.astype(buffer.dtype)
     if t == 1:
         return jax.lax.dynamic_update_slice_in_dim(buffer, new, write_index % size, axis=1)
+    end = write_index + t if end is None else end
     slots = write_index + jnp.arange(t)
-    entries = jnp.where(slots >= write_index + t - size, slots % size, size)  # size: out of range, dropped
+    entries = jnp.where((slots >= end - size) & (slots < end), slots % size, size)  # size: out of range, dropped
     return buffer.at[:, entries].set(new, mode="drop")

@@ -142,7 +142,9 @@ class Attention(nn.Module):
         new_valid = jax.lax.dynamic_slice_in_dim(key_valid, write_index, t, axis=1)
         valid = jnp.concatenate([valid_at(old_slots), new_valid], axis=1)
         out = core(q, keys, values, query_slots, valid, slots)
-        return out, (ring_write(cached_k, k, write_index), ring_write(cached_v, v, write_index))
+        # The ring keeps slots up to the last real one: a chat turn's right padding is overwritten by decoding.
+        end = write_index + jnp.max(jnp.where(jnp.any(new_valid, axis=0), jnp.arange(1, t + 1), 0))
+        return out, (ring_write(cached_k, k, write_index, end), ring_write(cached_v, v, write_index, end))
 
 
 class MLP(nn.Module):
