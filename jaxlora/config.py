@@ -98,6 +98,14 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         self._check_choices()
+        for rope in (self.rope, self.rope_local):
+            if rope is not None and rope.kind == "longrope":
+                sizes = (len(rope.short_factor), len(rope.long_factor))
+                if sizes != (self.rope_dim // 2,) * 2:
+                    raise ConfigError(
+                        f"longrope factors have {sizes[0]} and {sizes[1]} entries; the rotary dims need "
+                        f"{self.rope_dim // 2}"
+                    )
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "

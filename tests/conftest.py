@@ -57,6 +57,29 @@ TINY_CONFIGS = {
         ),
     ),
     "llama-linear-rope": dict(model_type="llama", **BASE, rope_scaling=dict(rope_type="linear", factor=2.0)),
+    # Dynamic NTK scales once a call runs past max_position_embeddings: 16 here, so the 19-token parity check
+    # and generation cross it.
+    "llama-dynamic-rope": dict(
+        model_type="llama",
+        **{**BASE, "max_position_embeddings": 16},
+        rope_scaling=dict(rope_type="dynamic", factor=3.0),
+    ),
+    "llama-yarn-rope": dict(
+        model_type="llama",
+        **BASE,
+        rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=8.0),
+    ),
+    "phi3-longrope": dict(
+        model_type="phi3",
+        **BASE,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        original_max_position_embeddings=16,
+        rope_scaling=dict(
+            rope_type="longrope", short_factor=[1.0, 1.1, 1.5, 2.0, 2.5], long_factor=[1.0, 2.0, 4.0, 8.0, 16.0]
+        ),
+    ),
     "mistral-window": dict(model_type="mistral", **BASE, sliding_window=7),
     "qwen2": dict(model_type="qwen2", **BASE, tie_word_embeddings=True),
     "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6, max_window_layers=1),
