@@ -143,16 +143,21 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, mesh=None) -> Model:
+def load(path: str | os.PathLike, dtype: str | None = None, mesh=None, attention: str = "auto") -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
     mesh: a `jax.sharding.Mesh` (see `jaxlora.sharding.make_mesh`) to restore the params directly into their
-    shardings, each device reading only its own shard.
+    shardings, each device reading only its own shard. attention: the attention implementation the returned
+    config selects ("auto", "xla", "chunked", "cudnn", "splash"; see `jaxlora.attention`).
     """
+    from jaxlora.attention import check_impl
+
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_impl(attention)
     path = Path(path)
     config, meta = read_config(path)
+    config = config.with_attention(attention)
     params = restore_params(path, config, meta["dtype"], dtype, mesh)
     generation_file = path / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxlora.config import ATTENTION_IMPLS
 from jaxlora.errors import JaxloraError, UsageError
 
 DEFAULT_CHECKPOINTS = Path("checkpoints")
@@ -60,12 +61,12 @@ def _setup_devices(args):
     return make_mesh(spec) if spec else None
 
 
-def _load(path: str, dtype: str | None, mesh=None, lora: str | None = None):
+def _load(path: str, dtype: str | None, mesh=None, lora: str | None = None, attention: str = "auto"):
     from jaxlora.checkpoint import load
 
     start = time.perf_counter()
     _say(f"loading {path} ..." + (f" onto mesh {dict(mesh.shape)}" if mesh is not None else ""))
-    model = load(path, dtype=dtype, mesh=mesh)
+    model = load(path, dtype=dtype, mesh=mesh, attention=attention)
     if lora:
         from jaxlora.finetune import load_adapters
         from jaxlora.lora import merge
@@ -178,7 +179,7 @@ def cmd_generate(args) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     _enable_compile_cache(args)
     mesh = _setup_devices(args)
-    model = _load(args.checkpoint, args.dtype, mesh, args.lora)
+    model = _load(args.checkpoint, args.dtype, mesh, args.lora, args.attention)
     out = sys.stdout if _is_primary() else open(os.devnull, "w")  # noqa: SIM115
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -214,7 +215,7 @@ def cmd_chat(args) -> None:
     sampling = _sampling(args)
     _enable_compile_cache(args)
     mesh = _setup_devices(args)
-    model = _load(args.checkpoint, args.dtype, mesh, args.lora)
+    model = _load(args.checkpoint, args.dtype, mesh, args.lora, args.attention)
     session = ChatSession(
         model,
         max_new_tokens=args.max_new_tokens,
@@ -270,6 +271,7 @@ def cmd_finetune(args) -> None:
         resume=args.resume,
         init_lora=args.lora,
         mesh=args.mesh,
+        attention=args.attention,
     )
     run(args.checkpoint, options, log=lambda message: print(message, flush=True))
 
@@ -317,12 +319,21 @@ def cmd_info(args) -> None:
         ("head dim", config.head_dim),
         ("mlp size", config.intermediate_size),
         ("vocab", config.vocab_size),
-        ("context", config.max_position_embeddings),
-        ("rope", f"{config.rope.kind}, theta {config.rope.theta:g}"),
+        ("context", config.context_length or f"unbounded (dynamic NTK from {config.max_position_embeddings})"),
+        ("rope", _describe_rope(config.rope)),
         ("tied embeddings", config.tie_word_embeddings),
     ]
     for name, value in rows:
         print(f"{name:16} {value}")
+
+
+def _describe_rope(rope) -> str:
+    text = f"{rope.kind}, theta {rope.theta:g}"
+    if rope.kind != "default":
+        text += f", factor {rope.factor:g}"
+    if rope.original_max_position_embeddings:
+        text += f", original context {rope.original_max_position_embeddings}"
+    return text
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +349,17 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     parser.add_argument("--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, tensor; -1: rest)")
     parser.add_argument("--lora", help="apply LoRA adapters (a jaxlora runs/NAME/final or a PEFT folder)")
+    _add_attention_flag(parser)
+
+
+def _add_attention_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTION_IMPLS,
+        help="attention implementation: xla (reference), chunked (flash-style, memory linear in length), cudnn "
+        "(GPU), splash (TPU); auto picks per platform and length",
+    )
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -407,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tune.add_argument("--lora", help="start from these adapters (jaxlora or PEFT folder)")
     tune.add_argument("--mesh", help="train on a device mesh, e.g. data=2,tensor=4")
+    _add_attention_flag(tune)
     tune.set_defaults(run=cmd_finetune)
 
     lora = commands.add_parser("lora", help="move adapters to and from Hugging Face PEFT")

@@ -54,6 +54,7 @@ class RunOptions:
     resume: bool = False
     init_lora: str | None = None  # start from these adapters (jaxlora final/ or a PEFT folder)
     mesh: str | None = None  # e.g. "data=2,tensor=4": base params sharded, adapters replicated, batch over data
+    attention: str = "auto"  # attention implementation, see jaxlora.attention ("chunked" for long sequences)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "rank"):
@@ -138,7 +139,7 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     from jaxlora.sharding import make_mesh, replicate, shard_batch
 
     mesh = make_mesh(options.mesh) if options.mesh else None
-    model: Model = load(checkpoint, mesh=mesh)
+    model: Model = load(checkpoint, mesh=mesh, attention=options.attention)
     if model.tokenizer is None:
         raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
     run_dir = Path(options.out)

@@ -84,6 +84,14 @@ def test_generate_bad_arguments(tmp_path, args, message):
     assert_clean_error(run_cli("generate", tmp_path, *args), message)
 
 
+@pytest.mark.parametrize(
+    "impl, message", [("cudnn", "needs a GPU; this process runs on cpu"), ("splash", "needs a TPU")]
+)
+def test_attention_backend_the_platform_lacks(tiny, impl, message):
+    result = run_cli("generate", tiny("llama-gqa").jax_dir, "--prompt", "hi", "--attention", impl)
+    assert_clean_error(result, f"attention '{impl}' {message}")
+
+
 def test_generate_without_tokenizer(tiny):
     assert_clean_error(run_cli("generate", tiny("llama-gqa").jax_dir, "--prompt", "hi"), "has no tokenizer")
 

@@ -207,3 +207,17 @@ def test_decode_updates_the_donated_cache_in_place(tiny):
         r"input_output_alias=\{(.*)", hlo
     )
     assert aliased and aliased.group(1).count("may-alias") >= 2 * config.num_layers
+
+
+def test_forward_refuses_a_sequence_past_the_context(tiny):
+    model = tiny("gpt2").load()  # learned positions: 64 of them
+    ids = random_ids((1, 65), model.config.vocab_size)
+    with pytest.raises(UsageError, match="sequence of 65 tokens exceeds the model's context of 64 tokens"):
+        jaxlora.forward(model.params, model.config, ids)
+
+
+def test_dynamic_ntk_scaling_has_no_context_limit(tiny):
+    model = tiny("llama-dynamic-rope").load()
+    assert model.config.context_length is None
+    ids = random_ids((1, 40), model.config.vocab_size)
+    assert jaxlora.generate(model.params, model.config, ids, max_new_tokens=8).tokens.shape == (1, 8)
