@@ -30,12 +30,15 @@ from jaxlora.errors import ConfigError
 # Online softmax floor: finite, so a block with every key masked leaves the running max finite and exp() at 0.
 _FLOOR = float(jnp.finfo(jnp.float32).min)
 
-# "auto" on CPU switches to chunked once the score matrix of one row and head would pass this many entries
-# (about 4 MiB of float32); below it the one-shot XLA path is faster.
-AUTO_CHUNKED_SCORES = 1 << 20
+# "auto" switches prefill and training to chunked once the score matrix of one row and head passes this many
+# entries (512 x 512). Measured on a 2-core CPU with SmolLM2 (scripts/bench_longctx.py): equal speed at 256
+# tokens, chunked 7% faster at 512, 2x at 1k, 4x at 2k. Decode (one query row) stays on XLA: its fused masked
+# pass over the whole buffer measured as fast as chunked's loop over only the filled blocks, even at 8k slots.
+AUTO_CHUNKED_SCORES = 1 << 18
 
 Q_BLOCK = 512
 K_BLOCK = 512
+DECODE_K_BLOCK = 2048
 
 
 class AttentionSpec(NamedTuple):
@@ -46,6 +49,7 @@ class AttentionSpec(NamedTuple):
     softcap: float | None
     q_block: int = Q_BLOCK
     k_block: int = K_BLOCK
+    decode_k_block: int = DECODE_K_BLOCK  # key block when there is one query row
     contiguous_keys: bool = True  # key slots are 0..k_len-1, so blocks can be skipped by slot
 
 
@@ -93,6 +97,12 @@ def _blocks(length: int, block: int) -> tuple[int, int]:
     return size, -(-length // size)
 
 
+def _block_start(index, size: int, length: int):
+    """Where block `index` starts: at index * size, or pulled back so a ragged last block still fits (its first
+    rows then repeat the previous block's; nothing is padded or copied)."""
+    return jnp.minimum(index * size, length - size)
+
+
 def _key_block_range(spec: AttentionSpec, q_slots: jax.Array, num_k_blocks: int, k_size: int):
     """The key blocks [lo, hi) a query block with these slots can see."""
     if not spec.contiguous_keys:
@@ -103,10 +113,39 @@ def _key_block_range(spec: AttentionSpec, q_slots: jax.Array, num_k_blocks: int,
     return jnp.maximum(jnp.min(q_slots) - spec.window + 1, 0) // k_size, hi
 
 
+class _Layout(NamedTuple):
+    qb: int  # query block size
+    nq: int
+    kb: int  # key block size
+    nk: int
+
+
+def _layout(spec: AttentionSpec, t: int, s: int) -> _Layout:
+    qb, nq = _blocks(t, spec.q_block)
+    # One query row (decode) has a tiny score block: larger key blocks mean fewer loop trips per step.
+    kb, nk = _blocks(s, spec.decode_k_block if t == 1 else spec.k_block)
+    return _Layout(qb, nq, kb, nk)
+
+
+def _key_block(spec, layout, j, k, v, k_slots, k_valid):
+    """Key block j in the cache's own layout: k/v [b, kb, kvh, d], its slots, and which columns to count
+    (valid, and not already seen in block j - 1 when this ragged last block was pulled back)."""
+    start = _block_start(j, layout.kb, k.shape[1])
+    fresh = start + jnp.arange(layout.kb) >= j * layout.kb
+    valid = jax.lax.dynamic_slice_in_dim(k_valid, start, layout.kb, axis=1) & fresh[None]
+    return (
+        start,
+        jax.lax.dynamic_slice_in_dim(k, start, layout.kb, axis=1),
+        jax.lax.dynamic_slice_in_dim(v, start, layout.kb, axis=1),
+        jax.lax.dynamic_slice_in_dim(k_slots, start, layout.kb),
+        valid,
+    )
+
+
 def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, k_valid):
-    """Capped scores and mask of one block pair: [b, kvh, g, qb, kb] float32 and bool; also the uncapped tanh
-    (for the backward pass) or None."""
-    raw = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * spec.scale
+    """Scores and mask of one block pair: [b, kvh, g, qb, kb] float32 (capped, masked to the floor) and bool; also
+    tanh of the uncapped scores (for the backward pass) or None."""
+    raw = jnp.einsum("bkgqd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * spec.scale
     tanh = None
     if spec.softcap is not None:
         tanh = jnp.tanh(raw / spec.softcap)
@@ -118,138 +157,102 @@ def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, k_valid):
     return jnp.where(mask, raw, _FLOOR), mask, tanh
 
 
-def _to_blocks(q, k, v, q_slots, k_slots, k_valid, spec: AttentionSpec):
-    """Head-major, padded copies: q [b, kvh, g, nq*qb, d], k/v [b, kvh, nk*kb, d], and the padded slots."""
-    b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
-    qb, nq = _blocks(t, spec.q_block)
-    kb, nk = _blocks(s, spec.k_block)
-    qh = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-    qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, nq * qb - t), (0, 0)))
-    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, nk * kb - s), (0, 0)))
-    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, nk * kb - s), (0, 0)))
-    # Padded queries repeat the last slot (their rows are dropped); padded keys are invalid.
-    q_slots = jnp.pad(q_slots, (0, nq * qb - t), mode="edge")
-    k_slots = jnp.pad(k_slots, (0, nk * kb - s), mode="edge")
-    k_valid = jnp.pad(k_valid, ((0, 0), (0, nk * kb - s)))
-    return qh, kh, vh, q_slots, k_slots, k_valid, (qb, nq, kb, nk)
+def _head_major(x: jax.Array, kv_heads: int, dtype=None) -> jax.Array:
+    """[b, t, h, d] -> [b, kvh, g, t, d]: query heads grouped under the kv head they share."""
+    b, t, h, d = x.shape
+    x = x.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    return x if dtype is None else x.astype(dtype)
 
 
 def _chunked_forward(q, k, v, q_slots, k_slots, k_valid, spec: AttentionSpec):
-    """-> out [b, t, h, d] in q's dtype and the logsumexp [b, kvh, g, nq*qb] float32 of every query row."""
+    """-> out [b, t, h, d] in q's dtype and the logsumexp [b, kvh, g, t] float32 of every query row."""
     b, t, h, d = q.shape
-    qh, kh, vh, q_slots, k_slots, k_valid, (qb, nq, kb, nk) = _to_blocks(q, k, v, q_slots, k_slots, k_valid, spec)
-    kvh, g = kh.shape[1], h // kh.shape[1]
+    kvh = k.shape[2]
+    layout = _layout(spec, t, k.shape[1])
+    qh = _head_major(q, kvh)
 
     def query_block(i, acc):
         out, lse = acc
-        q_blk = jax.lax.dynamic_slice_in_dim(qh, i * qb, qb, axis=3)
-        slots = jax.lax.dynamic_slice_in_dim(q_slots, i * qb, qb)
+        q_start = _block_start(i, layout.qb, t)
+        q_blk = jax.lax.dynamic_slice_in_dim(qh, q_start, layout.qb, axis=3)
+        slots = jax.lax.dynamic_slice_in_dim(q_slots, q_start, layout.qb)
 
         def key_block(j, carry):
             o, m, total = carry
-            k_blk = jax.lax.dynamic_slice_in_dim(kh, j * kb, kb, axis=2)
-            v_blk = jax.lax.dynamic_slice_in_dim(vh, j * kb, kb, axis=2)
-            scores, mask, _ = _block_scores(
-                spec,
-                q_blk,
-                k_blk,
-                slots,
-                jax.lax.dynamic_slice_in_dim(k_slots, j * kb, kb),
-                jax.lax.dynamic_slice_in_dim(k_valid, j * kb, kb, axis=1),
-            )
+            _, k_blk, v_blk, blk_slots, blk_valid = _key_block(spec, layout, j, k, v, k_slots, k_valid)
+            scores, mask, _ = _block_scores(spec, q_blk, k_blk, slots, blk_slots, blk_valid)
             m_new = jnp.maximum(m, scores.max(axis=-1))
             p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
             rescale = jnp.exp(m - m_new)
             total = total * rescale + p.sum(axis=-1)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
             return o * rescale[..., None] + pv, m_new, total
 
-        init = (
-            jnp.zeros((b, kvh, g, qb, d), jnp.float32),
-            jnp.full((b, kvh, g, qb), _FLOOR, jnp.float32),
-            jnp.zeros((b, kvh, g, qb), jnp.float32),
-        )
-        lo, hi = _key_block_range(spec, slots, nk, kb)
+        shape = q_blk.shape[:-1]
+        init = (jnp.zeros((*shape, d), jnp.float32), jnp.full(shape, _FLOOR), jnp.zeros(shape, jnp.float32))
+        lo, hi = _key_block_range(spec, slots, layout.nk, layout.kb)
         o, m, total = jax.lax.fori_loop(lo, hi, key_block, init)
         seen = total > 0
         o = o / jnp.where(seen, total, 1.0)[..., None]
-        block_lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)  # inf: p = exp(s - inf) = 0
-        out = jax.lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), i * qb, axis=3)
-        return out, jax.lax.dynamic_update_slice_in_dim(lse, block_lse, i * qb, axis=3)
+        block_lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)  # inf: exp(s - inf) = 0
+        out = jax.lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), q_start, axis=3)
+        return out, jax.lax.dynamic_update_slice_in_dim(lse, block_lse, q_start, axis=3)
 
-    out = jnp.zeros((b, kvh, g, nq * qb, d), q.dtype)
-    lse = jnp.zeros((b, kvh, g, nq * qb), jnp.float32)
-    out, lse = jax.lax.fori_loop(0, nq, query_block, (out, lse))
-    return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), lse
+    out = jnp.zeros(qh.shape, q.dtype)
+    lse = jnp.zeros(qh.shape[:-1], jnp.float32)
+    out, lse = jax.lax.fori_loop(0, layout.nq, query_block, (out, lse))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), lse
+
+
+def _add_at(acc: jax.Array, start, block: jax.Array, axis: int) -> jax.Array:
+    current = jax.lax.dynamic_slice_in_dim(acc, start, block.shape[axis], axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(acc, current + block, start, axis=axis)
 
 
 def _chunked_backward(spec: AttentionSpec, residuals, d_out):
     q, k, v, q_slots, k_slots, k_valid, out, lse = residuals
     b, t, h, d = q.shape
-    s = k.shape[1]
-    qh, kh, vh, q_slots, k_slots, k_valid, (qb, nq, kb, nk) = _to_blocks(q, k, v, q_slots, k_slots, k_valid, spec)
-    kvh, g = kh.shape[1], h // kh.shape[1]
-
-    def head_major(x):  # [b, t, h, d] -> [b, kvh, g, nq*qb, d] float32
-        x = x.astype(jnp.float32).reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4)
-        return jnp.pad(x, ((0, 0),) * 3 + ((0, nq * qb - t), (0, 0)))
-
-    d_out_h = head_major(d_out)
+    kvh = k.shape[2]
+    layout = _layout(spec, t, k.shape[1])
+    qh = _head_major(q, kvh)
+    d_out_h = _head_major(d_out, kvh, jnp.float32)
     # D_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax backward's row term.
-    delta = jnp.sum(d_out_h * head_major(out), axis=-1)
+    delta = jnp.sum(d_out_h * _head_major(out, kvh, jnp.float32), axis=-1)
 
     def query_block(i, grads):
         dq, dk, dv = grads
-        q_blk = jax.lax.dynamic_slice_in_dim(qh, i * qb, qb, axis=3)
-        do_blk = jax.lax.dynamic_slice_in_dim(d_out_h, i * qb, qb, axis=3)
-        lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * qb, qb, axis=3)
-        delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * qb, qb, axis=3)
-        slots = jax.lax.dynamic_slice_in_dim(q_slots, i * qb, qb)
+        q_start = _block_start(i, layout.qb, t)
+        # Rows a pulled-back last block shares with the previous block were handled there: count them once.
+        fresh = (q_start + jnp.arange(layout.qb) >= i * layout.qb)[:, None]
+        q_blk = jax.lax.dynamic_slice_in_dim(qh, q_start, layout.qb, axis=3)
+        do_blk = jax.lax.dynamic_slice_in_dim(d_out_h, q_start, layout.qb, axis=3)
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, layout.qb, axis=3)
+        delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, layout.qb, axis=3)
+        slots = jax.lax.dynamic_slice_in_dim(q_slots, q_start, layout.qb)
 
         def key_block(j, carry):
             dq_blk, dk, dv = carry
-            k_blk = jax.lax.dynamic_slice_in_dim(kh, j * kb, kb, axis=2)
-            v_blk = jax.lax.dynamic_slice_in_dim(vh, j * kb, kb, axis=2)
-            scores, mask, tanh = _block_scores(
-                spec,
-                q_blk,
-                k_blk,
-                slots,
-                jax.lax.dynamic_slice_in_dim(k_slots, j * kb, kb),
-                jax.lax.dynamic_slice_in_dim(k_valid, j * kb, kb, axis=1),
-            )
-            p = jnp.where(mask, jnp.exp(scores - lse_blk[..., None]), 0.0)
-            dv_blk = jnp.einsum("bkgqs,bkgqd->bksd", p, do_blk)
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk.astype(jnp.float32))
+            k_start, k_blk, v_blk, blk_slots, blk_valid = _key_block(spec, layout, j, k, v, k_slots, k_valid)
+            scores, mask, tanh = _block_scores(spec, q_blk, k_blk, slots, blk_slots, blk_valid)
+            p = jnp.where(mask & fresh, jnp.exp(scores - lse_blk[..., None]), 0.0)
+            dv_blk = jnp.einsum("bkgqs,bkgqd->bskd", p, do_blk)
+            dp = jnp.einsum("bkgqd,bskd->bkgqs", do_blk, v_blk.astype(jnp.float32))
             ds = p * (dp - delta_blk[..., None])
             if tanh is not None:
                 ds = ds * (1 - tanh * tanh)  # through cap * tanh(x / cap)
             ds = ds * spec.scale
-            dq_blk = dq_blk + jnp.einsum("bkgqs,bksd->bkgqd", ds, k_blk.astype(jnp.float32))
-            dk_blk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q_blk.astype(jnp.float32))
+            dq_blk = dq_blk + jnp.einsum("bkgqs,bskd->bkgqd", ds, k_blk.astype(jnp.float32))
+            dk_blk = jnp.einsum("bkgqs,bkgqd->bskd", ds, q_blk.astype(jnp.float32))
+            return dq_blk, _add_at(dk, k_start, dk_blk, axis=1), _add_at(dv, k_start, dv_blk, axis=1)
 
-            def add(acc, blk):
-                return jax.lax.dynamic_update_slice_in_dim(
-                    acc, jax.lax.dynamic_slice_in_dim(acc, j * kb, kb, axis=2) + blk, j * kb, axis=2
-                )
+        lo, hi = _key_block_range(spec, slots, layout.nk, layout.kb)
+        dq_blk, dk, dv = jax.lax.fori_loop(lo, hi, key_block, (jnp.zeros(q_blk.shape, jnp.float32), dk, dv))
+        return _add_at(dq, q_start, dq_blk, axis=3), dk, dv
 
-            return dq_blk, add(dk, dk_blk), add(dv, dv_blk)
-
-        lo, hi = _key_block_range(spec, slots, nk, kb)
-        dq_blk, dk, dv = jax.lax.fori_loop(lo, hi, key_block, (jnp.zeros_like(q_blk, jnp.float32), dk, dv))
-        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * qb, axis=3), dk, dv
-
-    grads = (
-        jnp.zeros(qh.shape, jnp.float32),
-        jnp.zeros(kh.shape, jnp.float32),
-        jnp.zeros(vh.shape, jnp.float32),
-    )
-    dq, dk, dv = jax.lax.fori_loop(0, nq, query_block, grads)
-    dq = dq[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
-    dk = dk[:, :, :s].transpose(0, 2, 1, 3).astype(k.dtype)
-    dv = dv[:, :, :s].transpose(0, 2, 1, 3).astype(v.dtype)
-    return dq, dk, dv, None, None, None
+    grads = (jnp.zeros(qh.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = jax.lax.fori_loop(0, layout.nq, query_block, grads)
+    dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -326,7 +329,7 @@ def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, 
     """The implementation a call runs: `impl` itself, or for "auto" the best the platform has for this call.
 
     auto: TPU -> splash for prefill/training, GPU -> cudnn for float16/bfloat16 without a soft cap; otherwise (and
-    on CPU) chunked once a row's score matrix per head passes AUTO_CHUNKED_SCORES entries, else xla.
+    on CPU) chunked once a row's score matrix per head passes AUTO_CHUNKED_SCORES entries, else xla; xla for decode.
     """
     plat = plat or platform()
     check_impl(impl, plat)
@@ -336,7 +339,7 @@ def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, 
         return "splash"
     if plat == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16) and spec.softcap is None:
         return "cudnn"
-    return "chunked" if q_len * k_len > AUTO_CHUNKED_SCORES else "xla"
+    return "chunked" if q_len > 1 and q_len * k_len > AUTO_CHUNKED_SCORES else "xla"
 
 
 def attend(
