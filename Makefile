@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_CKPT := checkpoints/smollm2-135m-instruct
 DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench bench-longctx install
 
 install: $(BIN)/.installed
 
@@ -28,6 +28,9 @@ test: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+bench-longctx: install
+	$(BIN)/python scripts/bench_longctx.py
 
 lint: install
 	$(BIN)/ruff check jaxlora tests scripts

@@ -93,7 +93,12 @@ def worker_jaxlora(checkpoint: str, impl: str, length: int, repeat: int) -> dict
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return {"time_s": min(times), "temp_mb": temp / 2**20, "peak_rss_mb": (sampler.peak - before) / 2**20, "token": token}
+    return {
+        "time_s": min(times),
+        "temp_mb": temp / 2**20,
+        "peak_rss_mb": (sampler.peak - before) / 2**20,
+        "token": token,
+    }
 
 
 def worker_torch(gguf: str, length: int, repeat: int) -> dict:

@@ -23,11 +23,15 @@ def report_mesh(model_path, ids, spec, reference_logits, reference_tokens):
     )
     logits = np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, model.config, ids))
     tokens = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12).tokens
+    # The chunked core's loops over blocks run on sharded heads too.
+    chunked = model.config.with_attention("chunked")
+    chunked_logits = np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, chunked, ids))
     q = model.params["layers_0"]["attn"]["q_proj"]["kernel"]
     per_device = {int(s.data.nbytes) for s in q.addressable_shards}
     return {
         "mesh": dict(mesh.shape),
         "max_logit_diff": float(np.abs(logits - reference_logits).max()),
+        "max_chunked_logit_diff": float(np.abs(chunked_logits - reference_logits).max()),
         "tokens_equal": bool((tokens == reference_tokens).all()),
         "shardings_match_rules": bool(shardings_ok),
         "q_proj_spec": str(q.sharding.spec),

@@ -74,6 +74,7 @@ def test_meshes_give_single_device_results(checkpoints):
     assert report["devices"] == 8
     for mesh in report["meshes"]:
         assert mesh["max_logit_diff"] <= 1e-5, mesh
+        assert mesh["max_chunked_logit_diff"] <= 1e-5, mesh
         assert mesh["tokens_equal"], mesh
         assert mesh["shardings_match_rules"], mesh
         tensor = mesh["mesh"]["tensor"]
