@@ -55,10 +55,12 @@ class AttentionSpec(NamedTuple):
 
 def attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array, window: int | None) -> jax.Array:
     """Which keys each query may see: [batch, q_len, k_len] bool (causal, windowed, real keys only)."""
-    visible = key_slots[None, :] <= query_slots[:, None]
+    # expand_dims rather than [:, None]: slicing a symbolic dimension trips up ONNX export.
+    queries, keys = jnp.expand_dims(query_slots, 1), jnp.expand_dims(key_slots, 0)
+    visible = keys <= queries
     if window is not None:
-        visible &= query_slots[:, None] - key_slots[None, :] < window
-    return visible[None] & key_valid[:, None, :]
+        visible &= queries - keys < window
+    return jnp.expand_dims(visible, 0) & jnp.expand_dims(key_valid, 1)
 
 
 def dot_product_attention(
@@ -370,7 +372,7 @@ def attend(
     if chosen == "splash" and key_slots is None:
         return _splash_attention(q, k, v, query_slots, key_valid, spec)
     if key_slots is None:
-        key_slots = jnp.arange(k.shape[1])
+        key_slots = jax.lax.iota(jnp.int32, k.shape[1])
     mask = attention_mask(query_slots, key_slots, key_valid, window)
     if chosen == "cudnn":
         return _cudnn_attention(q, k, v, mask, spec)

@@ -327,6 +327,117 @@ def cmd_info(args) -> None:
         print(f"{name:16} {value}")
 
 
+def _seq_len(value: str) -> int | None:
+    if value == "dynamic":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"--seq-len must be a number or 'dynamic', got {value!r}") from None
+    if number < 1:
+        raise UsageError(f"--seq-len must be at least 1, got {number}")
+    return number
+
+
+def cmd_export(args) -> None:
+    from jaxlora import export
+
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    model = _load(args.checkpoint, None, lora=args.lora)
+    if args.format == "onnx":
+        report = export.export_onnx(model, args.out, batch=args.batch, seq_len=_seq_len(args.seq_len), force=args.force)
+        _say(f"wrote {args.out}; onnxruntime matches jaxlora within {report['max_relative_diff']:.1e} (relative)")
+    elif args.format == "stablehlo":
+        report = export.export_stablehlo(
+            model, args.out, batch=args.batch, seq_len=_seq_len(args.seq_len), force=args.force
+        )
+        _say(f"wrote {args.out} for {', '.join(report['platforms'])}; reloaded and checked")
+    else:
+        report = export.export_hf(model, args.out, force=args.force)
+        _say(f"wrote {args.out} ({report['tensors']} tensors, float32)")
+
+
+def _print_table(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(name) for _, name, _ in rows)
+    for section, name, value in rows:
+        print(f"{section:<12} {name:<{width}}  {value}")
+
+
+def cmd_eval(args) -> None:
+    import jax
+
+    from jaxlora import evaluate
+
+    if not (args.perplexity or args.diversity or args.code_pass_at_k):
+        raise UsageError("give at least one of --perplexity FILE, --diversity PROMPTS, --code-pass-at-k PROBLEMS")
+    if args.batch_size < 1 or args.samples < 1 or args.max_new_tokens < 1 or args.timeout <= 0:
+        raise UsageError("--batch-size, --samples, --max-new-tokens and --timeout must be positive")
+    ks = []
+    for part in args.k.split(","):
+        try:
+            ks.append(int(part))
+        except ValueError:
+            raise UsageError(f"--k takes comma-separated numbers, got {args.k!r}") from None
+    bad = [k for k in ks if not 1 <= k <= args.samples]
+    if args.code_pass_at_k and bad:
+        raise UsageError(f"pass@{bad[0]} needs 1 <= k <= --samples ({args.samples})")
+    # Read every input before loading the model: a bad file fails fast.
+    text = None
+    if args.perplexity:
+        text = "\n".join(evaluate.read_lines_raw(args.perplexity))
+        if not text.strip():
+            raise UsageError(f"{args.perplexity} holds no text")
+    prompts = evaluate.read_lines(args.diversity, "prompts") if args.diversity else None
+    problems = evaluate.read_problems(args.code_pass_at_k) if args.code_pass_at_k else None
+    sampling = _sampling(args)
+    model = _load(args.checkpoint, args.dtype, lora=args.lora, attention=args.attention)
+    if model.tokenizer is None:
+        raise UsageError(f"{args.checkpoint} has no tokenizer to read the text with")
+    key = jax.random.key(args.seed)
+    report, rows = {}, []
+    if text is not None:
+        tokens = model.tokenizer(text)["input_ids"]
+        window = args.window or min(model.config.context_length or 1024, 1024)
+        stride = args.stride or max(window // 2, 1)
+        result = evaluate.perplexity(
+            model.params, model.config, tokens, window=window, stride=stride, batch_size=args.batch_size
+        )
+        report["perplexity"] = {**result, "window": window, "stride": stride}
+        rows += [
+            ("perplexity", "tokens scored", f"{result['tokens']}"),
+            ("perplexity", "window / stride", f"{window} / {stride} ({result['windows']} windows)"),
+            ("perplexity", "loss (nats/token)", f"{result['loss']:.4f}"),
+            ("perplexity", "perplexity", f"{result['perplexity']:.3f}"),
+        ]
+    if prompts is not None:
+        result = evaluate.diversity(
+            model, prompts, samples=args.samples, max_new_tokens=args.max_new_tokens, sampling=sampling, key=key
+        )
+        report["diversity"] = result
+        rows += [("diversity", "prompts x samples", f"{result['prompts']} x {result['samples']}")]
+        rows += [("diversity", name, f"{result[name]:.4f}") for name in ("distinct_1", "distinct_2", "distinct_3")]
+        rows += [("diversity", "self_bleu", f"{result['self_bleu']:.4f}")]
+    if problems is not None:
+        result = evaluate.code_pass_at_k(
+            model,
+            problems,
+            samples=args.samples,
+            ks=ks,
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            key=key,
+            timeout=args.timeout,
+        )
+        report["code"] = result
+        rows += [("code", "problems x samples", f"{result['problems']} x {result['samples']}")]
+        rows += [("code", f"pass@{k}", f"{result[f'pass@{k}']:.4f}") for k in ks]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(rows)
+
+
 def _describe_rope(rope) -> str:
     text = f"{rope.kind}, theta {rope.theta:g}"
     if rope.kind != "default":
@@ -448,6 +559,33 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a converted checkpoint")
     info.add_argument("checkpoint")
     info.set_defaults(run=cmd_info)
+
+    export = commands.add_parser("export", help="export to ONNX, StableHLO, or an HF checkpoint")
+    export.add_argument("format", choices=["onnx", "stablehlo", "hf"])
+    export.add_argument("checkpoint")
+    export.add_argument("out", help="OUT.onnx, a StableHLO file, or (hf) a folder")
+    export.add_argument(
+        "--seq-len", default="dynamic", help="onnx/stablehlo: a fixed sequence length, or 'dynamic' (default)"
+    )
+    export.add_argument("--batch", type=int, help="onnx/stablehlo: a fixed batch size (default: dynamic)")
+    export.add_argument("--lora", help="merge these LoRA adapters into the exported weights")
+    export.add_argument("--force", action="store_true", help="overwrite an existing output")
+    export.set_defaults(run=cmd_export)
+
+    ev = commands.add_parser("eval", help="perplexity, sample diversity, and code pass@k")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--perplexity", metavar="FILE", help="a text file to score")
+    ev.add_argument("--window", type=int, help="perplexity: tokens per window (default: min(context, 1024))")
+    ev.add_argument("--stride", type=int, help="perplexity: tokens between window starts (default: window / 2)")
+    ev.add_argument("--batch-size", type=int, default=4, help="perplexity: windows per jitted call")
+    ev.add_argument("--diversity", metavar="PROMPTS", help="one prompt per line: distinct-1/2/3 and self-BLEU")
+    ev.add_argument("--code-pass-at-k", metavar="PROBLEMS", help="HumanEval-format JSONL problems")
+    ev.add_argument("--samples", type=int, default=10, help="samples per prompt / problem")
+    ev.add_argument("--k", default="1,10", help="code: the k of pass@k, comma-separated (each <= --samples)")
+    ev.add_argument("--timeout", type=float, default=5.0, help="code: seconds per program run")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_generation_flags(ev)
+    ev.set_defaults(run=cmd_eval, temperature=0.8, max_new_tokens=128)
     return parser
 
 

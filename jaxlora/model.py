@@ -253,7 +253,8 @@ class Decoder(nn.Module):
             x = x + jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
         rope = rope_cos_sin(positions, c)
         local_rope = rope_cos_sin(positions, c, c.rope_local) if c.rope_local is not None else rope
-        query_slots = write_index + jnp.arange(input_ids.shape[1])
+        # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
+        query_slots = write_index + jax.lax.iota(jnp.int32, input_ids.shape[1])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -277,7 +278,7 @@ class Decoder(nn.Module):
 def check_length(config: ModelConfig, length: int) -> None:
     """Refuse a sequence longer than the positions the model covers (its outputs there would be garbage)."""
     limit = config.context_length
-    if limit is not None and length > limit:
+    if limit is not None and isinstance(length, int) and length > limit:  # symbolic lengths (export) are not
         raise UsageError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
 
 

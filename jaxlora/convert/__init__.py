@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from jaxlora.convert.gguf import GGUFFile
 from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
 from jaxlora.errors import ConversionError, UsageError
 from jaxlora.families import apply_transform, canonical_name, config_from_hf, ignored_pattern, tensor_plan
+from jaxlora.staging import staged
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -262,32 +262,21 @@ def convert(
     source = open_source(src, config_path)
     config = config_from_hf(source.hf_config)
     reader = CanonicalNames(source.open_reader(), config)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        staging.mkdir()
-        for group, subtree in convert_groups(reader, config, dtype, progress):
-            save_param_group(staging, group, subtree)
-        reader.close()
-        tokenizer_dir = staging / "tokenizer"
-        tokenizer_dir.mkdir()
-        for file in source.tokenizer_files:
-            shutil.copy2(file, tokenizer_dir / file.name)
-        if source.write_tokenizer is not None:
-            source.write_tokenizer(tokenizer_dir)
-        (staging / "hf_config.json").write_text(json.dumps(source.hf_config, indent=2))
-        if source.generation_config is not None:
-            (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
-        write_config(staging, config, dtype=dtype, source=str(src))
-        if dst.exists():  # --force: swap the new folder in, then drop the old one
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            dst.rename(old)
-            staging.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(dst)
+        with staged(dst, force) as staging:
+            for group, subtree in convert_groups(reader, config, dtype, progress):
+                save_param_group(staging, group, subtree)
+            reader.close()
+            tokenizer_dir = staging / "tokenizer"
+            tokenizer_dir.mkdir()
+            for file in source.tokenizer_files:
+                shutil.copy2(file, tokenizer_dir / file.name)
+            if source.write_tokenizer is not None:
+                source.write_tokenizer(tokenizer_dir)
+            (staging / "hf_config.json").write_text(json.dumps(source.hf_config, indent=2))
+            if source.generation_config is not None:
+                (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
+            write_config(staging, config, dtype=dtype, source=str(src))
     finally:
         reader.close()
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return dst

@@ -1,0 +1,243 @@
+"""Export a converted model: ONNX (through jax2onnx), serialized StableHLO (jax.export), or an HF checkpoint.
+
+ONNX and StableHLO carry the forward pass: input_ids [batch, seq] int32 and attention_mask [batch, seq] int32
+(1 = token, left padding allowed) -> logits [batch, seq, vocab] float32, weights baked in as constants, batch
+and sequence length symbolic unless fixed. The attention core is the reference (`xla`) one: its masked softmax
+maps onto plain ONNX ops for any length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.checkpoint import Model
+from jaxlora.errors import JaxloraError, UsageError
+from jaxlora.model import forward
+from jaxlora.sharding import to_host
+from jaxlora.staging import staged
+
+VERIFY_BATCH, VERIFY_LEN = 2, 11
+
+
+class ExportError(JaxloraError):
+    """The model cannot be written in the requested format."""
+
+
+def input_shapes(batch: int | None, seq_len: int | None) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """The forward's inputs for export: fixed sizes, or symbolic ("batch", "seq") where None."""
+    names = [n for n, size in (("batch", batch), ("seq", seq_len)) if size is None]
+    symbols = dict(zip(names, jax.export.symbolic_shape(", ".join(names)) if names else (), strict=True))
+    shape = (batch or symbols["batch"], seq_len or symbols["seq"])
+    return jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def forward_fn(model: Model):
+    """(input_ids, attention_mask) -> logits with the params closed over, on the exportable attention core."""
+    params = jax.tree.map(to_host, model.params)
+    config = model.config.with_attention("xla")
+
+    def logits(input_ids, attention_mask):
+        return forward(params, config, input_ids, attention_mask=attention_mask)
+
+    return logits
+
+
+def verify_inputs(vocab: int, batch: int | None, seq_len: int | None, seed: int = 0):
+    """Random ids with a left-padded row, at the exported sizes (or small ones where symbolic)."""
+    rng = np.random.default_rng(seed)
+    b, t = batch or VERIFY_BATCH, seq_len or VERIFY_LEN
+    ids = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+    mask = np.ones((b, t), np.int32)
+    if b > 1 and t > 2:
+        mask[1, : t // 3] = 0
+    return ids, mask
+
+
+def _max_relative_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
+    real = mask.astype(bool)
+    return float(np.abs(got[real] - want[real]).max() / max(1.0, np.abs(want[real]).max()))
+
+
+def _onnx_op_error(error: Exception) -> ExportError | None:
+    """jax2onnx's "no plugin for primitive X" as our error naming the op (None for other failures)."""
+    text = str(error)
+    match = re.search(r"[Nn]o (?:ONNX )?(?:plugin|handler|converter)[^'\"`]*['\"`]([\w.\-]+)['\"`]", text)
+    if match is None:
+        match = re.search(r"primitive[^'\"`]*['\"`]([\w.\-]+)['\"`]", text)
+    if match is None:
+        return None
+    return ExportError(f"the model uses the JAX op {match.group(1)!r}, which has no ONNX mapping in jax2onnx")
+
+
+def to_onnx_file(fn, inputs, path: Path) -> None:
+    """Convert `fn` at `inputs` (ShapeDtypeStructs) into an ONNX file; unmapped ops are an ExportError."""
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise UsageError("ONNX export needs jax2onnx and onnxruntime: pip install 'jaxlora[export]'") from None
+    logging.getLogger("jax2onnx").setLevel(logging.ERROR)  # it logs each optional plugin it cannot import
+    try:
+        to_onnx(
+            fn,
+            list(inputs),
+            model_name="jaxlora",
+            return_mode="file",
+            output_path=str(path),
+            input_names=["input_ids", "attention_mask"][: len(inputs)],
+            output_names=["logits"],
+        )
+    except (NotImplementedError, ValueError, TypeError, KeyError) as error:
+        mapped = _onnx_op_error(error)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def run_onnx(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+
+def export_onnx(
+    model: Model,
+    out: str | Path,
+    *,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    force: bool = False,
+    tolerance: float = 1e-4,
+) -> dict:
+    """Write the forward pass as ONNX and check it with onnxruntime on random ids against jaxlora.
+
+    Returns {"path", "max_relative_diff"}: the largest |onnx - jax| over the real tokens, relative to the
+    largest |logit| (at least 1); above `tolerance` the export is refused and nothing is written.
+    """
+    out = Path(out)
+    fn = forward_fn(model)
+    with staged(out, force, folder=False) as staging:
+        to_onnx_file(fn, input_shapes(batch, seq_len), staging)
+        # External weight data (models over 2 GB) lands beside the file; keep its name matching the final one.
+        ids, mask = verify_inputs(model.config.vocab_size, batch, seq_len)
+        diff = _max_relative_diff(run_onnx(staging, ids, mask), np.asarray(jax.jit(fn)(ids, mask)), mask)
+        if not diff <= tolerance:
+            raise ExportError(f"onnxruntime's logits differ from jaxlora's by {diff:.2e} (relative), over {tolerance}")
+    return {"path": str(out), "max_relative_diff": diff}
+
+
+def export_stablehlo(
+    model: Model, out: str | Path, *, batch: int | None = None, seq_len: int | None = None, force: bool = False
+) -> dict:
+    """Serialize the forward pass with `jax.export` (reload: `jax.export.deserialize(bytes).call(ids, mask)`),
+    for the platform this process runs on. The file is checked by deserializing and calling it."""
+    out = Path(out)
+    fn = forward_fn(model)
+    exported = jax.export.export(jax.jit(fn))(*input_shapes(batch, seq_len))
+    with staged(out, force, folder=False) as staging:
+        staging.write_bytes(exported.serialize())
+        ids, mask = verify_inputs(model.config.vocab_size, batch, seq_len)
+        reloaded = jax.export.deserialize(bytearray(staging.read_bytes()))
+        diff = _max_relative_diff(np.asarray(reloaded.call(ids, mask)), np.asarray(jax.jit(fn)(ids, mask)), mask)
+        # Symbolic shapes may compile to other fusions than the fixed ones: equal to float32 rounding.
+        if not diff <= 1e-5:
+            raise ExportError(f"the reloaded StableHLO differs from jaxlora by {diff:.2e} (relative)")
+    return {"path": str(out), "max_relative_diff": diff, "platforms": list(exported.platforms)}
+
+
+def hf_tensor_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the transformers model for this config, by name, from a model built on the meta device."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise UsageError("HF export needs PyTorch (to lay out transformers' tensors): pip install torch") from None
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(hf_config["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def hf_tensors(model: Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The params as transformers' tensors: each family table row run backwards. A fused HF tensor is rebuilt by
+    running the family's splitter on the tensor's own element indices, which says where each part came from."""
+    from jaxlora.families import canonical_name, family_for, ignored_pattern, tensor_plan
+
+    config = model.config
+    params = jax.tree.map(lambda a: to_host(a).astype(np.float32), model.params)
+    family = family_for(config.family)
+    tensors: dict[str, np.ndarray] = {}
+    fused: dict[str, list] = {}
+    for item in tensor_plan(config):
+        value = params
+        for key in item.param_path:
+            value = value[key]
+        if item.stacked:
+            for e, name in enumerate(item.hf_names):
+                tensors[name] = value[e].T if item.transform == "transpose" else value[e]
+        elif item.transform is None:
+            tensors[item.hf_names[0]] = value
+        elif item.transform == "transpose":
+            tensors[item.hf_names[0]] = value.T
+        else:
+            fused.setdefault(item.hf_names[0], []).append((item.transform, value))
+    # transformers' names seen through the family's renames, as conversion reads them.
+    canonical = {canonical_name(config, n): n for n in shapes}
+    for name, parts in fused.items():
+        if canonical.get(name) not in shapes:
+            raise ExportError(f"transformers' {config.family} model has no tensor {name}")
+        shape = shapes[canonical[name]]
+        index = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+        tensor = np.full(math.prod(shape), np.nan, np.float32)
+        for transform, value in parts:
+            splitter, part = transform.split(":")
+            where = family.splitters[splitter](index, config)[part].astype(np.int64)
+            tensor[where.ravel()] = value.ravel()
+        if np.isnan(tensor).any():
+            raise ExportError(f"the params do not fill all of {name}")
+        tensors[name] = tensor.reshape(shape)
+    skip = ignored_pattern(config)
+    missing = sorted(n for c, n in canonical.items() if c not in tensors and not skip.fullmatch(c))
+    if missing:
+        raise ExportError(f"no param fills transformers' {', '.join(missing[:3])}")
+    out = {}
+    for name, tensor in tensors.items():
+        hf_name = canonical.get(name, name)
+        if hf_name in shapes and tuple(tensor.shape) != shapes[hf_name]:
+            raise ExportError(f"{hf_name}: shape {tensor.shape}, transformers expects {shapes[hf_name]}")
+        out[hf_name] = np.ascontiguousarray(tensor, np.float32)
+    return out
+
+
+def export_hf(model: Model, out: str | Path, *, force: bool = False) -> dict:
+    """Write an HF checkpoint folder (model.safetensors in float32, config.json, generation_config.json, the
+    tokenizer files) that `AutoModelForCausalLM.from_pretrained` loads."""
+    from safetensors.numpy import save_file
+
+    if model.path is None or not (Path(model.path) / "hf_config.json").is_file():
+        raise UsageError("HF export needs a converted checkpoint folder with its hf_config.json")
+    hf_config = json.loads((Path(model.path) / "hf_config.json").read_text())
+    tensors = hf_tensors(model, hf_tensor_shapes(hf_config))
+    with staged(out, force) as staging:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = {**hf_config, "torch_dtype": "float32"}
+        config.pop("dtype", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        generation = Path(model.path) / "generation_config.json"
+        if generation.is_file():
+            shutil.copy2(generation, staging / "generation_config.json")
+        tokenizer = Path(model.path) / "tokenizer"
+        if tokenizer.is_dir():
+            for file in tokenizer.iterdir():
+                shutil.copy2(file, staging / file.name)
+    return {"path": str(out), "tensors": len(tensors)}
