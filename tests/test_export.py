@@ -1,0 +1,95 @@
+"""Export: ONNX checked with onnxruntime, StableHLO reloaded and called, HF checkpoints loaded by transformers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids
+from test_cli import assert_clean_error, run_cli
+
+import jaxlora
+from jaxlora.export import ExportError, export_hf, export_onnx, export_stablehlo, run_onnx, to_onnx_file
+
+ONNX_FAMILIES = ["llama-gqa", "gemma2", "gpt2", "phi3-longrope", "mixtral"]
+HF_FAMILIES = ["llama-gqa", "qwen3", "gemma3", "gpt2", "gptj", "codegen", "gpt_neox", "phi3", "mixtral"]
+
+
+def jax_logits(model, ids, mask):
+    return np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, model.config, ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("name", ONNX_FAMILIES)
+def test_onnx_with_dynamic_batch_and_length(tiny, tmp_path, name):
+    model = tiny(name).load()
+    report = export_onnx(model, tmp_path / "model.onnx")
+    assert report["max_relative_diff"] <= 1e-4
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input]
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert all(isinstance(d, str) for shape in dims for d in shape), dims  # batch and length both symbolic
+    for shape in [(1, 5), (3, 17)]:  # other sizes than the export's own check
+        ids = random_ids(shape, model.config.vocab_size, seed=shape[1])
+        mask = np.ones(shape, np.int32)
+        mask[-1, : shape[1] // 2] = 0
+        got, want = run_onnx(tmp_path / "model.onnx", ids, mask), jax_logits(model, ids, mask)
+        real = mask.astype(bool)
+        np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-4)
+
+
+def test_onnx_fixed_shape(tiny, tmp_path):
+    model = tiny("llama-gqa").load()
+    export_onnx(model, tmp_path / "fixed.onnx", batch=2, seq_len=8)
+    ids = random_ids((2, 8), model.config.vocab_size)
+    mask = np.ones((2, 8), np.int32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "fixed.onnx", ids, mask), jax_logits(model, ids, mask), atol=1e-4)
+
+
+def test_op_without_onnx_mapping_is_named(tmp_path):
+    def uses_platform_index(ids, mask):
+        return jax.lax.platform_dependent(ids, cpu=lambda x: x * 2, default=lambda x: x + 1)
+
+    shape = jax.ShapeDtypeStruct((2, 3), jnp.int32)
+    with pytest.raises(ExportError, match="the JAX op 'platform_index', which has no ONNX mapping"):
+        to_onnx_file(uses_platform_index, [shape, shape], tmp_path / "x.onnx")
+
+
+def test_stablehlo_round_trip(tiny, tmp_path):
+    model = tiny("gemma2").load()
+    report = export_stablehlo(model, tmp_path / "model.stablehlo")
+    assert report["max_relative_diff"] <= 1e-5 and "cpu" in report["platforms"]
+    restored = jax.export.deserialize(bytearray((tmp_path / "model.stablehlo").read_bytes()))
+    for shape in [(1, 4), (2, 13)]:
+        ids = random_ids(shape, model.config.vocab_size, seed=7)
+        mask = np.ones(shape, np.int32)
+        np.testing.assert_allclose(np.asarray(restored.call(ids, mask)), jax_logits(model, ids, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_hf_export_loads_in_transformers(tiny, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(name).load()
+    export_hf(model, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = random_ids((2, 13), model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        ref = reloaded(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(jax_logits(model, ids, np.ones_like(ids)), ref, rtol=0, atol=1e-5)
+    # And back: converting the export gives the same params bit for bit.
+    again = jaxlora.load(jaxlora.convert(str(tmp_path / "hf"), tmp_path / "again"))
+    for got, want in zip(jax.tree.leaves(again.params), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_export_cli_and_bad_input(tiny, tmp_path):
+    ckpt = tiny("llama-gqa").jax_dir
+    result = run_cli("export", "stablehlo", ckpt, tmp_path / "m.shlo", "--seq-len", "12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "m.shlo").is_file()
+    assert_clean_error(run_cli("export", "stablehlo", ckpt, tmp_path / "m.shlo"), "already exists (pass --force")
+    assert_clean_error(run_cli("export", "onnx", ckpt, tmp_path / "x.onnx", "--seq-len", "ten"), "--seq-len must be")
+    assert_clean_error(run_cli("export", "hf", tmp_path / "nothing", tmp_path / "out"), "is not a jaxlora checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.shlo"]  # nothing half-written
