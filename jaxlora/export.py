@@ -23,7 +23,7 @@ from jaxlora.checkpoint import Model
 from jaxlora.errors import JaxloraError, UsageError
 from jaxlora.model import forward
 from jaxlora.sharding import to_host
-from jaxlora.staging import staged
+from jaxlora.staging import staged, staged_files
 
 VERIFY_BATCH, VERIFY_LEN = 2, 11
 
@@ -83,7 +83,10 @@ def to_onnx_file(fn, inputs, path: Path) -> None:
     try:
         from jax2onnx import to_onnx
     except ImportError:
-        raise UsageError("ONNX export needs jax2onnx and onnxruntime: pip install 'jaxlora[export]' and pip install --no-deps jax2onnx") from None
+        raise UsageError(
+            "ONNX export needs jax2onnx and onnxruntime: "
+            "pip install 'jaxlora[export]' and pip install --no-deps jax2onnx"
+        ) from None
     logging.getLogger("jax2onnx").setLevel(logging.ERROR)  # it logs each optional plugin it cannot import
     try:
         to_onnx(
@@ -124,15 +127,19 @@ def export_onnx(
     largest |logit| (at least 1); above `tolerance` the export is refused and nothing is written.
     """
     out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (pass --force to overwrite it)")
     fn = forward_fn(model)
-    with staged(out, force, folder=False) as staging:
+    with staged_files(out, force) as folder:
+        # Large weights go to a sidecar `<name>.data` that the graph refers to by name: write under the final name.
+        staging = folder / out.name
         to_onnx_file(fn, input_shapes(batch, seq_len), staging)
-        # External weight data (models over 2 GB) lands beside the file; keep its name matching the final one.
         ids, mask = verify_inputs(model.config.vocab_size, batch, seq_len)
         diff = _max_relative_diff(run_onnx(staging, ids, mask), np.asarray(jax.jit(fn)(ids, mask)), mask)
         if not diff <= tolerance:
             raise ExportError(f"onnxruntime's logits differ from jaxlora's by {diff:.2e} (relative), over {tolerance}")
-    return {"path": str(out), "max_relative_diff": diff}
+    sidecars = [p.name for p in out.parent.glob(f"{out.name}.*") if p.name != out.name]
+    return {"path": str(out), "max_relative_diff": diff, "sidecars": sidecars}
 
 
 def export_stablehlo(

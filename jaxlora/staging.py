@@ -41,3 +41,23 @@ def staged(dst: str | Path, force: bool = False, folder: bool = True) -> Iterato
             staging.rename(dst)
     finally:
         _remove(staging)
+
+
+@contextmanager
+def staged_files(dst: str | Path, force: bool = False) -> Iterator[Path]:
+    """For a file that may come with sidecars (ONNX's `<name>.data`): yield a temporary folder beside `dst` to write
+    `dst.name` and its sidecars into; at the end each moves next to `dst`, or all are removed on an error."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    folder = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        yield folder
+        written = sorted(folder.iterdir())
+        clashes = [dst.parent / f.name for f in written if (dst.parent / f.name).exists()]
+        if clashes and not force:
+            raise UsageError(f"{clashes[0]} already exists (pass --force to overwrite it)")
+        for file in written:
+            file.replace(dst.parent / file.name)
+    finally:
+        _remove(folder)

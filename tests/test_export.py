@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import random_ids
+from conftest import TINY_CONFIGS, hf_model, random_ids, save_hf
 from test_cli import assert_clean_error, run_cli
 
 import jaxlora
@@ -93,3 +93,18 @@ def test_export_cli_and_bad_input(tiny, tmp_path):
     assert_clean_error(run_cli("export", "onnx", ckpt, tmp_path / "x.onnx", "--seq-len", "ten"), "--seq-len must be")
     assert_clean_error(run_cli("export", "hf", tmp_path / "nothing", tmp_path / "out"), "is not a jaxlora checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.shlo"]  # nothing half-written
+
+
+def test_onnx_weights_sidecar_keeps_the_final_name(tmp_path):
+    """jax2onnx moves tensors over 1 MB into `<name>.data`, which the graph names: after the staged write is moved
+    into place the sidecar must carry the final name, and nothing else may be left beside it."""
+    big_vocab = {**TINY_CONFIGS["llama-gqa"], "vocab_size": 8192}  # a 1.3 MB embedding
+    save_hf(hf_model(big_vocab), tmp_path / "hf")
+    model = jaxlora.load(jaxlora.convert(str(tmp_path / "hf"), tmp_path / "jax"))
+    out = tmp_path / "out"
+    report = export_onnx(model, out / "m.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert report["sidecars"] == ["m.onnx.data"]
+    ids = random_ids((1, 6), model.config.vocab_size)
+    mask = np.ones((1, 6), np.int32)
+    np.testing.assert_allclose(run_onnx(out / "m.onnx", ids, mask), jax_logits(model, ids, mask), atol=1e-4)
