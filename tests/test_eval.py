@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from bench_eval import hf_sliding_perplexity
 from test_cli import assert_clean_error, run_cli
 
 import jaxlora
@@ -74,27 +74,6 @@ def test_sliding_windows_score_every_token_once():
     assert [t for w in windows for t in range(w.scored_from, w.end)] == [1, 2, 3, 5, 6, 7, 9, 10]
 
 
-def hf_sliding_perplexity(model, ids: np.ndarray, window: int, stride: int) -> float:
-    """transformers' "perplexity of fixed-length models" recipe, verbatim in spirit: labels -100 on context."""
-    total_nll, total = 0.0, 0
-    previous_end = 0
-    for begin in range(0, ids.size, stride):
-        end = min(begin + window, ids.size)
-        target_len = end - previous_end
-        inputs = torch.tensor(ids[begin:end][None], dtype=torch.long)
-        labels = inputs.clone()
-        labels[:, :-target_len] = -100
-        with torch.no_grad():
-            loss = model(inputs, labels=labels).loss
-        counted = int((labels[:, 1:] != -100).sum())
-        total_nll += float(loss) * counted
-        total += counted
-        previous_end = end
-        if end == ids.size:
-            break
-    return math.exp(total_nll / total)
-
-
 @pytest.mark.real
 def test_perplexity_matches_transformers_on_smollm2(smollm2):
     dst, reference = smollm2
@@ -102,7 +81,8 @@ def test_perplexity_matches_transformers_on_smollm2(smollm2):
     text = Path(jaxlora.__file__).with_name("evaluate.py").read_text()  # real English-and-code text
     ids = np.asarray(model.tokenizer(text)["input_ids"][:700], np.int32)
     ours = perplexity(model.params, model.config, ids, window=256, stride=96, batch_size=3)
-    theirs = hf_sliding_perplexity(reference, ids, 256, 96)
+    theirs, counted = hf_sliding_perplexity(reference, ids, 256, 96)
+    assert counted == ours["tokens"]
     assert ours["tokens"] == ids.size - 1
     assert abs(ours["perplexity"] - theirs) / theirs <= 1e-3, (ours, theirs)
 
