@@ -345,7 +345,12 @@ def cmd_export(args) -> None:
     if args.batch is not None and args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     model = _load(args.checkpoint, None, lora=args.lora)
-    if args.format == "onnx":
+    if args.format == "onnx" and args.decode_step:
+        if args.cache_len is None:
+            raise UsageError("--decode-step needs --cache-len N (the KV cache's slots)")
+        report = export.export_onnx_step(model, args.out, cache_len=args.cache_len, batch=args.batch, force=args.force)
+        _say(f"wrote {args.out}; {report['greedy_steps_checked']} greedy steps in onnxruntime match jaxlora")
+    elif args.format == "onnx":
         report = export.export_onnx(model, args.out, batch=args.batch, seq_len=_seq_len(args.seq_len), force=args.force)
         _say(f"wrote {args.out}; onnxruntime matches jaxlora within {report['max_relative_diff']:.1e} (relative)")
     elif args.format == "stablehlo":
@@ -568,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", default="dynamic", help="onnx/stablehlo: a fixed sequence length, or 'dynamic' (default)"
     )
     export.add_argument("--batch", type=int, help="onnx/stablehlo: a fixed batch size (default: dynamic)")
+    export.add_argument(
+        "--decode-step", action="store_true", help="onnx: export one KV-cached step (prefill or decode) instead"
+    )
+    export.add_argument("--cache-len", type=int, help="onnx --decode-step: the KV cache's slots (fixed)")
     export.add_argument("--lora", help="merge these LoRA adapters into the exported weights")
     export.add_argument("--force", action="store_true", help="overwrite an existing output")
     export.set_defaults(run=cmd_export)

@@ -78,7 +78,7 @@ def _onnx_op_error(error: Exception) -> ExportError | None:
     return ExportError(f"the model uses the JAX op {match.group(1)!r}, which has no ONNX mapping in jax2onnx")
 
 
-def to_onnx_file(fn, inputs, path: Path) -> None:
+def to_onnx_file(fn, inputs, path: Path, input_names=None, output_names=None) -> None:
     """Convert `fn` at `inputs` (ShapeDtypeStructs) into an ONNX file; unmapped ops are an ExportError."""
     try:
         from jax2onnx import to_onnx
@@ -87,7 +87,8 @@ def to_onnx_file(fn, inputs, path: Path) -> None:
             "ONNX export needs jax2onnx and onnxruntime: "
             "pip install 'jaxlora[export]' and pip install --no-deps jax2onnx"
         ) from None
-    logging.getLogger("jax2onnx").setLevel(logging.ERROR)  # it logs each optional plugin it cannot import
+    for logger in ("jax2onnx", "onnx_ir"):  # they log each optional plugin they cannot import, and type notes
+        logging.getLogger(logger).setLevel(logging.ERROR)
     try:
         to_onnx(
             fn,
@@ -95,8 +96,8 @@ def to_onnx_file(fn, inputs, path: Path) -> None:
             model_name="jaxlora",
             return_mode="file",
             output_path=str(path),
-            input_names=["input_ids", "attention_mask"][: len(inputs)],
-            output_names=["logits"],
+            input_names=input_names or ["input_ids", "attention_mask"][: len(inputs)],
+            output_names=output_names or ["logits"],
         )
     except (NotImplementedError, ValueError, TypeError, KeyError) as error:
         mapped = _onnx_op_error(error)
@@ -140,6 +141,93 @@ def export_onnx(
             raise ExportError(f"onnxruntime's logits differ from jaxlora's by {diff:.2e} (relative), over {tolerance}")
     sidecars = [p.name for p in out.parent.glob(f"{out.name}.*") if p.name != out.name]
     return {"path": str(out), "max_relative_diff": diff, "sidecars": sidecars}
+
+
+def step_fn(model: Model):
+    """One cached step for ONNX: the tokens [batch, t] at their positions go into cache slots write_index..; the
+    cache buffers come in and go out (ONNX has no in-place update), one key and one value per layer."""
+    from jaxlora.cache import KVCache
+    from jaxlora.model import Decoder
+
+    params = jax.tree.map(to_host, model.params)
+    config = model.config.with_attention("xla")
+    layers = config.num_layers
+
+    def step(input_ids, positions, cache_valid, write_index, *past):
+        valid = cache_valid.astype(bool)
+        cache = KVCache(tuple(past[:layers]), tuple(past[layers:]), valid)
+        logits, new = Decoder(config).apply({"params": params}, input_ids, positions, valid, cache, write_index)
+        return (logits, *new.keys, *new.values)
+
+    return step
+
+
+def step_io_names(layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{kind}.{i}.{part}" for part in ("key", "value") for i in range(layers) for kind in ("{}",)]
+    inputs = ["input_ids", "positions", "cache_valid", "write_index"] + [n.format("past") for n in kv]
+    return inputs, ["logits"] + [n.format("present") for n in kv]
+
+
+def _greedy_with_step(session, model: Model, prompt: np.ndarray, steps: int, cache_len: int):
+    """Prefill + `steps` greedy steps through the exported step graph: (new tokens, last logits)."""
+    config = model.config
+    b, t = prompt.shape
+    inputs, _ = step_io_names(config.num_layers)
+    past = [np.zeros((b, cache_len, config.num_kv_heads, config.head_dim), np.float32)] * (2 * config.num_layers)
+    valid = np.zeros((b, cache_len), np.int32)
+    valid[:, :t] = 1
+    positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    feed = [prompt, positions, valid, np.asarray(0, np.int32)]
+    out = session.run(None, dict(zip(inputs, feed + past, strict=True)))
+    tokens = []
+    for i in range(steps):
+        token = out[0][:, -1].argmax(-1).astype(np.int32)
+        tokens.append(token)
+        valid[:, t + i] = 1
+        feed = [token[:, None], np.full((b, 1), t + i, np.int32), valid, np.asarray(t + i, np.int32)]
+        out = session.run(None, dict(zip(inputs, feed + list(out[1:]), strict=True)))
+    return np.stack(tokens, axis=1), out[0][:, -1]
+
+
+def export_onnx_step(
+    model: Model, out: str | Path, *, cache_len: int, batch: int | None = None, force: bool = False
+) -> dict:
+    """Write one KV-cached step as ONNX (prefill with t = prompt length, decode with t = 1): inputs input_ids and
+    positions [batch, t], cache_valid [batch, cache_len] int32 (1 = slot holds a token, this call's included),
+    write_index [] int32, past.{i}.key/value [batch, cache_len, kv_heads, head_dim]; outputs logits [batch, t,
+    vocab] and present.{i}.key/value. Batch and t are symbolic (t <= cache_len), cache_len fixed. Every layer
+    keeps a full-length cache (no ring buffers). Checked by greedy decoding in onnxruntime against `generate`."""
+    from jaxlora.generate import generate
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (pass --force to overwrite it)")
+    config = model.config
+    if cache_len < 4:
+        raise UsageError(f"--cache-len must be at least 4, got {cache_len}")
+    (b, t) = jax.export.symbolic_shape("batch, t", constraints=[f"t <= {cache_len}"])
+    b = batch or b
+    kv = jax.ShapeDtypeStruct((b, cache_len, config.num_kv_heads, config.head_dim), jnp.float32)
+    shapes = [
+        jax.ShapeDtypeStruct((b, t), jnp.int32),
+        jax.ShapeDtypeStruct((b, t), jnp.int32),
+        jax.ShapeDtypeStruct((b, cache_len), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    ] + [kv] * (2 * config.num_layers)
+    inputs, outputs = step_io_names(config.num_layers)
+    with staged_files(out, force) as folder:
+        staging = folder / out.name
+        to_onnx_file(step_fn(model), shapes, staging, input_names=inputs, output_names=outputs)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(staging), providers=["CPUExecutionProvider"])
+        prompt_len, steps = min(5, cache_len // 2), min(6, cache_len // 2)
+        prompt = verify_inputs(config.vocab_size, batch, prompt_len)[0]
+        tokens, _ = _greedy_with_step(session, model, prompt, steps, cache_len)
+        expected = generate(model.params, config, prompt, max_new_tokens=steps).tokens
+        if not np.array_equal(tokens, expected):
+            raise ExportError("greedy decoding through the exported step differs from jaxlora's generate")
+    return {"path": str(out), "greedy_steps_checked": steps}
 
 
 def export_stablehlo(

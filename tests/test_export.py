@@ -47,6 +47,28 @@ def test_onnx_fixed_shape(tiny, tmp_path):
     np.testing.assert_allclose(run_onnx(tmp_path / "fixed.onnx", ids, mask), jax_logits(model, ids, mask), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
+def test_onnx_decode_step_generates_like_jaxlora(tiny, tmp_path, name):
+    """Prefill, then one token at a time through the exported cached step, feeding `present` back as `past`."""
+    import onnxruntime
+
+    from jaxlora.export import _greedy_with_step, export_onnx_step
+
+    model = tiny(name).load()
+    export_onnx_step(model, tmp_path / "step.onnx", cache_len=40)
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    assert names[:4] == ["input_ids", "positions", "cache_valid", "write_index"] and "past.0.key" in names
+    assert "present.2.value" in [o.name for o in session.get_outputs()]
+    prompt = random_ids((3, 9), model.config.vocab_size, seed=11)
+    tokens, last_logits = _greedy_with_step(session, model, prompt, 20, cache_len=40)
+    np.testing.assert_array_equal(
+        tokens, jaxlora.generate(model.params, model.config, prompt, max_new_tokens=20).tokens
+    )
+    full = np.concatenate([prompt, tokens], axis=1)
+    np.testing.assert_allclose(last_logits, jax_logits(model, full, np.ones_like(full))[:, -1], atol=1e-4)
+
+
 def test_op_without_onnx_mapping_is_named(tmp_path):
     def uses_platform_index(ids, mask):
         return jax.lax.platform_dependent(ids, cpu=lambda x: x * 2, default=lambda x: x + 1)
