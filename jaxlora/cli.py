@@ -396,7 +396,7 @@ def cmd_eval(args) -> None:
     prompts = evaluate.read_lines(args.diversity, "prompts") if args.diversity else None
     problems = evaluate.read_problems(args.code_pass_at_k) if args.code_pass_at_k else None
     sampling = _sampling(args)
-    model = _load(args.checkpoint, args.dtype, lora=args.lora, attention=args.attention)
+    model = _load(args.checkpoint, args.dtype, _setup_devices(args), lora=args.lora, attention=args.attention)
     if model.tokenizer is None:
         raise UsageError(f"{args.checkpoint} has no tokenizer to read the text with")
     key = jax.random.key(args.seed)
