@@ -130,3 +130,22 @@ def test_onnx_weights_sidecar_keeps_the_final_name(tmp_path):
     ids = random_ids((1, 6), model.config.vocab_size)
     mask = np.ones((1, 6), np.int32)
     np.testing.assert_allclose(run_onnx(out / "m.onnx", ids, mask), jax_logits(model, ids, mask), atol=1e-4)
+
+
+@pytest.mark.real
+def test_hf_export_of_the_gguf_converted_smollm2(smollm2, tmp_path):
+    """GGUF -> jaxlora -> HF safetensors: transformers loads the folder, tokenizer included, with our logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dst, _ = smollm2
+    model = jaxlora.load(dst)
+    export_hf(model, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = np.asarray([tokenizer("def fibonacci(n):\n    ")["input_ids"]], np.int32)
+    assert ids.tolist() == [model.tokenizer("def fibonacci(n):\n    ")["input_ids"]]
+    with torch.no_grad():
+        ref = reloaded(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    out = jax_logits(model, ids, np.ones_like(ids))
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
