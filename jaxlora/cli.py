@@ -323,8 +323,7 @@ def cmd_info(args) -> None:
         ("rope", _describe_rope(config.rope)),
         ("tied embeddings", config.tie_word_embeddings),
     ]
-    for name, value in rows:
-        print(f"{name:16} {value}")
+    _print_table(rows)
 
 
 def _seq_len(value: str) -> int | None:
@@ -363,10 +362,11 @@ def cmd_export(args) -> None:
         _say(f"wrote {args.out} ({report['tensors']} tensors, float32)")
 
 
-def _print_table(rows: list[tuple[str, str, str]]) -> None:
-    width = max(len(name) for _, name, _ in rows)
-    for section, name, value in rows:
-        print(f"{section:<12} {name:<{width}}  {value}")
+def _print_table(rows: list[tuple]) -> None:
+    """Rows of cells, every column but the last padded to its widest cell."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([f"{cell!s:<{w}}" for cell, w in zip(row, widths, strict=False)] + [str(row[-1])]))
 
 
 def cmd_eval(args) -> None:
@@ -384,13 +384,12 @@ def cmd_eval(args) -> None:
             ks.append(int(part))
         except ValueError:
             raise UsageError(f"--k takes comma-separated numbers, got {args.k!r}") from None
-    bad = [k for k in ks if not 1 <= k <= args.samples]
-    if args.code_pass_at_k and bad:
-        raise UsageError(f"pass@{bad[0]} needs 1 <= k <= --samples ({args.samples})")
+    if args.code_pass_at_k:
+        evaluate.check_ks(ks, args.samples)
     # Read every input before loading the model: a bad file fails fast.
     text = None
     if args.perplexity:
-        text = "\n".join(evaluate.read_lines_raw(args.perplexity))
+        text = evaluate.read_text(args.perplexity)
         if not text.strip():
             raise UsageError(f"{args.perplexity} holds no text")
     prompts = evaluate.read_lines(args.diversity, "prompts") if args.diversity else None

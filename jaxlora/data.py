@@ -10,11 +10,24 @@ resumed at a `position` sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxlora.errors import UsageError
+
+
+def jsonl_records(path: str | Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line of `text`; a line that is not JSON is a file:line error."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from None
 
 
 def read_examples(path: str | Path) -> list[dict]:
@@ -30,13 +43,7 @@ def read_examples(path: str | Path) -> list[dict]:
             raise UsageError(f"{path} is empty")
         return [{"text": text}]
     examples = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, example in jsonl_records(path, text):
         if not isinstance(example, dict) or not (
             isinstance(example.get("text"), str)
             or (isinstance(example.get("prompt"), str) and isinstance(example.get("completion"), str))

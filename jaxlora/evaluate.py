@@ -8,7 +8,6 @@ it. Windows are right-padded to one shape and scored in jitted batches.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +19,7 @@ import numpy as np
 
 from jaxlora import metrics
 from jaxlora.config import ModelConfig
+from jaxlora.data import jsonl_records
 from jaxlora.errors import UsageError
 from jaxlora.model import forward
 from jaxlora.sandbox import run_program
@@ -83,12 +83,16 @@ def perplexity(params, config: ModelConfig, tokens, *, window: int, stride: int,
     return {"tokens": total_scored, "loss": loss, "perplexity": math.exp(loss), "windows": len(windows)}
 
 
-def read_lines(path: str | Path, what: str) -> list[str]:
+def read_text(path: str | Path) -> str:
     try:
-        lines = [line.strip() for line in Path(path).read_text().splitlines()]
+        return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    lines = [line for line in lines if line]
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The file's non-blank lines, stripped; none is an error naming `what` was expected."""
+    lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"{path} holds no {what}")
     return lines
@@ -97,13 +101,7 @@ def read_lines(path: str | Path, what: str) -> list[str]:
 def read_problems(path: str | Path) -> list[dict]:
     """HumanEval-format JSONL: each line {"task_id"?, "prompt", "test", "entry_point"}; bad lines name file:line."""
     problems = []
-    for number, line in enumerate(read_lines_raw(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            problem = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for number, problem in jsonl_records(path, read_text(path)):
         missing = [k for k in ("prompt", "test", "entry_point") if not isinstance(problem, dict) or k not in problem]
         if missing:
             raise UsageError(f"{path}:{number}: a problem needs prompt, test and entry_point (missing {missing[0]})")
@@ -114,11 +112,10 @@ def read_problems(path: str | Path) -> list[dict]:
     return problems
 
 
-def read_lines_raw(path: str | Path) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+def check_ks(ks: list[int], samples: int) -> None:
+    bad = [k for k in ks if not 1 <= k <= samples]
+    if bad:
+        raise UsageError(f"pass@{bad[0]} needs 1 <= k <= --samples ({samples})")
 
 
 def program_for(problem: dict, completion: str) -> str:
@@ -174,9 +171,7 @@ def code_pass_at_k(
     model, problems: list[dict], *, samples: int, ks: list[int], max_new_tokens: int, sampling, key, timeout: float
 ) -> dict:
     """Sample `samples` completions per problem, run each with its tests in the sandbox, estimate pass@k."""
-    bad = [k for k in ks if not 1 <= k <= samples]
-    if bad:
-        raise UsageError(f"pass@{bad[0]} needs 1 <= k <= --samples ({samples})")
+    check_ks(ks, samples)
     results = []
     for i, problem in enumerate(problems):
         texts = sample_texts(

@@ -40,10 +40,15 @@ def input_shapes(batch: int | None, seq_len: int | None) -> tuple[jax.ShapeDtype
     return jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
+def _exportable(model: Model) -> tuple[dict, object]:
+    """The params as host arrays (constants of the exported graph) and the config on the plain-ops attention core
+    (its masked softmax maps onto ONNX for any length; "auto" would compare symbolic lengths)."""
+    return jax.tree.map(to_host, model.params), model.config.with_attention("xla")
+
+
 def forward_fn(model: Model):
     """(input_ids, attention_mask) -> logits with the params closed over, on the exportable attention core."""
-    params = jax.tree.map(to_host, model.params)
-    config = model.config.with_attention("xla")
+    params, config = _exportable(model)
 
     def logits(input_ids, attention_mask):
         return forward(params, config, input_ids, attention_mask=attention_mask)
@@ -149,8 +154,7 @@ def step_fn(model: Model):
     from jaxlora.cache import KVCache
     from jaxlora.model import Decoder
 
-    params = jax.tree.map(to_host, model.params)
-    config = model.config.with_attention("xla")
+    params, config = _exportable(model)
     layers = config.num_layers
 
     def step(input_ids, positions, cache_valid, write_index, *past):
@@ -163,9 +167,10 @@ def step_fn(model: Model):
 
 
 def step_io_names(layers: int) -> tuple[list[str], list[str]]:
-    kv = [f"{kind}.{i}.{part}" for part in ("key", "value") for i in range(layers) for kind in ("{}",)]
-    inputs = ["input_ids", "positions", "cache_valid", "write_index"] + [n.format("past") for n in kv]
-    return inputs, ["logits"] + [n.format("present") for n in kv]
+    """The step graph's input and output names: keys of every layer, then values (the `past`/`present` order)."""
+    kv = [f"{i}.{part}" for part in ("key", "value") for i in range(layers)]
+    inputs = ["input_ids", "positions", "cache_valid", "write_index"] + [f"past.{n}" for n in kv]
+    return inputs, ["logits"] + [f"present.{n}" for n in kv]
 
 
 def _greedy_with_step(session, model: Model, prompt: np.ndarray, steps: int, cache_len: int):

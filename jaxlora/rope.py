@@ -19,9 +19,13 @@ import numpy as np
 from jaxlora.config import ModelConfig, RopeConfig
 
 
+def _exponents(dim: int) -> np.ndarray:
+    """0, 2, ..., dim - 2 over dim, float32: theta ** this is each rotated pair's wavelength factor."""
+    return np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+
+
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
-    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    return (1.0 / (np.float32(theta) ** _exponents(dim))).astype(np.float32)
 
 
 def _llama3(rope: RopeConfig, inv_freq: np.ndarray) -> np.ndarray:
@@ -56,7 +60,7 @@ def _yarn(rope: RopeConfig, dim: int) -> np.ndarray:
         high += 0.001  # HF's guard against a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
     keep = 1 - ramp
-    pos_freqs = np.float32(rope.theta) ** (np.arange(0, dim, 2).astype(np.float32) / dim)
+    pos_freqs = np.float32(rope.theta) ** _exponents(dim)
     extrapolated = 1.0 / pos_freqs
     interpolated = 1.0 / (np.float32(rope.factor) * pos_freqs)
     return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
@@ -72,8 +76,7 @@ def rope_inv_freq(rope: RopeConfig, dim: int, long: bool = False) -> np.ndarray:
         return _yarn(rope, dim)
     if rope.kind == "longrope":
         factors = np.asarray(rope.long_factor if long else rope.short_factor, np.float32)
-        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
-        return (1.0 / (factors * np.float32(rope.theta) ** exponents)).astype(np.float32)
+        return (1.0 / (factors * np.float32(rope.theta) ** _exponents(dim))).astype(np.float32)
     inv_freq = _base_inv_freq(rope.theta, dim)
     if rope.kind == "linear":
         return inv_freq / np.float32(rope.factor)
@@ -90,8 +93,7 @@ def _dynamic_ntk_inv_freq(rope: RopeConfig, dim: int, seq_len: jax.Array) -> jax
         dim / (dim - 2)
     )
     base = jnp.float32(rope.theta) * growth
-    exponents = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
-    return 1.0 / base**exponents
+    return 1.0 / base ** jnp.asarray(_exponents(dim))
 
 
 def inv_freq_for(positions: jax.Array, rope: RopeConfig, dim: int) -> jax.Array:
