@@ -1,14 +1,18 @@
-"""The jaxlora checkpoint folder: our config.json, the params as an orbax checkpoint, tokenizer files.
+"""The folders jaxlora reads and writes: checkpoints (config, params, tokenizer) and LoRA adapters.
 
 DST/config.json            {"format": "jaxlora", "format_version": 1, "model": ModelConfig, "dtype": ...}
 DST/hf_config.json         the source's HF config, verbatim
 DST/generation_config.json eos/bos/pad ids and sampling defaults from the source, when it had them
 DST/tokenizer/             HF tokenizer files
 DST/params/<group>/        one orbax checkpoint per top-level param group (embed, layers_0, ..., lm_head)
+
+ADAPTERS/lora_config.json  LoraConfig fields and the base checkpoint ("base")
+ADAPTERS/adapters/         the adapters' weights (orbax), as host arrays
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,16 +22,19 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 
-from jaxlora.config import ModelConfig
+from jaxlora.attention import check_impl
+from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
+from jaxlora.lora import Adapters, adapter_shapes, merge
+from jaxlora.model import param_shapes
+from jaxlora.peft import import_peft
+from jaxlora.sharding import param_shardings, to_host
+from jaxlora.staging import staged
 
 FORMAT_VERSION = 1
-DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
+DTYPES = dict(zip(DTYPE_NAMES, map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)), strict=True))
 
 
 @dataclass
@@ -72,8 +79,6 @@ def save_param_group(path: Path, group: str, subtree: dict) -> None:
     Uncompressed, since zstd costs another copy during the write and slows every load while float weights
     barely compress.
     """
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
     checkpointer.save(_params_dir(path) / group, args=ocp.args.PyTreeSave(subtree))
 
@@ -102,10 +107,6 @@ def restore_params(
     path: str | os.PathLike, config: ModelConfig, stored_dtype: str, dtype: str | None = None, mesh=None
 ):
     """The param tree as jax arrays, cast to `dtype` if given; with a mesh, each device reads only its shards."""
-    import orbax.checkpoint as ocp
-
-    from jaxlora.model import param_shapes
-
     params_dir = _params_dir(Path(path))
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no params/ folder")
@@ -114,8 +115,6 @@ def restore_params(
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, param_shapes(config))
     else:
-        from jaxlora.sharding import param_shardings
-
         shardings = param_shardings(config, mesh)
     target = jax.tree.map(
         lambda s, sharding: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype], sharding=sharding),
@@ -138,20 +137,21 @@ def load_tokenizer(path: Path):
     tokenizer_dir = path / "tokenizer"
     if not tokenizer_dir.is_dir() or not any(tokenizer_dir.iterdir()):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers is slow to import: only when a tokenizer is there
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, mesh=None, attention: str = "auto") -> Model:
+def load(
+    path: str | os.PathLike, dtype: str | None = None, mesh=None, attention: str = "auto", lora: str | None = None
+) -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
     mesh: a `jax.sharding.Mesh` (see `jaxlora.sharding.make_mesh`) to restore the params directly into their
     shardings, each device reading only its own shard. attention: the attention implementation the returned
-    config selects ("auto", "xla", "chunked", "cudnn", "splash"; see `jaxlora.attention`).
+    config selects ("auto", "xla", "chunked", "cudnn", "splash"; see `jaxlora.attention`). lora: a jaxlora or
+    PEFT adapter folder merged into the params once (generation then runs at the base model's speed).
     """
-    from jaxlora.attention import check_impl
-
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_impl(attention)
@@ -159,6 +159,49 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh=None, attention
     config, meta = read_config(path)
     config = config.with_attention(attention)
     params = restore_params(path, config, meta["dtype"], dtype, mesh)
+    if lora is not None:
+        params = merge(params, load_adapters(lora, config))
     generation_file = path / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     return Model(config, params, load_tokenizer(path), generation, path)
+
+
+def save_adapters(adapters: Adapters, folder: str | os.PathLike, base: str, force: bool = True) -> Path:
+    """Write an adapter folder (lora_config.json naming the base checkpoint, adapters/), all or nothing."""
+    folder = Path(folder)
+    with staged(folder, force) as staging:
+        meta = {**dataclasses.asdict(adapters.config), "base": base}
+        (staging / "lora_config.json").write_text(json.dumps(meta, indent=2))
+        checkpointer = ocp.StandardCheckpointer()
+        # As host arrays: the saved adapters carry no mesh, so any device layout can read them back.
+        checkpointer.save((staging / "adapters").absolute(), jax.tree.map(to_host, adapters.weights))
+        checkpointer.wait_until_finished()
+    return folder
+
+
+def read_adapter_meta(folder: str | os.PathLike) -> tuple[LoraConfig, str | None]:
+    """A jaxlora adapter folder's LoraConfig and the base checkpoint it names (None if it names none)."""
+    meta_file = Path(folder) / "lora_config.json"
+    if not meta_file.is_file():
+        raise UsageError(f"{folder} is not a jaxlora adapter folder (no lora_config.json)")
+    meta = json.loads(meta_file.read_text())
+    config = LoraConfig(
+        meta["rank"], meta["alpha"], tuple(meta["targets"]), meta.get("rslora", False), meta.get("dropout", 0.0)
+    )
+    return config, meta.get("base") or None
+
+
+def load_adapters(path: str | os.PathLike, config: ModelConfig) -> Adapters:
+    """A jaxlora adapter folder (runs/NAME/final) or a PEFT adapter folder, for a model of `config`."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return import_peft(folder, config)
+    if not (folder / "lora_config.json").is_file():
+        raise UsageError(f"{folder} holds neither jaxlora adapters (lora_config.json) nor a PEFT adapter")
+    lora_config, _ = read_adapter_meta(folder)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), adapter_shapes(lora_config, config)
+    )
+    weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
+    return Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)

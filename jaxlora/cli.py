@@ -63,18 +63,13 @@ def _setup_devices(args):
 
 def _load(path: str, dtype: str | None, mesh=None, lora: str | None = None, attention: str = "auto"):
     from jaxlora.checkpoint import load
+    from jaxlora.model import num_params
 
     start = time.perf_counter()
     _say(f"loading {path} ..." + (f" onto mesh {dict(mesh.shape)}" if mesh is not None else ""))
-    model = load(path, dtype=dtype, mesh=mesh, attention=attention)
-    if lora:
-        from jaxlora.finetune import load_adapters
-        from jaxlora.lora import merge
-
-        # Merged once: generation then runs at the base model's speed.
-        model.params = merge(model.params, load_adapters(lora, model.config))
+    model = load(path, dtype=dtype, mesh=mesh, attention=attention, lora=lora)
     _say(
-        f"loaded {model.config.family} ({model.config.num_params / 1e6:.1f}M params) "
+        f"loaded {model.config.family} ({num_params(model.config) / 1e6:.1f}M params) "
         f"in {time.perf_counter() - start:.1f}s"
     )
     return model
@@ -241,7 +236,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from jaxlora.finetune import RunOptions, run
+    from jaxlora.trainer import RunOptions, run
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     options = RunOptions(
@@ -277,9 +272,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_lora_export(args) -> None:
-    from jaxlora.checkpoint import read_config
-    from jaxlora.finetune import load_adapters
-    from jaxlora.peft_io import export_peft
+    from jaxlora.checkpoint import load_adapters, read_config
+    from jaxlora.peft import export_peft
 
     meta_file = Path(args.adapters) / "lora_config.json"
     if not meta_file.is_file():
@@ -293,9 +287,8 @@ def cmd_lora_export(args) -> None:
 
 
 def cmd_lora_import(args) -> None:
-    from jaxlora.checkpoint import read_config
-    from jaxlora.finetune import save_adapters
-    from jaxlora.peft_io import import_peft
+    from jaxlora.checkpoint import read_config, save_adapters
+    from jaxlora.peft import import_peft
 
     config, _ = read_config(args.base)
     save_adapters(import_peft(args.peft_dir, config), Path(args.out), args.base)
@@ -304,13 +297,14 @@ def cmd_lora_import(args) -> None:
 
 def cmd_info(args) -> None:
     from jaxlora.checkpoint import read_config
+    from jaxlora.model import num_params
 
     config, meta = read_config(args.checkpoint)
     size = sum(f.stat().st_size for f in Path(args.checkpoint, "params").rglob("*") if f.is_file())
     rows = [
         ("architecture", config.family),
         ("source", meta.get("source", "")),
-        ("parameters", f"{config.num_params:,}"),
+        ("parameters", f"{num_params(config):,}"),
         ("dtype", meta["dtype"]),
         ("size on disk", f"{size / 2**20:.1f} MiB"),
         ("layers", config.num_layers),

@@ -1,6 +1,5 @@
-"""`ModelConfig`: everything the decoder needs to know about a model, frozen and hashable (a static jit argument).
-
-Per-family adapters in `jaxlora.families` build it from a Hugging Face `config.json`.
+"""Pure data: `ModelConfig` (everything the decoder needs to know about a model, frozen and hashable: a static jit
+argument) and `LoraConfig`. Per-family adapters in `jaxlora.families` build a ModelConfig from an HF `config.json`.
 """
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
-
 from jaxlora.errors import ConfigError
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+# Param dtypes a checkpoint may be stored in or cast to (`jaxlora.checkpoint.DTYPES` maps them to numpy).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -147,20 +146,8 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
-    def dense_mlp(self) -> bool:
-        return self.num_experts == 0
-
-    @property
-    def layer_norm(self) -> bool:
-        return self.norm_kind == "layer"
-
-    @property
     def gated_mlp(self) -> bool:
         return self.mlp_kind == "gated"
-
-    @property
-    def separate_mlp_norm(self) -> bool:
-        return self.residual != "parallel_shared_norm"
 
     def to_dict(self) -> dict[str, Any]:
         """The model's description as saved with a checkpoint (the runtime attention choice is left out)."""
@@ -185,8 +172,17 @@ class ModelConfig:
     def untied(self) -> bool:
         return not self.tie_word_embeddings
 
-    @property
-    def num_params(self) -> int:
-        from jaxlora.model import param_shapes
 
-        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes(self)))
+@dataclass(frozen=True)
+class LoraConfig:
+    """What a set of LoRA adapters is: rank, alpha, the HF module names it adapts, and PEFT's options."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    rslora: bool = False  # PEFT's use_rslora: scale alpha / sqrt(rank) instead of alpha / rank
+    dropout: float = 0.0  # PEFT's lora_dropout: on the adapter's input, in training only
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)

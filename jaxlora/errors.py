@@ -19,3 +19,7 @@ class CheckpointError(JaxloraError):
 
 class UsageError(JaxloraError):
     """Impossible arguments to a public function or CLI command."""
+
+
+class ExportError(JaxloraError):
+    """The model cannot be written in the requested format."""

@@ -21,6 +21,7 @@ from jaxlora import metrics
 from jaxlora.config import ModelConfig
 from jaxlora.data import jsonl_records
 from jaxlora.errors import UsageError
+from jaxlora.generate import generate
 from jaxlora.model import forward
 from jaxlora.sandbox import run_program
 
@@ -130,8 +131,6 @@ def truncate_at_stops(text: str, stops=CODE_STOPS) -> str:
 
 def sample_texts(model, prompt: str, n: int, *, max_new_tokens: int, sampling, key, stop=()) -> list[str]:
     """n samples of one prompt, batched as n rows with per-row keys."""
-    from jaxlora.generate import generate
-
     ids = model.tokenizer(prompt)["input_ids"]
     out = generate(
         model.params,

@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.cache import KVCache
 from jaxlora.checkpoint import Model
-from jaxlora.errors import JaxloraError, UsageError
-from jaxlora.model import forward
+from jaxlora.errors import ExportError, UsageError
+from jaxlora.families import canonical_name, ignored_pattern, tensor_plan
+from jaxlora.families.table import Split, apply_transform
+from jaxlora.generate import generate
+from jaxlora.model import Decoder, forward, get_path
 from jaxlora.sharding import to_host
 from jaxlora.staging import staged, staged_files
 
 VERIFY_BATCH, VERIFY_LEN = 2, 11
-
-
-class ExportError(JaxloraError):
-    """The model cannot be written in the requested format."""
 
 
 def input_shapes(batch: int | None, seq_len: int | None) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -151,9 +151,6 @@ def export_onnx(
 def step_fn(model: Model):
     """One cached step for ONNX: the tokens [batch, t] at their positions go into cache slots write_index..; the
     cache buffers come in and go out (ONNX has no in-place update), one key and one value per layer."""
-    from jaxlora.cache import KVCache
-    from jaxlora.model import Decoder
-
     params, config = _exportable(model)
     layers = config.num_layers
 
@@ -202,8 +199,6 @@ def export_onnx_step(
     write_index [] int32, past.{i}.key/value [batch, cache_len, kv_heads, head_dim]; outputs logits [batch, t,
     vocab] and present.{i}.key/value. Batch and t are symbolic (t <= cache_len), cache_len fixed. Every layer
     keeps a full-length cache (no ring buffers). Checked by greedy decoding in onnxruntime against `generate`."""
-    from jaxlora.generate import generate
-
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} already exists (pass --force to overwrite it)")
@@ -271,26 +266,18 @@ def hf_tensor_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
 def hf_tensors(model: Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The params as transformers' tensors: each family table row run backwards. A fused HF tensor is rebuilt by
     running the family's splitter on the tensor's own element indices, which says where each part came from."""
-    from jaxlora.families import canonical_name, family_for, ignored_pattern, tensor_plan
-
     config = model.config
     params = jax.tree.map(lambda a: to_host(a).astype(np.float32), model.params)
-    family = family_for(config.family)
     tensors: dict[str, np.ndarray] = {}
     fused: dict[str, list] = {}
     for item in tensor_plan(config):
-        value = params
-        for key in item.param_path:
-            value = value[key]
-        if item.stacked:
-            for e, name in enumerate(item.hf_names):
-                tensors[name] = value[e].T if item.transform == "transpose" else value[e]
-        elif item.transform is None:
-            tensors[item.hf_names[0]] = value
-        elif item.transform == "transpose":
-            tensors[item.hf_names[0]] = value.T
-        else:
+        value = get_path(params, item.param_path)
+        if isinstance(item.transform, Split):
             fused.setdefault(item.hf_names[0], []).append((item.transform, value))
+            continue
+        # None and TRANSPOSE are their own inverses.
+        for e, name in enumerate(item.hf_names):
+            tensors[name] = apply_transform(item.transform, value[e] if item.stacked else value, config)
     # transformers' names seen through the family's renames, as conversion reads them.
     canonical = {canonical_name(config, n): n for n in shapes}
     for name, parts in fused.items():
@@ -299,9 +286,8 @@ def hf_tensors(model: Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, np
         shape = shapes[canonical[name]]
         index = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
         tensor = np.full(math.prod(shape), np.nan, np.float32)
-        for transform, value in parts:
-            splitter, part = transform.split(":")
-            where = family.splitters[splitter](index, config)[part].astype(np.int64)
+        for split, value in parts:
+            where = apply_transform(split, index, config).astype(np.int64)
             tensor[where.ravel()] = value.ravel()
         if np.isnan(tensor).any():
             raise ExportError(f"the params do not fill all of {name}")

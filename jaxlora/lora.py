@@ -9,29 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
+from jaxlora.model import get_path, linear_kernels, set_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
-    rslora: bool = False  # PEFT's use_rslora: scale alpha / sqrt(rank) instead of alpha / rank
-    dropout: float = 0.0  # PEFT's lora_dropout: on the adapter's input, in training only
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @struct.dataclass
@@ -46,34 +33,24 @@ class Adapters:
 
 
 def target_paths(config: ModelConfig, targets: Sequence[str]) -> dict[tuple[str, ...], tuple[int, int]]:
-    """Param paths of the Linear modules named in `targets` -> their kernel shape [in, out]."""
-    from jaxlora.model import param_shapes
-
-    leaves, _ = jax.tree_util.tree_flatten_with_path(param_shapes(config))
-    paths = {}
-    for path, leaf in leaves:
-        keys = tuple(k.key for k in path)
-        if keys[-1] == "kernel" and keys[-2] in targets:
-            paths[keys[:-1]] = leaf.shape
-    found = {p[-1] for p in paths}
-    missing = sorted(set(targets) - found)
+    """Module paths of the Linear layers named in `targets` -> their kernel shape [in, out]."""
+    kernels = linear_kernels(config)
+    paths = {path: shape for path, shape in kernels.items() if path[-1] in targets}
+    missing = sorted(set(targets) - {p[-1] for p in paths})
     if missing:
-        available = sorted({tuple(k.key for k in p)[-2] for p, _ in leaves if p[-1].key == "kernel"})
+        available = sorted({p[-1] for p in kernels})
         raise UsageError(
             f"no Linear layer named {', '.join(missing)} in {config.family}; available: {', '.join(available)}"
         )
     return paths
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
+def adapter_shapes(config: LoraConfig, model_config: ModelConfig) -> dict:
+    """The adapters' weight tree as jax.ShapeDtypeStruct leaves (float32): a: [in, rank], b: [rank, out]."""
+    tree: dict = {}
+    for path, (fan_in, fan_out) in target_paths(model_config, config.targets).items():
+        a = jax.ShapeDtypeStruct((fan_in, config.rank), jnp.float32)
+        set_path(tree, path, {"a": a, "b": jax.ShapeDtypeStruct((config.rank, fan_out), jnp.float32)})
     return tree
 
 
@@ -102,7 +79,7 @@ def init(
         fan_in, fan_out = paths[path]
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(key_i, (fan_in, rank), dtype, -bound, bound)
-        _set(weights, path, {"a": a, "b": jnp.zeros((rank, fan_out), dtype)})
+        set_path(weights, path, {"a": a, "b": jnp.zeros((rank, fan_out), dtype)})
     return Adapters(weights, lora_config)
 
 
@@ -112,7 +89,7 @@ def _fold(params: dict, adapters: Adapters, sign: float) -> dict:
         adapters.weights, is_leaf=lambda x: isinstance(x, dict) and "a" in x
     )
     for path, ab in leaves:
-        module = _get(params, tuple(k.key for k in path))
+        module = get_path(params, tuple(k.key for k in path))
         kernel = module["kernel"]
         delta = adapters.config.scale * (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32))
         module["kernel"] = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)

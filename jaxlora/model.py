@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from functools import partial
 
 import jax
@@ -10,9 +12,8 @@ from flax import linen as nn
 
 from jaxlora.attention import attend
 from jaxlora.cache import KVCache, ring_slots, ring_write
-from jaxlora.config import ModelConfig
+from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
-from jaxlora.lora import LoraConfig
 from jaxlora.rope import apply_rope, rope_cos_sin
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -325,11 +326,47 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
     return nn.unbox(_init_boxed(config, key))
 
 
+# The param-tree queries below trace the decoder's init once per config (configs are hashable) and share the
+# result: treat what they return as read-only.
+
+
+@functools.cache
 def logical_axes(config: ModelConfig) -> dict:
     """The param tree with each leaf's logical axis names (a PartitionSpec of names like "embed", "heads")."""
     return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
 
 
+@functools.cache
 def param_shapes(config: ModelConfig) -> dict:
     """The param tree as jax.ShapeDtypeStruct leaves (float32), without allocating."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def num_params(config: ModelConfig) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(param_shapes(config)))
+
+
+@functools.cache
+def linear_kernels(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Every Linear layer's module path (e.g. ("layers_0", "attn", "q_proj")) -> its kernel shape [in, out]."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(param_shapes(config))
+    kernels = {}
+    for path, leaf in leaves:
+        keys = tuple(k.key for k in path)
+        if keys[-1] == "kernel":
+            kernels[keys[:-1]] = tuple(leaf.shape)
+    return kernels
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    """The value at `path` (a tuple of keys) in a nested dict such as the params or the adapters' weights."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    """Set the value at `path` in a nested dict, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
+from jaxlora.model import logical_axes, param_shapes
 
 log = logging.getLogger("jaxlora.sharding")
 
@@ -116,7 +117,6 @@ def spec_for(
 
 def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
     """The NamedSharding of every param (same tree as the params)."""
-    from jaxlora.model import logical_axes, param_shapes
 
     def one(path, names, shape):
         where = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -125,11 +125,6 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
     return jax.tree_util.tree_map_with_path(
         one, logical_axes(config), param_shapes(config), is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
-
-
-def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
-    """Move (single-process) params onto the mesh."""
-    return jax.tree.map(jax.device_put, params, param_shardings(config, mesh))
 
 
 def params_mesh(params: dict) -> Mesh | None:

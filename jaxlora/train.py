@@ -107,7 +107,7 @@ def _eval_batch(params, config, batch, lora=None, dtype=None):
     return token_loss(params, config, batch, lora, False, dtype)
 
 
-def evaluate(params, config: ModelConfig, batches, lora=None, dtype=None) -> dict:
+def eval_loss(params, config: ModelConfig, batches, lora=None, dtype=None) -> dict:
     """Mean token loss and perplexity over an iterable of [batch, seq] micro-batches."""
     total, count = 0.0, 0.0
     for batch in batches:

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlora
 from jaxlora.errors import ConfigError, ConversionError, JaxloraError, UsageError
-from jaxlora.families import apply_transform, config_from_hf, ignored_pattern, supported_model_types, tensor_plan
+from jaxlora.families import config_from_hf, ignored_pattern, param_from_hf, supported_model_types, tensor_plan
 from jaxlora.model import param_shapes
 
 
@@ -48,7 +48,7 @@ def test_round_trip_is_bit_identical(tiny, tmp_path, dtype):
     target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
     for item in tensor_plan(config):
         (name,) = item.hf_names
-        expected = apply_transform(item, source[name], config)
+        expected = param_from_hf(item, source[name], config)
         got = params[item.param_path]
         assert got.dtype == np.dtype(target)
         np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(expected.astype(target)).view(np.uint8))

@@ -9,7 +9,8 @@ from conftest import TINY_CONFIGS, hf_model, random_ids, save_hf
 from test_cli import assert_clean_error, run_cli
 
 import jaxlora
-from jaxlora.export import ExportError, export_hf, export_onnx, export_stablehlo, run_onnx, to_onnx_file
+from jaxlora.errors import ExportError
+from jaxlora.export import export_hf, export_onnx, export_stablehlo, run_onnx, to_onnx_file
 
 ONNX_FAMILIES = ["llama-gqa", "gemma2", "gpt2", "phi3-longrope", "mixtral"]
 HF_FAMILIES = ["llama-gqa", "qwen3", "gemma3", "gpt2", "gptj", "codegen", "gpt_neox", "phi3", "mixtral"]

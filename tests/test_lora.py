@@ -13,7 +13,7 @@ from conftest import random_ids
 import jaxlora
 from jaxlora import lora
 from jaxlora.errors import UsageError
-from jaxlora.peft_io import export_peft, import_peft
+from jaxlora.peft import export_peft, import_peft
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

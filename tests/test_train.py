@@ -13,9 +13,9 @@ from conftest import hf_model, save_hf
 
 import jaxlora
 from jaxlora import lora
+from jaxlora.checkpoint import load_adapters
 from jaxlora.data import Batches, read_examples, tokenize
 from jaxlora.errors import UsageError
-from jaxlora.finetune import load_adapters
 from jaxlora.train import init_state, make_optimizer, make_train_step
 
 pytestmark = pytest.mark.real  # borrows the real SmolLM2 tokenizer

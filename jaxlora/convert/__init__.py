@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.tree_util import tree_flatten_with_path
+from tqdm.auto import tqdm
 
 from jaxlora.checkpoint import DTYPES, save_param_group, write_config
 from jaxlora.config import ModelConfig
 from jaxlora.convert.gguf import GGUFFile
 from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
 from jaxlora.errors import ConversionError, UsageError
-from jaxlora.families import apply_transform, canonical_name, config_from_hf, ignored_pattern, tensor_plan
+from jaxlora.families import canonical_name, config_from_hf, ignored_pattern, param_from_hf, tensor_plan
+from jaxlora.model import param_shapes, set_path
 from jaxlora.staging import staged
 
 TOKENIZER_FILES = (
@@ -153,10 +156,6 @@ def open_source(src: str, config_path: str | None = None) -> Source:
 
 
 def _flat_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    from jax.tree_util import tree_flatten_with_path
-
-    from jaxlora.model import param_shapes
-
     leaves, _ = tree_flatten_with_path(param_shapes(config))
     return {tuple(k.key for k in path): leaf.shape for path, leaf in leaves}
 
@@ -165,12 +164,6 @@ def _list(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:6])
     return shown + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
-
-
-def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 class CanonicalNames(TensorReader):
@@ -212,8 +205,6 @@ def convert_groups(
     Yields (group name, subtree of numpy arrays), so the caller can write each group and let it go: memory
     holds one group, not the model.
     """
-    from tqdm.auto import tqdm
-
     check_names(reader, config)
     plan = tensor_plan(config, set(reader.names()))
     shapes = _flat_shapes(config)
@@ -231,7 +222,7 @@ def convert_groups(
                 for name in item.hf_names:
                     if name != last_name:
                         last_name, last_array = name, reader.get(name)
-                    parts.append(apply_transform(item, last_array, config))
+                    parts.append(param_from_hf(item, last_array, config))
                 array = np.stack(parts) if item.stacked else parts[0]
                 expected = shapes[item.param_path]
                 if array.shape != expected:
@@ -239,7 +230,7 @@ def convert_groups(
                         f"tensor {item.hf_names[0]} gives {'/'.join(item.param_path)} the shape {tuple(array.shape)} "
                         f"but the config implies {expected}"
                     )
-                _set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))
+                set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))
                 bar.update()
             yield group, subtree
 

@@ -7,83 +7,34 @@ the adapter turns an HF `config.json` into a `ModelConfig` (refusing options the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
+from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3
+from jaxlora.families.table import Family, TensorPlan, WeightRule, apply_transform
 
-
-@dataclass(frozen=True)
-class WeightRule:
-    """One param filled from one HF tensor. `{i}` stands for the layer index in both names; an HF name with `{e}`
-    (an expert index) names one tensor per expert, stacked on a new leading axis.
-
-    transform: None copies as is; "transpose" turns a torch Linear weight [out, in] into a kernel [in, out];
-    "<splitter>:<part>" takes `part` of a fused tensor cut by the family's splitter (e.g. "codegen_qkv:q").
-    when: name of a boolean ModelConfig attribute; the rule applies only when it is true.
-    """
-
-    hf_name: str
-    param_path: str
-    transform: str | None = None
-    when: str | None = None
-
-
-Splitter = Callable[[np.ndarray, ModelConfig], dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Family:
-    model_types: tuple[str, ...]
-    config_from_hf: Callable[[dict[str, Any]], ModelConfig]
-    weights: tuple[WeightRule, ...]
-    # HF tensors a checkpoint may carry that hold nothing the model needs (regex over the full name).
-    ignored: tuple[str, ...] = ()
-    # Fused HF tensors -> their parts, already as [in, out] kernels or vectors.
-    splitters: dict[str, Splitter] = field(default_factory=dict)
-    # (regex, replacement) applied to source tensor names first: other spellings of the same checkpoint.
-    renames: tuple[tuple[str, str], ...] = ()
-    # Another complete table for the same params, used when a checkpoint has its tensors and not the main
-    # table's (Mixtral: one tensor per expert in the original checkpoints, fused in transformers 5's).
-    alternative_weights: tuple[WeightRule, ...] = ()
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """One param and where it comes from: one HF tensor, or one per expert stacked (`stacked`)."""
-
-    hf_names: tuple[str, ...]
-    param_path: tuple[str, ...]
-    transform: str | None
-    stacked: bool = False
-
-
-def _registry() -> dict[str, Family]:
-    from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3
-
-    families = (
-        llama.FAMILY,
-        gemma2.FAMILY,
-        phi3.FAMILY,
-        mixtral.FAMILY,
-        gpt2.FAMILY,
-        gptj.FAMILY,
-        codegen.FAMILY,
-        gpt_neox.FAMILY,
-    )
-    return {model_type: family for family in families for model_type in family.model_types}
+_FAMILIES = (
+    llama.FAMILY,
+    gemma2.FAMILY,
+    phi3.FAMILY,
+    mixtral.FAMILY,
+    gpt2.FAMILY,
+    gptj.FAMILY,
+    codegen.FAMILY,
+    gpt_neox.FAMILY,
+)
+_REGISTRY = {model_type: family for family in _FAMILIES for model_type in family.model_types}
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_registry())
+    return sorted(_REGISTRY)
 
 
 def family_for(model_type: str | None) -> Family:
-    family = _registry().get(model_type or "")
+    family = _REGISTRY.get(model_type or "")
     if family is None:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
     return family
@@ -128,13 +79,9 @@ def _complete(plan: list[TensorPlan], available: set[str]) -> bool:
     return all(name in available for item in plan for name in item.hf_names)
 
 
-def apply_transform(item: TensorPlan, array: np.ndarray, config: ModelConfig) -> np.ndarray:
-    if item.transform is None:
-        return array
-    if item.transform == "transpose":
-        return array.T
-    splitter, part = item.transform.split(":")
-    return family_for(config.family).splitters[splitter](array, config)[part]
+def param_from_hf(item: TensorPlan, array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """One HF tensor of `item` -> the param it fills (for a stacked item: one expert's slice)."""
+    return apply_transform(item.transform, array, config)
 
 
 def canonical_name(config: ModelConfig, name: str) -> str:

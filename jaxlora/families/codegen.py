@@ -5,16 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlora.config import ModelConfig
-from jaxlora.families import Family, WeightRule
 from jaxlora.families.gptj import IGNORED, SHARED, parallel_block_config
+from jaxlora.families.table import Family, Split, WeightRule
 
 _LAYER = "transformer.h.{i}."
-
-WEIGHTS = SHARED + (
-    WeightRule(_LAYER + "attn.qkv_proj.weight", "layers_{i}/attn/q_proj/kernel", "codegen_qkv:q"),
-    WeightRule(_LAYER + "attn.qkv_proj.weight", "layers_{i}/attn/k_proj/kernel", "codegen_qkv:k"),
-    WeightRule(_LAYER + "attn.qkv_proj.weight", "layers_{i}/attn/v_proj/kernel", "codegen_qkv:v"),
-)
 
 MP_NUM = 4
 
@@ -27,10 +21,15 @@ def split_qkv(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
     return {"q": q, "k": k, "v": v}
 
 
+WEIGHTS = SHARED + (
+    WeightRule(_LAYER + "attn.qkv_proj.weight", "layers_{i}/attn/q_proj/kernel", Split(split_qkv, "q")),
+    WeightRule(_LAYER + "attn.qkv_proj.weight", "layers_{i}/attn/k_proj/kernel", Split(split_qkv, "k")),
+    WeightRule(_LAYER + "attn.qkv_proj.weight", "layers_{i}/attn/v_proj/kernel", Split(split_qkv, "v")),
+)
+
 FAMILY = Family(
     model_types=("codegen",),
     config_from_hf=parallel_block_config,
     weights=WEIGHTS,
     ignored=IGNORED,
-    splitters={"codegen_qkv": split_qkv},
 )

@@ -5,13 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jaxlora.config import RopeConfig
+from jaxlora.config import ROPE_KINDS, RopeConfig
 from jaxlora.errors import ConfigError
 
-SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-
 # HF activation names -> ours. "gelu_new", "gelu_pytorch_tanh" and "gelu_fast" are all the tanh approximation.
-ACTIVATIONS = {
+HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
     "gelu": "gelu",
@@ -34,9 +32,27 @@ def hf_config_object(raw: dict[str, Any]):
 
 
 def activation(name: str | None, model_type: str) -> str:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"activation {name!r} is not supported for {model_type}; supported: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    if name not in HF_ACTIVATIONS:
+        raise ConfigError(
+            f"activation {name!r} is not supported for {model_type}; supported: {', '.join(HF_ACTIVATIONS)}"
+        )
+    return HF_ACTIVATIONS[name]
+
+
+def llama_style_sizes(hf) -> dict[str, Any]:
+    """The ModelConfig sizes read the same way from every Llama-style HF config (Llama, Phi-3, Mixtral, Gemma 2)."""
+    num_heads = hf.num_attention_heads
+    return dict(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+        max_position_embeddings=hf.max_position_embeddings,
+        norm_eps=float(hf.rms_norm_eps),
+    )
 
 
 def rope_parameters(hf) -> dict[str, Any]:
@@ -59,8 +75,8 @@ def rope_config(source, max_position_embeddings: int | None = None) -> RopeConfi
     else:
         params, max_position_embeddings = rope_parameters(source), source.max_position_embeddings
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in SUPPORTED_ROPE:
-        raise ConfigError(f"rope_type {kind!r} is not supported yet; supported: {', '.join(SUPPORTED_ROPE)}")
+    if kind not in ROPE_KINDS:
+        raise ConfigError(f"rope_type {kind!r} is not supported yet; supported: {', '.join(ROPE_KINDS)}")
     original = int(params.get("original_max_position_embeddings") or 0)
     if kind == "dynamic":
         original = int(max_position_embeddings)

@@ -8,9 +8,9 @@ from typing import Any
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import Family, WeightRule
-from jaxlora.families.common import activation, hf_config_object, rope_config, rope_parameters
+from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config, rope_parameters
 from jaxlora.families.llama import EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD, GATED_MLP
+from jaxlora.families.table import Family, WeightRule
 
 _LAYER = "model.layers.{i}."
 
@@ -50,15 +50,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     window = hf.sliding_window
     return ModelConfig(
         family=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=hf.num_attention_heads,
-        num_kv_heads=hf.num_key_value_heads,
-        head_dim=hf.head_dim,
-        max_position_embeddings=hf.max_position_embeddings,
-        norm_eps=float(hf.rms_norm_eps),
+        **llama_style_sizes(hf),
         rope=rope,
         rope_local=rope_local,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),

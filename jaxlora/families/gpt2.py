@@ -8,10 +8,17 @@ import numpy as np
 
 from jaxlora.config import ModelConfig, RopeConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import Family, WeightRule
 from jaxlora.families.common import activation, hf_config_object
+from jaxlora.families.table import TRANSPOSE, Family, Split, WeightRule
 
 _LAYER = "transformer.h.{i}."
+
+
+def split_qkv(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
+    """c_attn is [in, 3 * hidden] (or a [3 * hidden] bias) holding q, k, v side by side."""
+    q, k, v = np.split(w, 3, axis=-1)
+    return {"q": q, "k": k, "v": v}
+
 
 # Conv1D stores [in, out], so nothing here is transposed.
 WEIGHTS = (
@@ -19,12 +26,12 @@ WEIGHTS = (
     WeightRule("transformer.wpe.weight", "pos_embed/embedding"),
     WeightRule(_LAYER + "ln_1.weight", "layers_{i}/attn_norm/scale"),
     WeightRule(_LAYER + "ln_1.bias", "layers_{i}/attn_norm/bias"),
-    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/q_proj/kernel", "gpt2_qkv:q"),
-    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/k_proj/kernel", "gpt2_qkv:k"),
-    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/v_proj/kernel", "gpt2_qkv:v"),
-    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/q_proj/bias", "gpt2_qkv:q"),
-    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/k_proj/bias", "gpt2_qkv:k"),
-    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/v_proj/bias", "gpt2_qkv:v"),
+    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/q_proj/kernel", Split(split_qkv, "q")),
+    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/k_proj/kernel", Split(split_qkv, "k")),
+    WeightRule(_LAYER + "attn.c_attn.weight", "layers_{i}/attn/v_proj/kernel", Split(split_qkv, "v")),
+    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/q_proj/bias", Split(split_qkv, "q")),
+    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/k_proj/bias", Split(split_qkv, "k")),
+    WeightRule(_LAYER + "attn.c_attn.bias", "layers_{i}/attn/v_proj/bias", Split(split_qkv, "v")),
     WeightRule(_LAYER + "attn.c_proj.weight", "layers_{i}/attn/o_proj/kernel"),
     WeightRule(_LAYER + "attn.c_proj.bias", "layers_{i}/attn/o_proj/bias"),
     WeightRule(_LAYER + "ln_2.weight", "layers_{i}/mlp_norm/scale"),
@@ -35,19 +42,13 @@ WEIGHTS = (
     WeightRule(_LAYER + "mlp.c_proj.bias", "layers_{i}/mlp/down_proj/bias"),
     WeightRule("transformer.ln_f.weight", "final_norm/scale"),
     WeightRule("transformer.ln_f.bias", "final_norm/bias"),
-    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+    WeightRule("lm_head.weight", "lm_head/kernel", TRANSPOSE, when="untied"),
 )
 
 # Old checkpoints saved the causal-mask buffers.
 IGNORED = (r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",)
 # The original OpenAI checkpoints name the base model's tensors without the "transformer." prefix.
 RENAMES = ((r"^(?!transformer\.|lm_head\.)", "transformer."),)
-
-
-def split_qkv(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
-    """c_attn is [in, 3 * hidden] (or a [3 * hidden] bias) holding q, k, v side by side."""
-    q, k, v = np.split(w, 3, axis=-1)
-    return {"q": q, "k": k, "v": v}
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
@@ -85,6 +86,5 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     weights=WEIGHTS,
     ignored=IGNORED,
-    splitters={"gpt2_qkv": split_qkv},
     renames=RENAMES,
 )

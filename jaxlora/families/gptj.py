@@ -6,8 +6,8 @@ from typing import Any
 
 from jaxlora.config import ModelConfig, RopeConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import Family, WeightRule
 from jaxlora.families.common import activation, hf_config_object
+from jaxlora.families.table import TRANSPOSE, Family, WeightRule
 
 _LAYER = "transformer.h.{i}."
 
@@ -16,21 +16,21 @@ SHARED = (
     WeightRule("transformer.wte.weight", "embed/embedding"),
     WeightRule(_LAYER + "ln_1.weight", "layers_{i}/attn_norm/scale"),
     WeightRule(_LAYER + "ln_1.bias", "layers_{i}/attn_norm/bias"),
-    WeightRule(_LAYER + "attn.out_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "mlp.fc_in.weight", "layers_{i}/mlp/up_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "attn.out_proj.weight", "layers_{i}/attn/o_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "mlp.fc_in.weight", "layers_{i}/mlp/up_proj/kernel", TRANSPOSE),
     WeightRule(_LAYER + "mlp.fc_in.bias", "layers_{i}/mlp/up_proj/bias"),
-    WeightRule(_LAYER + "mlp.fc_out.weight", "layers_{i}/mlp/down_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "mlp.fc_out.weight", "layers_{i}/mlp/down_proj/kernel", TRANSPOSE),
     WeightRule(_LAYER + "mlp.fc_out.bias", "layers_{i}/mlp/down_proj/bias"),
     WeightRule("transformer.ln_f.weight", "final_norm/scale"),
     WeightRule("transformer.ln_f.bias", "final_norm/bias"),
-    WeightRule("lm_head.weight", "lm_head/kernel", "transpose"),
+    WeightRule("lm_head.weight", "lm_head/kernel", TRANSPOSE),
     WeightRule("lm_head.bias", "lm_head/bias"),
 )
 
 WEIGHTS = SHARED + (
-    WeightRule(_LAYER + "attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", TRANSPOSE),
 )
 
 # Old checkpoints saved the causal-mask buffers.

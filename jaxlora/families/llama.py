@@ -7,8 +7,8 @@ from typing import Any
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import Family, WeightRule
-from jaxlora.families.common import activation, hf_config_object, rope_config
+from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
+from jaxlora.families.table import TRANSPOSE, Family, WeightRule
 
 _LAYER = "model.layers.{i}."
 
@@ -16,21 +16,21 @@ _LAYER = "model.layers.{i}."
 EMBED_AND_ATTENTION = (
     WeightRule("model.embed_tokens.weight", "embed/embedding"),
     WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
-    WeightRule(_LAYER + "self_attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "self_attn.q_proj.weight", "layers_{i}/attn/q_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "self_attn.k_proj.weight", "layers_{i}/attn/k_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "self_attn.v_proj.weight", "layers_{i}/attn/v_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", TRANSPOSE),
     WeightRule(_LAYER + "self_attn.q_norm.weight", "layers_{i}/attn/q_norm/scale", when="qk_norm"),
     WeightRule(_LAYER + "self_attn.k_norm.weight", "layers_{i}/attn/k_norm/scale", when="qk_norm"),
 )
 GATED_MLP = (
-    WeightRule(_LAYER + "mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", "transpose"),
+    WeightRule(_LAYER + "mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", TRANSPOSE),
 )
 FINAL_NORM_AND_HEAD = (
     WeightRule("model.norm.weight", "final_norm/scale"),
-    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
+    WeightRule("lm_head.weight", "lm_head/kernel", TRANSPOSE, when="untied"),
 )
 
 WEIGHTS = (
@@ -72,19 +72,10 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     gemma = model_type == "gemma"
     act_name = getattr(hf, "hidden_activation", None) if gemma else None
     act = activation(act_name or getattr(hf, "hidden_act", "silu"), model_type)
-    num_heads = hf.num_attention_heads
     attention_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         family=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
-        max_position_embeddings=hf.max_position_embeddings,
-        norm_eps=float(hf.rms_norm_eps),
+        **llama_style_sizes(hf),
         rope=rope_config(hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         # Qwen2 always biases q/k/v (never o); elsewhere attention_bias covers all four projections.

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from jaxlora.config import ModelConfig
-from jaxlora.families import Family, WeightRule
-from jaxlora.families.common import activation, hf_config_object, rope_config
+from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
 from jaxlora.families.llama import EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD
+from jaxlora.families.table import TRANSPOSE, Family, Split, WeightRule
 
 _LAYER = "model.layers.{i}."
 
@@ -19,48 +19,36 @@ ATTENTION = (
     + FINAL_NORM_AND_HEAD
 )
 
-# transformers 5 saves the experts fused: gate_up_proj [experts, 2 * mlp, hidden], down_proj [experts, hidden, mlp].
-_MOE = _LAYER + "mlp."
-WEIGHTS = ATTENTION + (
-    WeightRule(_MOE + "gate.weight", "layers_{i}/moe/router/kernel", "transpose"),
-    WeightRule(_MOE + "experts.gate_up_proj", "layers_{i}/moe/gate", "experts_gate_up:gate"),
-    WeightRule(_MOE + "experts.gate_up_proj", "layers_{i}/moe/up", "experts_gate_up:up"),
-    WeightRule(_MOE + "experts.down_proj", "layers_{i}/moe/down", "experts_down:down"),
-)
-
-# The original checkpoints: one w1 (gate), w3 (up), w2 (down) Linear per expert.
-_SPARSE = _LAYER + "block_sparse_moe."
-PER_EXPERT_WEIGHTS = ATTENTION + (
-    WeightRule(_SPARSE + "gate.weight", "layers_{i}/moe/router/kernel", "transpose"),
-    WeightRule(_SPARSE + "experts.{e}.w1.weight", "layers_{i}/moe/gate", "transpose"),
-    WeightRule(_SPARSE + "experts.{e}.w3.weight", "layers_{i}/moe/up", "transpose"),
-    WeightRule(_SPARSE + "experts.{e}.w2.weight", "layers_{i}/moe/down", "transpose"),
-)
-
 
 def split_gate_up(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
     gate, up = np.split(w, 2, axis=1)  # [experts, mlp, hidden] each
     return {"gate": gate.transpose(0, 2, 1), "up": up.transpose(0, 2, 1)}
 
 
-def transpose_down(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
-    return {"down": w.transpose(0, 2, 1)}  # [experts, mlp, hidden]
+# transformers 5 saves the experts fused: gate_up_proj [experts, 2 * mlp, hidden], down_proj [experts, hidden, mlp].
+_MOE = _LAYER + "mlp."
+WEIGHTS = ATTENTION + (
+    WeightRule(_MOE + "gate.weight", "layers_{i}/moe/router/kernel", TRANSPOSE),
+    WeightRule(_MOE + "experts.gate_up_proj", "layers_{i}/moe/gate", Split(split_gate_up, "gate")),
+    WeightRule(_MOE + "experts.gate_up_proj", "layers_{i}/moe/up", Split(split_gate_up, "up")),
+    WeightRule(_MOE + "experts.down_proj", "layers_{i}/moe/down", TRANSPOSE),
+)
+
+# The original checkpoints: one w1 (gate), w3 (up), w2 (down) Linear per expert.
+_SPARSE = _LAYER + "block_sparse_moe."
+PER_EXPERT_WEIGHTS = ATTENTION + (
+    WeightRule(_SPARSE + "gate.weight", "layers_{i}/moe/router/kernel", TRANSPOSE),
+    WeightRule(_SPARSE + "experts.{e}.w1.weight", "layers_{i}/moe/gate", TRANSPOSE),
+    WeightRule(_SPARSE + "experts.{e}.w3.weight", "layers_{i}/moe/up", TRANSPOSE),
+    WeightRule(_SPARSE + "experts.{e}.w2.weight", "layers_{i}/moe/down", TRANSPOSE),
+)
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     hf = hf_config_object(raw)
-    num_heads = hf.num_attention_heads
     return ModelConfig(
         family="mixtral",
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=hf.num_key_value_heads or num_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
-        max_position_embeddings=hf.max_position_embeddings,
-        norm_eps=float(hf.rms_norm_eps),
+        **llama_style_sizes(hf),
         rope=rope_config(hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         layer_windows=(getattr(hf, "sliding_window", None),) * hf.num_hidden_layers,
@@ -74,6 +62,5 @@ FAMILY = Family(
     model_types=("mixtral",),
     config_from_hf=config_from_hf,
     weights=WEIGHTS,
-    splitters={"experts_gate_up": split_gate_up, "experts_down": transpose_down},
     alternative_weights=PER_EXPERT_WEIGHTS,
 )

@@ -7,25 +7,10 @@ from typing import Any
 import numpy as np
 
 from jaxlora.config import ModelConfig
-from jaxlora.families import Family, WeightRule
-from jaxlora.families.common import activation, hf_config_object, rope_config, rope_parameters
+from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config, rope_parameters
+from jaxlora.families.table import TRANSPOSE, Family, Split, WeightRule
 
 _LAYER = "model.layers.{i}."
-
-WEIGHTS = (
-    WeightRule("model.embed_tokens.weight", "embed/embedding"),
-    WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
-    WeightRule(_LAYER + "self_attn.qkv_proj.weight", "layers_{i}/attn/q_proj/kernel", "phi3_qkv:q"),
-    WeightRule(_LAYER + "self_attn.qkv_proj.weight", "layers_{i}/attn/k_proj/kernel", "phi3_qkv:k"),
-    WeightRule(_LAYER + "self_attn.qkv_proj.weight", "layers_{i}/attn/v_proj/kernel", "phi3_qkv:v"),
-    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", "transpose"),
-    WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
-    WeightRule(_LAYER + "mlp.gate_up_proj.weight", "layers_{i}/mlp/gate_proj/kernel", "phi3_gate_up:gate"),
-    WeightRule(_LAYER + "mlp.gate_up_proj.weight", "layers_{i}/mlp/up_proj/kernel", "phi3_gate_up:up"),
-    WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", "transpose"),
-    WeightRule("model.norm.weight", "final_norm/scale"),
-    WeightRule("lm_head.weight", "lm_head/kernel", "transpose", when="untied"),
-)
 
 
 def split_qkv(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -42,6 +27,22 @@ def split_gate_up(w: np.ndarray, config: ModelConfig) -> dict[str, np.ndarray]:
     return {"gate": gate.T, "up": up.T}
 
 
+WEIGHTS = (
+    WeightRule("model.embed_tokens.weight", "embed/embedding"),
+    WeightRule(_LAYER + "input_layernorm.weight", "layers_{i}/attn_norm/scale"),
+    WeightRule(_LAYER + "self_attn.qkv_proj.weight", "layers_{i}/attn/q_proj/kernel", Split(split_qkv, "q")),
+    WeightRule(_LAYER + "self_attn.qkv_proj.weight", "layers_{i}/attn/k_proj/kernel", Split(split_qkv, "k")),
+    WeightRule(_LAYER + "self_attn.qkv_proj.weight", "layers_{i}/attn/v_proj/kernel", Split(split_qkv, "v")),
+    WeightRule(_LAYER + "self_attn.o_proj.weight", "layers_{i}/attn/o_proj/kernel", TRANSPOSE),
+    WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
+    WeightRule(_LAYER + "mlp.gate_up_proj.weight", "layers_{i}/mlp/gate_proj/kernel", Split(split_gate_up, "gate")),
+    WeightRule(_LAYER + "mlp.gate_up_proj.weight", "layers_{i}/mlp/up_proj/kernel", Split(split_gate_up, "up")),
+    WeightRule(_LAYER + "mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", TRANSPOSE),
+    WeightRule("model.norm.weight", "final_norm/scale"),
+    WeightRule("lm_head.weight", "lm_head/kernel", TRANSPOSE, when="untied"),
+)
+
+
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     hf = hf_config_object(raw)
     num_heads = hf.num_attention_heads
@@ -49,15 +50,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     partial = rope_parameters(hf).get("partial_rotary_factor", 1.0)
     return ModelConfig(
         family="phi3",
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=hf.num_key_value_heads or num_heads,
-        head_dim=head_dim,
-        max_position_embeddings=hf.max_position_embeddings,
-        norm_eps=float(hf.rms_norm_eps),
+        **llama_style_sizes(hf),
         rope=rope_config(hf),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         layer_windows=(getattr(hf, "sliding_window", None),) * hf.num_hidden_layers,
@@ -70,5 +63,4 @@ FAMILY = Family(
     model_types=("phi3",),
     config_from_hf=config_from_hf,
     weights=WEIGHTS,
-    splitters={"phi3_qkv": split_qkv, "phi3_gate_up": split_gate_up},
 )

@@ -1,4 +1,4 @@
-"""The fine-tuning run behind `jaxlora finetune`: data, the jitted step, orbax checkpoints and resume.
+"""The resumable fine-tuning run behind `jaxlora finetune`: data, the jitted step, orbax checkpoints, resume.
 
 runs/NAME/run.json        what the run was started with
 runs/NAME/checkpoints/    orbax CheckpointManager: trainable state, optimizer state, step, PRNG key, data position
@@ -12,18 +12,21 @@ import math
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
 from jaxlora import lora as lora_lib
-from jaxlora.checkpoint import DTYPES, Model, load
+from jaxlora.checkpoint import DTYPES, Model, load, load_adapters, save_adapters, save_param_group, write_config
 from jaxlora.data import Batches, read_examples
 from jaxlora.errors import UsageError
-from jaxlora.train import evaluate, init_state, make_optimizer, make_train_step
+from jaxlora.sharding import make_mesh, replicate, shard_batch
+from jaxlora.staging import staged
+from jaxlora.train import eval_loss, init_state, make_optimizer, make_train_step
 
 
 @dataclass
@@ -67,8 +70,6 @@ class RunOptions:
 
 
 def _manager(run_dir: Path, keep: int):
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
 
@@ -78,66 +79,9 @@ def _as_saveable(state):
     return state.replace(key=jax.random.key_data(state.key))
 
 
-def save_adapters(adapters: lora_lib.Adapters, folder: Path, base: str) -> None:
-    import orbax.checkpoint as ocp
-
-    staging = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        (staging / "lora_config.json").write_text(json.dumps({**asdict(adapters.config), "base": base}, indent=2))
-        checkpointer = ocp.StandardCheckpointer()
-        # As host arrays: the saved adapters carry no mesh, so any device layout can read them back.
-        from jaxlora.sharding import to_host
-
-        checkpointer.save((staging / "adapters").absolute(), jax.tree.map(to_host, adapters.weights))
-        checkpointer.wait_until_finished()
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_adapters(path: str | Path, config) -> lora_lib.Adapters:
-    """A jaxlora adapter folder (runs/NAME/final) or a PEFT adapter folder."""
-    import orbax.checkpoint as ocp
-
-    from jaxlora.peft_io import import_peft
-
-    folder = Path(path)
-    if (folder / "adapter_config.json").is_file():
-        return import_peft(folder, config)
-    meta_file = folder / "lora_config.json"
-    if not meta_file.is_file():
-        raise UsageError(f"{folder} holds neither jaxlora adapters (lora_config.json) nor a PEFT adapter")
-    meta = json.loads(meta_file.read_text())
-    lora_config = lora_lib.LoraConfig(
-        meta["rank"], meta["alpha"], tuple(meta["targets"]), meta.get("rslora", False), meta.get("dropout", 0.0)
-    )
-    shapes = lora_lib.target_paths(config, lora_config.targets)
-    target: dict = {}
-    for p, (fan_in, fan_out) in shapes.items():
-        lora_lib._set(
-            target,
-            p,
-            {
-                "a": jax.ShapeDtypeStruct((fan_in, lora_config.rank), np.float32),
-                "b": jax.ShapeDtypeStruct((lora_config.rank, fan_out), np.float32),
-            },
-        )
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), target)
-    weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
-    return lora_lib.Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
-
-
 def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     """Train; returns the final folder."""
-    from tqdm.auto import tqdm
-
     options.check()
-    from jaxlora.sharding import make_mesh, replicate, shard_batch
-
     mesh = make_mesh(options.mesh) if options.mesh else None
     model: Model = load(checkpoint, mesh=mesh, attention=options.attention)
     if model.tokenizer is None:
@@ -180,8 +124,6 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     (run_dir / "run.json").write_text(json.dumps({"checkpoint": str(checkpoint), **asdict(options)}, indent=2))
     manager = _manager(run_dir, options.keep)
     if manager_exists:
-        import orbax.checkpoint as ocp
-
         step = manager.latest_step()
         abstract = _as_saveable(state)
         restored = manager.restore(
@@ -207,11 +149,9 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
         if evals is not None and options.eval_every and done % options.eval_every == 0:
             lora = None if options.full else state.trainable
             params = state.trainable if options.full else model.params
-            result = evaluate(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
+            result = eval_loss(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
             log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
         if done % options.save_every == 0 or done == options.steps:
-            import orbax.checkpoint as ocp
-
             manager.save(
                 done,
                 args=ocp.args.Composite(
@@ -223,23 +163,13 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     bar.close()
     final = run_dir / "final"
     if options.full:
-        from jaxlora.checkpoint import save_param_group, write_config
-
-        staging = run_dir / f".final.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        write_config(
-            staging,
-            model.config,
-            dtype=str(np.dtype(jax.tree.leaves(state.trainable)[0].dtype)),
-            source=str(checkpoint),
-        )
-        for group, subtree in state.trainable.items():
-            save_param_group(staging, group, subtree)
-        if model.path is not None and (model.path / "tokenizer").is_dir():
-            shutil.copytree(model.path / "tokenizer", staging / "tokenizer")
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        with staged(final, force=True) as staging:
+            dtype_name = str(np.dtype(jax.tree.leaves(state.trainable)[0].dtype))
+            write_config(staging, model.config, dtype=dtype_name, source=str(checkpoint))
+            for group, subtree in state.trainable.items():
+                save_param_group(staging, group, subtree)
+            if model.path is not None and (model.path / "tokenizer").is_dir():
+                shutil.copytree(model.path / "tokenizer", staging / "tokenizer")
     else:
         save_adapters(state.trainable, final, str(checkpoint))
     log(f"wrote {final}")

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.families import family_for
-from jaxlora.lora import Adapters, LoraConfig, _get, _set, target_paths
+from jaxlora.families.table import TRANSPOSE
+from jaxlora.lora import Adapters, target_paths
+from jaxlora.model import get_path, set_path
+from jaxlora.staging import staged
 
 PREFIX = "base_model.model."
 
@@ -29,7 +32,7 @@ def module_names(config: ModelConfig) -> dict[tuple[str, ...], str]:
     """jaxlora Linear module path -> HF module name, for the Linear layers that map 1:1."""
     names = {}
     for rule in family_for(config.family).weights:
-        one_to_one = rule.transform == "transpose" and rule.hf_name.endswith(".weight") and "{e}" not in rule.hf_name
+        one_to_one = rule.transform == TRANSPOSE and rule.hf_name.endswith(".weight") and "{e}" not in rule.hf_name
         if not one_to_one or not rule.param_path.endswith("/kernel"):
             continue
         if rule.when is not None and not getattr(config, rule.when):
@@ -40,10 +43,10 @@ def module_names(config: ModelConfig) -> dict[tuple[str, ...], str]:
     return names
 
 
-def export_peft(adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "") -> Path:
+def export_peft(
+    adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "", force: bool = True
+) -> Path:
     """Write `adapters` as a PEFT LoRA folder (atomically: a temp folder renamed at the end)."""
-    from safetensors.numpy import save_file
-
     names = module_names(config)
     paths = target_paths(config, adapters.config.targets)
     unmapped = sorted({p[-1] for p in paths if p not in names})
@@ -51,7 +54,7 @@ def export_peft(adapters: Adapters, config: ModelConfig, out_dir: str | os.PathL
         raise UsageError(f"{config.family} has no 1:1 HF module for {', '.join(unmapped)}; PEFT cannot load it")
     tensors = {}
     for path in paths:
-        ab = _get(adapters.weights, path)
+        ab = get_path(adapters.weights, path)
         module = PREFIX + names[path]
         tensors[module + ".lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"], np.float32).T)
         tensors[module + ".lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b"], np.float32).T)
@@ -72,24 +75,14 @@ def export_peft(adapters: Adapters, config: ModelConfig, out_dir: str | os.PathL
         "modules_to_save": None,
     }
     out_dir = Path(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
+    with staged(out_dir, force) as staging:
         (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         save_file(tensors, str(staging / "adapter_model.safetensors"))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
 def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
     """Read a PEFT LoRA folder (trained in PyTorch, say) as jaxlora adapters for a model of `config`."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     folder = Path(peft_dir)
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
@@ -123,7 +116,7 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
             raise UsageError(f"adapter module {module} is not a Linear layer of this {config.family} model")
         path = by_module[module]
         targets.add(path[-1])
-        _set(weights, path + (leaf,), jnp.asarray(value.T))
+        set_path(weights, path + (leaf,), jnp.asarray(value.T))
     adapters = Adapters(
         weights,
         LoraConfig(
@@ -137,7 +130,7 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
     expected = target_paths(config, adapters.config.targets)
     for path, (fan_in, fan_out) in expected.items():
         try:
-            ab = _get(weights, path)
+            ab = get_path(weights, path)
         except KeyError:
             raise UsageError(f"adapter lacks {'/'.join(path)} (its target_modules name it)") from None
         if ab["a"].shape != (fan_in, rank) or ab["b"].shape != (rank, fan_out):
