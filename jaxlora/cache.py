@@ -15,15 +15,16 @@ from jaxlora.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """keys/values: per layer [batch, max_len or window, kv_heads, head_dim]; valid [batch, max_len] bool."""
+    """keys/values: per layer [batch, max_len or window, kv_heads, head_dim]; key_valid [batch, max_len] bool, the
+    slots that hold a real token."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
-    valid: jax.Array
+    key_valid: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.valid.shape[1]
+        return self.key_valid.shape[1]
 
 
 def layer_lengths(config: ModelConfig, max_len: int, ring: bool = True) -> tuple[int, ...]:
@@ -37,7 +38,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for shape in shapes),
         values=tuple(jnp.zeros(shape, dtype) for shape in shapes),
-        valid=jnp.zeros((batch, max_len), bool),
+        key_valid=jnp.zeros((batch, max_len), bool),
     )
 
 

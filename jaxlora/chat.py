@@ -14,19 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.checkpoint import Model
+from jaxlora.decoding import DecodeState, extend, new_cache, prefill
 from jaxlora.errors import UsageError
-from jaxlora.generate import (
-    DecodeState,
-    StreamChunk,
-    check_context,
-    decode_chunks,
-    extend,
-    make_plan,
-    new_cache,
-    prefill,
-    prompt_bucket,
-    row_keys,
-)
+from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prompt_bucket, row_keys
+from jaxlora.model import check_context
 from jaxlora.sampling import Sampling
 from jaxlora.sharding import params_mesh, to_host
 
@@ -82,11 +73,8 @@ class ChatSession:
         params, plan = self.model.params, self.plan
         width = prompt_bucket(len(ids))
         capacity = prompt_bucket(width + 4 * plan.decode_slots)
-        cache = new_cache(plan, 1, capacity, params["embed"]["embedding"].dtype)
-        padded = np.full((1, width), plan.pad_id, np.int32)
-        padded[0, width - len(ids) :] = ids
-        mask = np.zeros((1, width), bool)
-        mask[0, width - len(ids) :] = True
+        cache = new_cache(plan.config, 1, capacity, params["embed"]["embedding"].dtype, plan.layout)
+        padded, mask = left_pad([ids], plan.pad_id, width)
         padded, mask = plan.to_device(padded, batch_split=True), plan.to_device(mask, batch_split=True)
         return prefill(params, cache, padded, mask, self.keys, plan.arrays, **plan.static)
 
@@ -121,9 +109,9 @@ class ChatSession:
         # The cache now holds the conversation and reply[:-1] (the last sampled token is never written), plus
         # whatever the loop wrote after the reply ended. Rewind to just after reply[:-1].
         kept = len(reply) - 1
-        valid = final.cache.valid.at[:, reply_slot + kept :].set(False)
+        key_valid = final.cache.key_valid.at[:, reply_slot + kept :].set(False)
         self.state = final._replace(
-            cache=final.cache._replace(valid=valid),
+            cache=final.cache._replace(key_valid=key_valid),
             write_index=jnp.asarray(reply_slot + kept, jnp.int32),
             position=jnp.asarray(reply_position + kept),
         )

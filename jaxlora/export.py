@@ -25,7 +25,7 @@ from jaxlora.errors import ExportError, UsageError
 from jaxlora.families import canonical_name, ignored_pattern, tensor_plan
 from jaxlora.families.table import Split, apply_transform
 from jaxlora.generate import generate
-from jaxlora.model import Decoder, forward, get_path
+from jaxlora.model import apply_decoder, forward, get_path
 from jaxlora.sharding import to_host
 from jaxlora.staging import staged, staged_files
 
@@ -155,9 +155,11 @@ def step_fn(model: Model):
     layers = config.num_layers
 
     def step(input_ids, positions, cache_valid, write_index, *past):
-        valid = cache_valid.astype(bool)
-        cache = KVCache(tuple(past[:layers]), tuple(past[layers:]), valid)
-        logits, new = Decoder(config).apply({"params": params}, input_ids, positions, valid, cache, write_index)
+        key_valid = cache_valid.astype(bool)
+        cache = KVCache(tuple(past[:layers]), tuple(past[layers:]), key_valid)
+        logits, new = apply_decoder(
+            params, config, input_ids, positions, key_valid, cache=cache, write_index=write_index
+        )
         return (logits, *new.keys, *new.values)
 
     return step

@@ -1,28 +1,27 @@
-"""The generation engine: a jitted prefill over the bucketed, left-padded prompt, then `lax.scan` decode chunks
-over a KV cache that is donated from call to call and updated in place.
+"""The host side of generation: `generate` and `stream` over the jitted steps of `jaxlora.decoding`.
 
-Compiled shapes depend only on (batch, prompt bucket, decode steps rounded to whole chunks), so prompts of
-different lengths inside one bucket reuse the same two executables. Between chunks the host can stream the new
-tokens out, apply stop strings, and stop early once every row is done.
+A prompt batch is left-padded to a power-of-two bucket, prefilled into a KV cache sized for the bucket plus the
+new tokens, then decoded in `lax.scan` chunks. Compiled shapes depend only on (batch, prompt bucket, decode steps
+rounded to whole chunks), so prompts of different lengths inside one bucket reuse the same two executables.
+Between chunks the host streams the new tokens out, applies stop strings, and stops once every row is done.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.cache import KVCache, init_cache
 from jaxlora.config import ModelConfig
+from jaxlora.decoding import DecodeState, decode, new_cache, prefill
 from jaxlora.errors import UsageError
-from jaxlora.model import Decoder, default_positions
-from jaxlora.sampling import Processors, Sampling, SamplingArrays, sample_next
-from jaxlora.sharding import Layout, generation_layout, params_mesh, put, to_host
+from jaxlora.model import check_context
+from jaxlora.sampling import Processors, Sampling, SamplingArrays
+from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
 
 MIN_PROMPT_BUCKET = 16
 DEFAULT_CHUNK = 32
@@ -53,27 +52,18 @@ class StreamChunk(NamedTuple):
         return [int(t) for t in self.tokens[r, :keep]]
 
 
-class DecodeState(NamedTuple):
-    """What the decode loop carries. `token` is the last sampled token, to be written at cache slot `write_index`."""
-
-    cache: KVCache
-    token: jax.Array  # [batch] int32
-    position: jax.Array  # [batch] int32, the position of `token`
-    write_index: jax.Array  # [] int32
-    done: jax.Array  # [batch] bool
-    keys: jax.Array  # [batch] PRNG keys
-    seen: jax.Array  # [batch, vocab] bool (tokens in the sequence, for the repetition penalty) or [batch, 1]
-
-
 def prompt_bucket(length: int) -> int:
     """Prompts are left-padded to a power of two (at least 16) so their lengths share compiled code."""
     return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
 
 
 def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None, masks=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> input_ids, attention_mask [batch, width] (default: the longest) padded on the left."""
+    """Token lists -> input_ids, attention_mask [batch, width] (default: the longest) padded on the left.
+
+    masks: for rows that carry their own padding already (rows of a [batch, n] array), which entries are tokens.
+    """
     if not len(prompts) or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")
     width = width or max(len(p) for p in prompts)
@@ -81,189 +71,8 @@ def left_pad(
     mask = np.zeros((len(prompts), width), bool)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = True
+        mask[row, width - len(prompt) :] = True if masks is None else masks[row]
     return ids, mask
-
-
-def _mark_seen(seen: jax.Array, tokens: jax.Array, processors: Processors) -> jax.Array:
-    if not processors.repetition_penalty:
-        return seen
-    return seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
-
-
-def _split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    pairs = jax.vmap(jax.random.split)(keys)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def _mark_prompt_seen(seen: jax.Array, input_ids, real, vocab_size: int) -> jax.Array:
-    """Mark the real prompt tokens in the repetition-penalty mask; padding points past the vocab and is dropped."""
-    rows = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)
-    return seen.at[rows, jnp.where(real, input_ids, vocab_size)].set(True, mode="drop")
-
-
-def _first_token_state(cache, logits, seen, keys, sampling, processors, stop_ids, position, write_index, layout):
-    """Sample the first new token from the prompt's last logits [batch, vocab]; the state the decode loop starts."""
-    keys, step_keys = _split_keys(keys)
-    first = sample_next(logits, sampling, processors, step_keys, seen)
-    state = DecodeState(
-        cache=cache,
-        token=first,
-        position=position,
-        write_index=write_index,
-        done=jnp.isin(first, jnp.asarray(stop_ids or (-1,), jnp.int32)),
-        keys=keys,
-        seen=_mark_seen(seen, first, processors),
-    )
-    return place_state(state, layout)
-
-
-def place_state(state: DecodeState, layout: Layout | None) -> DecodeState:
-    """On a mesh: the cache split like the heads (and the batch over `data`), the small per-row state replicated
-    so every process can read it."""
-    if layout is None:
-        return state
-    constrain = jax.lax.with_sharding_constraint
-    cache = KVCache(
-        keys=tuple(constrain(k, layout.cache_kv) for k in state.cache.keys),
-        values=tuple(constrain(v, layout.cache_kv) for v in state.cache.values),
-        valid=constrain(state.cache.valid, layout.cache_valid),
-    )
-    small = {f: constrain(getattr(state, f), layout.replicated) for f in DecodeState._fields if f != "cache"}
-    return DecodeState(cache=cache, **small)
-
-
-@partial(jax.jit, static_argnames=("config", "processors", "stop_ids", "layout"), donate_argnames=("cache",))
-def prefill(
-    params,
-    cache: KVCache,
-    input_ids,
-    attention_mask,
-    keys,
-    sampling: SamplingArrays,
-    *,
-    config: ModelConfig,
-    processors: Processors,
-    stop_ids: tuple[int, ...],
-    layout: Layout | None = None,
-) -> DecodeState:
-    """Run the prompt [batch, bucket] (left-padded) into slots 0..bucket-1 of `cache` and sample the first token."""
-    batch, width = input_ids.shape
-    positions = default_positions(attention_mask)
-    key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, 0))
-    logits, cache = Decoder(config).apply(
-        {"params": params}, input_ids, positions, key_valid, cache, 0, logits_at=width - 1
-    )
-    seen = jnp.zeros((batch, config.vocab_size if processors.repetition_penalty else 1), bool)
-    if processors.repetition_penalty:
-        seen = _mark_prompt_seen(seen, input_ids, attention_mask, config.vocab_size)
-    return _first_token_state(
-        cache,
-        logits[:, 0],
-        seen,
-        keys,
-        sampling,
-        processors,
-        stop_ids,
-        positions[:, -1] + 1,
-        jnp.asarray(width, jnp.int32),
-        layout,
-    )
-
-
-@partial(jax.jit, static_argnames=("config", "processors", "stop_ids", "layout"), donate_argnames=("state",))
-def extend(
-    params,
-    state: DecodeState,
-    input_ids,
-    length,
-    sampling: SamplingArrays,
-    *,
-    config: ModelConfig,
-    processors: Processors,
-    stop_ids: tuple[int, ...],
-    layout: Layout | None = None,
-) -> DecodeState:
-    """Continue every row with `length` more tokens (input_ids [batch, bucket], right-padded) from the state's slot.
-
-    The state's `token` is discarded: the new tokens start at its slot and position. Used to add a chat turn to a
-    conversation already in the cache instead of prefilling it again. Padding slots are left invalid; decoding
-    overwrites them.
-    """
-    batch, width = input_ids.shape
-    cache = state.cache
-    real = jnp.broadcast_to(jnp.arange(width) < length, (batch, width))
-    positions = state.position[:, None] + jnp.arange(width)
-    key_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, state.write_index))
-    logits, cache = Decoder(config).apply(
-        {"params": params}, input_ids, positions, key_valid, cache, state.write_index, logits_at=length - 1
-    )
-    seen = state.seen
-    if processors.repetition_penalty:
-        seen = _mark_prompt_seen(seen, input_ids, real, config.vocab_size)
-    return _first_token_state(
-        cache,
-        logits[:, 0],
-        seen,
-        state.keys,
-        sampling,
-        processors,
-        stop_ids,
-        state.position + length,
-        state.write_index + length,
-        layout,
-    )
-
-
-@partial(
-    jax.jit,
-    static_argnames=("config", "processors", "stop_ids", "pad_id", "steps", "layout"),
-    donate_argnames=("state",),
-)
-def decode(
-    params,
-    state: DecodeState,
-    sampling: SamplingArrays,
-    *,
-    config: ModelConfig,
-    processors: Processors,
-    stop_ids: tuple[int, ...],
-    pad_id: int,
-    steps: int,
-    layout: Layout | None = None,
-) -> tuple[DecodeState, jax.Array]:
-    """`steps` decode steps as one `lax.scan`. Returns the new state and the sampled tokens [batch, steps]."""
-    decoder = Decoder(config)
-    stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    batch = state.token.shape[0]
-
-    def step(state: DecodeState, _):
-        key_valid = jax.lax.dynamic_update_slice(state.cache.valid, jnp.ones((batch, 1), bool), (0, state.write_index))
-        logits, cache = decoder.apply(
-            {"params": params},
-            state.token[:, None],
-            state.position[:, None],
-            key_valid,
-            state.cache,
-            state.write_index,
-        )
-        keys, step_keys = _split_keys(state.keys)
-        token = sample_next(logits[:, 0], sampling, processors, step_keys, state.seen)
-        token = jnp.where(state.done, pad_id, token)
-        new_state = DecodeState(
-            cache=cache,
-            token=token,
-            position=state.position + 1,
-            write_index=state.write_index + 1,
-            done=state.done | jnp.isin(token, stop),
-            keys=keys,
-            seen=_mark_seen(state.seen, token, processors),
-        )
-        return place_state(new_state, layout), token
-
-    state, tokens = jax.lax.scan(step, state, None, length=steps)
-    tokens = tokens.T if layout is None else jax.lax.with_sharding_constraint(tokens.T, layout.replicated)
-    return state, tokens
 
 
 def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
@@ -336,7 +145,7 @@ class DecodePlan:
     max_new_tokens: int
     chunk: int  # decode steps per jitted call
     chunks: int  # calls needed for max_new_tokens - 1 steps
-    layout: Layout | None = None  # where arrays live when the params are on a mesh
+    layout: DecodeLayout | None = None  # where arrays live when the params are on a mesh
 
     @property
     def decode_slots(self) -> int:
@@ -380,7 +189,7 @@ def make_plan(
     elif temperature is not None:
         raise UsageError("give temperature inside `sampling`, not both")
     processors, arrays = sampling.compile(batch)
-    layout = None if mesh is None else generation_layout(mesh, config, batch)
+    layout = None if mesh is None else decode_layout(mesh, config, batch)
     if layout is not None:
         arrays = SamplingArrays(*(put(a, layout.replicated) for a in arrays))
     steps = max_new_tokens - 1
@@ -418,22 +227,9 @@ def decode_chunks(params, state: DecodeState, plan: DecodePlan) -> Generator[Str
     return state
 
 
-def new_cache(plan: DecodePlan, batch: int, max_len: int, dtype) -> KVCache:
-    """An empty cache, created where it will live (on a mesh: each device allocates only its shard)."""
-    if plan.layout is None:
-        return init_cache(plan.config, batch, max_len, dtype)
-    layers = plan.config.num_layers
-    shardings = KVCache((plan.layout.cache_kv,) * layers, (plan.layout.cache_kv,) * layers, plan.layout.cache_valid)
-    return jax.jit(lambda: init_cache(plan.config, batch, max_len, dtype), out_shardings=shardings)()
-
-
-def check_context(config: ModelConfig, tokens: int, max_new_tokens: int) -> None:
-    limit = config.context_length
-    if limit is not None and tokens + max_new_tokens > limit:
-        raise UsageError(
-            f"prompt ({tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{limit} tokens"
-        )
+def plan_cache(plan: DecodePlan, batch: int, prompt_width: int, dtype):
+    """An empty cache for a prompt bucket plus the plan's decode slots, where the plan's arrays live."""
+    return new_cache(plan.config, batch, prompt_width + plan.decode_slots, dtype, plan.layout)
 
 
 def stream(
@@ -465,12 +261,9 @@ def stream(
 
     # Left-pad to the bucket: real tokens stay right-aligned, so every row writes the same cache slot.
     width = prompt_bucket(prompt_len)
-    ids = np.full((batch, width), plan.pad_id, np.int32)
-    ids[:, width - prompt_len :] = input_ids
-    full_mask = np.zeros((batch, width), bool)
-    full_mask[:, width - prompt_len :] = mask
+    ids, full_mask = left_pad(input_ids, plan.pad_id, width, masks=mask)
 
-    cache = new_cache(plan, batch, width + plan.decode_slots, params["embed"]["embedding"].dtype)
+    cache = plan_cache(plan, batch, width, params["embed"]["embedding"].dtype)
     if plan.layout is not None:
         keys = jax.random.wrap_key_data(plan.to_device(jax.random.key_data(keys)))
     ids, full_mask = plan.to_device(ids, batch_split=True), plan.to_device(full_mask, batch_split=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,14 +84,26 @@ def make_norm(config: ModelConfig, name: str | None = None) -> Norm:
     return Norm(config.norm_eps, config.norm_kind, config.norm_weight_offset, name=name)
 
 
+class AttentionInputs(NamedTuple):
+    """What a layer's attention takes from the call besides its activations (the same for every layer, but for
+    the RoPE tables of windowed layers in families that give those their own)."""
+
+    cos: jax.Array  # [batch, seq, rope_dim // 2] float32
+    sin: jax.Array
+    query_slots: jax.Array  # [seq] int32: the cache slot of each query
+    key_valid: jax.Array  # [batch, k_len] bool: keys that hold a real token (k_len: seq, or the cache's slots)
+    write_index: jax.Array | int  # the cache slot this call's first token is written to
+
+
 class Attention(nn.Module):
     config: ModelConfig
     window: int | None
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
+    def __call__(self, x, inputs: AttentionInputs, cache_kv):
         c = self.config
+        cos, sin, query_slots, key_valid, write_index = inputs
         b, t, _ = x.shape
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora=self.lora)(x)
         k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj", lora=self.lora)(x)
@@ -198,12 +211,10 @@ class Block(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv, write_index):
+    def __call__(self, x, inputs: AttentionInputs, cache_kv):
         c = self.config
         normed = make_norm(c, "attn_norm")(x)
-        attn_out, new_kv = Attention(c, self.window, self.lora, name="attn")(
-            normed, cos, sin, query_slots, key_valid, cache_kv, write_index
-        )
+        attn_out, new_kv = Attention(c, self.window, self.lora, name="attn")(normed, inputs, cache_kv)
         mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:
             x = x + make_norm(c, "post_attn_norm")(attn_out)
@@ -252,15 +263,17 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         if c.learned_positions:
             x = x + jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
-        rope = rope_cos_sin(positions, c)
-        local_rope = rope_cos_sin(positions, c, c.rope_local) if c.rope_local is not None else rope
         # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
         query_slots = write_index + jax.lax.iota(jnp.int32, input_ids.shape[1])
+        inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index)
+        local_inputs = inputs
+        if c.rope_local is not None:
+            cos, sin = rope_cos_sin(positions, c, c.rope_local)
+            local_inputs = inputs._replace(cos=cos, sin=sin)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            cos, sin = local_rope if c.layer_windows[i] is not None else rope
-            x, (k, v) = layer(x, cos, sin, query_slots, key_valid, cache_kv, write_index)
+            x, (k, v) = layer(x, local_inputs if c.layer_windows[i] is not None else inputs, cache_kv)
             new_keys.append(k)
             new_values.append(v)
         if logits_at is not None:
@@ -276,11 +289,17 @@ class Decoder(nn.Module):
         return logits.astype(jnp.float32), new_cache
 
 
-def check_length(config: ModelConfig, length: int) -> None:
-    """Refuse a sequence longer than the positions the model covers (its outputs there would be garbage)."""
+def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0) -> None:
+    """Refuse a sequence (or a prompt plus `new_tokens` to generate) longer than the positions the model covers:
+    its outputs there would be garbage."""
     limit = config.context_length
-    if limit is not None and isinstance(length, int) and length > limit:  # symbolic lengths (export) are not
-        raise UsageError(f"sequence of {length} tokens exceeds the model's context of {limit} tokens")
+    if limit is None or not isinstance(tokens, int) or tokens + new_tokens <= limit:  # symbolic lengths (export)
+        return
+    if new_tokens:
+        raise UsageError(
+            f"prompt ({tokens} tokens) + max_new_tokens ({new_tokens}) exceeds the model's context of {limit} tokens"
+        )
+    raise UsageError(f"sequence of {tokens} tokens exceeds the model's context of {limit} tokens")
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -288,13 +307,32 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def variables(params, lora=None) -> dict:
-    """The flax variables for `Decoder.apply`: the params, plus LoRA adapters as their own collection."""
-    return {"params": params} if lora is None else {"params": params, "lora": lora.weights}
+def apply_decoder(
+    params,
+    config: ModelConfig,
+    input_ids,
+    positions,
+    key_valid,
+    *,
+    cache: KVCache | None = None,
+    write_index=0,
+    logits_at=None,
+    lora=None,
+    dropout_key=None,
+    remat: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Run the decoder: the one way every caller (forward, generation, training, export) does.
 
-
-def decoder(config: ModelConfig, lora=None) -> Decoder:
-    return Decoder(config, None if lora is None else lora.config)
+    input_ids/positions [batch, seq] int32; key_valid [batch, seq] bool without a cache, [batch, max_len] with one
+    (this call's slots included); write_index: the cache slot of input_ids[:, 0]; logits_at: a sequence index to
+    project to logits alone ([batch, 1, vocab]); lora: `jaxlora.lora.Adapters` (unmerged); dropout_key: a PRNG key
+    that turns LoRA dropout on (training); remat: recompute each layer in the backward pass.
+    Returns logits [batch, seq or 1, vocab] float32 and the updated cache (None without one).
+    """
+    model = Decoder(config, None if lora is None else lora.config, remat)
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
+    return model.apply(variables, input_ids, positions, key_valid, cache, write_index, logits_at=logits_at, rngs=rngs)
 
 
 def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, positions=None, lora=None) -> jax.Array:
@@ -310,9 +348,9 @@ def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, posi
         attention_mask = jnp.ones(input_ids.shape, bool)
     attention_mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
-        check_length(config, input_ids.shape[1])
+        check_context(config, input_ids.shape[1])
         positions = default_positions(attention_mask)
-    logits, _ = decoder(config, lora).apply(variables(params, lora), input_ids, positions, attention_mask)
+    logits, _ = apply_decoder(params, config, input_ids, positions, attention_mask, lora=lora)
     return logits
 
 

@@ -133,7 +133,7 @@ def params_mesh(params: dict) -> Mesh | None:
     return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
-class Layout(NamedTuple):
+class DecodeLayout(NamedTuple):
     """Where generation's arrays live on a mesh (static: part of the compiled functions' identity)."""
 
     batch: NamedSharding  # [batch, ...] arrays
@@ -142,7 +142,7 @@ class Layout(NamedTuple):
     replicated: NamedSharding
 
 
-def generation_layout(mesh: Mesh, config: ModelConfig, batch: int) -> Layout:
+def decode_layout(mesh: Mesh, config: ModelConfig, batch: int) -> DecodeLayout:
     batch_spec = spec_for(("batch",), (batch,), mesh, config, "batch")
     b = batch_spec[0] if len(batch_spec) else None
     kv = spec_for(
@@ -152,7 +152,7 @@ def generation_layout(mesh: Mesh, config: ModelConfig, batch: int) -> Layout:
         config,
         "kv cache",
     )
-    return Layout(
+    return DecodeLayout(
         batch=NamedSharding(mesh, PartitionSpec(b)),
         cache_kv=NamedSharding(mesh, kv),
         cache_valid=NamedSharding(mesh, PartitionSpec(b, None)),

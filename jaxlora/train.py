@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from jaxlora.config import ModelConfig
-from jaxlora.model import decoder, default_positions, variables
+from jaxlora.model import apply_decoder, default_positions
 
 
 @struct.dataclass
@@ -48,9 +48,9 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
         params = jax.tree.map(lambda p: p.astype(dtype), params)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].astype(bool)
-    model = decoder(config, lora).clone(remat=remat)
-    rngs = None if key is None else {"dropout": key}
-    logits, _ = model.apply(variables(params, lora), ids, default_positions(mask), mask, rngs=rngs)
+    logits, _ = apply_decoder(
+        params, config, ids, default_positions(mask), mask, lora=lora, dropout_key=key, remat=remat
+    )
     # Position t predicts token t + 1; count only targets that are real and asked for.
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]

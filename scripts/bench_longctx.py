@@ -67,7 +67,8 @@ def worker_jaxlora(checkpoint: str, impl: str, length: int, repeat: int) -> dict
 
     import jaxlora
     from jaxlora.cache import init_cache
-    from jaxlora.generate import make_plan, prefill
+    from jaxlora.decoding import prefill
+    from jaxlora.generate import make_plan
 
     model = jaxlora.load(checkpoint, attention=impl)
     ids = jnp.asarray(prompt_ids(model.config.vocab_size, length))

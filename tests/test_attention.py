@@ -16,8 +16,9 @@ from jaxlora.attention import (
     resolve_impl,
 )
 from jaxlora.cache import init_cache, layer_lengths
+from jaxlora.decoding import decode, prefill
 from jaxlora.errors import ConfigError
-from jaxlora.generate import decode, make_plan, prefill
+from jaxlora.generate import make_plan
 
 # Small blocks so short sequences span several query and key blocks, with ragged last blocks.
 SPEC = AttentionSpec(window=None, scale=0.3, softcap=None, q_block=8, k_block=16, decode_k_block=16)
@@ -183,7 +184,7 @@ def test_ring_cache_equals_full_cache(tiny, name):
 def test_ring_cache_extend_matches_full_cache(tiny):
     """A chat turn (several tokens at once) written after a long decode: ring and full caches agree."""
     from jaxlora.chat import ChatSession  # noqa: F401 (the chat path is what uses extend)
-    from jaxlora.generate import extend
+    from jaxlora.decoding import extend
 
     model = tiny("mistral-window").load()
     ids = random_ids((1, 16), model.config.vocab_size, seed=8)

@@ -9,7 +9,7 @@ from conftest import random_ids
 
 import jaxlora
 from jaxlora.cache import init_cache
-from jaxlora.model import Decoder
+from jaxlora.model import apply_decoder
 
 
 def test_forward_under_jit_grad_vmap(tiny):
@@ -45,17 +45,18 @@ def test_prefill_plus_cached_decode_equals_full_forward(tiny):
         config = model.config
         ids = random_ids((2, 15), config.vocab_size, seed=8)
         full = np.asarray(jaxlora.forward(model.params, config, ids))
-        decoder = Decoder(config)
         cache = init_cache(config, 2, 20)
         prefill = 6
-        valid = cache.valid.at[:, :prefill].set(True)
+        valid = cache.key_valid.at[:, :prefill].set(True)
         positions = jnp.broadcast_to(jnp.arange(prefill), (2, prefill))
-        logits, cache = decoder.apply({"params": model.params}, ids[:, :prefill], positions, valid, cache, 0)
+        logits, cache = apply_decoder(model.params, config, ids[:, :prefill], positions, valid, cache=cache)
         steps = [np.asarray(logits)]
         for t in range(prefill, ids.shape[1]):
-            valid = cache.valid.at[:, t].set(True)
+            valid = cache.key_valid.at[:, t].set(True)
             pos = jnp.full((2, 1), t)
-            logits, cache = decoder.apply({"params": model.params}, ids[:, t : t + 1], pos, valid, cache, t)
+            logits, cache = apply_decoder(
+                model.params, config, ids[:, t : t + 1], pos, valid, cache=cache, write_index=t
+            )
             steps.append(np.asarray(logits))
         np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-5)
 

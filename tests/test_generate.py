@@ -6,8 +6,9 @@ import pytest
 from conftest import random_ids
 
 import jaxlora
+from jaxlora.decoding import decode, prefill
 from jaxlora.errors import UsageError
-from jaxlora.generate import decode, prefill, prompt_bucket
+from jaxlora.generate import prompt_bucket
 
 
 class CharTokenizer:

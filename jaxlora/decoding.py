@@ -1,0 +1,222 @@
+"""The device side of generation: jitted prefill, extend and decode over a KV cache, and the state they carry.
+
+`prefill` runs a left-padded prompt into an empty cache and samples the first new token; `extend` runs more tokens
+(a chat turn, or a suffix after a shared prefix) from wherever a state stopped; `decode` runs `steps` decode
+steps as one `lax.scan`. Each donates its state (the cache is updated in place) and samples inside the compiled
+code. Which sampling processors run, the stop ids and the mesh layout are static; the host side
+(`jaxlora.generate`) picks prompt buckets, streams tokens out, applies stop strings and stops early.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.cache import KVCache, init_cache
+from jaxlora.config import ModelConfig
+from jaxlora.model import apply_decoder, default_positions
+from jaxlora.sampling import Processors, SamplingArrays, sample_next
+from jaxlora.sharding import DecodeLayout
+
+STATIC = ("config", "processors", "stop_ids", "layout")
+
+
+class DecodeState(NamedTuple):
+    """What the decode loop carries. `token` is the last sampled token, to be written at cache slot `write_index`."""
+
+    cache: KVCache
+    token: jax.Array  # [batch] int32
+    position: jax.Array  # [batch] int32, the position of `token`
+    write_index: jax.Array  # [] int32
+    done: jax.Array  # [batch] bool
+    keys: jax.Array  # [batch] PRNG keys
+    seen: jax.Array  # [batch, vocab] bool (tokens in the sequence, for the repetition penalty) or [batch, 1]
+
+
+def new_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: DecodeLayout | None = None) -> KVCache:
+    """An empty cache, created where it will live (on a mesh: each device allocates only its shard)."""
+    if layout is None:
+        return init_cache(config, batch, max_len, dtype)
+    layers = config.num_layers
+    shardings = KVCache((layout.cache_kv,) * layers, (layout.cache_kv,) * layers, layout.cache_valid)
+    return jax.jit(lambda: init_cache(config, batch, max_len, dtype), out_shardings=shardings)()
+
+
+def place_state(state: DecodeState, layout: DecodeLayout | None) -> DecodeState:
+    """On a mesh: the cache split like the heads (and the batch over `data`), the small per-row state replicated
+    so every process can read it."""
+    if layout is None:
+        return state
+    constrain = jax.lax.with_sharding_constraint
+    cache = KVCache(
+        keys=tuple(constrain(k, layout.cache_kv) for k in state.cache.keys),
+        values=tuple(constrain(v, layout.cache_kv) for v in state.cache.values),
+        key_valid=constrain(state.cache.key_valid, layout.cache_valid),
+    )
+    small = {f: constrain(getattr(state, f), layout.replicated) for f in DecodeState._fields if f != "cache"}
+    return DecodeState(cache=cache, **small)
+
+
+def _split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    pairs = jax.vmap(jax.random.split)(keys)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _is_stop(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+    return jnp.isin(tokens, jnp.asarray(stop_ids or (-1,), jnp.int32))
+
+
+def _mark_seen(seen: jax.Array, tokens: jax.Array, processors: Processors) -> jax.Array:
+    """Add one token per row [batch] to the repetition-penalty mask."""
+    if not processors.repetition_penalty:
+        return seen
+    return seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
+
+
+def _mark_prompt_seen(seen: jax.Array, input_ids, real, processors: Processors) -> jax.Array:
+    """Add the real prompt tokens [batch, t] to the repetition-penalty mask; padding points past the vocab and is
+    dropped."""
+    if not processors.repetition_penalty:
+        return seen
+    rows = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)
+    return seen.at[rows, jnp.where(real, input_ids, seen.shape[1])].set(True, mode="drop")
+
+
+def _with_first_token(
+    state: DecodeState, logits, sampling: SamplingArrays, processors: Processors, stop_ids, layout
+) -> DecodeState:
+    """`state` (its token not yet chosen) with the first new token sampled from the last logits [batch, vocab]."""
+    keys, step_keys = _split_keys(state.keys)
+    first = sample_next(logits, sampling, processors, step_keys, state.seen)
+    state = state._replace(
+        token=first, done=_is_stop(first, stop_ids), keys=keys, seen=_mark_seen(state.seen, first, processors)
+    )
+    return place_state(state, layout)
+
+
+@partial(jax.jit, static_argnames=STATIC, donate_argnames=("cache",))
+def prefill(
+    params,
+    cache: KVCache,
+    input_ids,
+    attention_mask,
+    keys,
+    sampling: SamplingArrays,
+    *,
+    config: ModelConfig,
+    processors: Processors,
+    stop_ids: tuple[int, ...],
+    layout: DecodeLayout | None = None,
+) -> DecodeState:
+    """Run the prompt [batch, bucket] (left-padded; attention_mask 1 = token) into slots 0..bucket-1 of an empty
+    `cache` and sample the first token; keys [batch] PRNG keys, one per row."""
+    batch, width = input_ids.shape
+    positions = default_positions(attention_mask)
+    key_valid = jax.lax.dynamic_update_slice(cache.key_valid, attention_mask, (0, 0))
+    logits, cache = apply_decoder(
+        params, config, input_ids, positions, key_valid, cache=cache, write_index=0, logits_at=width - 1
+    )
+    seen = jnp.zeros((batch, config.vocab_size if processors.repetition_penalty else 1), bool)
+    state = DecodeState(
+        cache=cache,
+        token=jnp.zeros((batch,), jnp.int32),
+        position=positions[:, -1] + 1,
+        write_index=jnp.asarray(width, jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        keys=keys,
+        seen=_mark_prompt_seen(seen, input_ids, attention_mask, processors),
+    )
+    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout)
+
+
+@partial(jax.jit, static_argnames=STATIC, donate_argnames=("state",))
+def extend(
+    params,
+    state: DecodeState,
+    input_ids,
+    length,
+    sampling: SamplingArrays,
+    *,
+    config: ModelConfig,
+    processors: Processors,
+    stop_ids: tuple[int, ...],
+    layout: DecodeLayout | None = None,
+) -> DecodeState:
+    """Continue every row with `length` more tokens (input_ids [batch, bucket], right-padded) from the state's slot.
+
+    The state's `token` is discarded: the new tokens start at its slot and position. Used to add a chat turn to a
+    conversation already in the cache instead of prefilling it again. Padding slots are left invalid; decoding
+    overwrites them.
+    """
+    batch, width = input_ids.shape
+    real = jnp.broadcast_to(jnp.arange(width) < length, (batch, width))
+    positions = state.position[:, None] + jnp.arange(width)
+    key_valid = jax.lax.dynamic_update_slice(state.cache.key_valid, real, (0, state.write_index))
+    logits, cache = apply_decoder(
+        params,
+        config,
+        input_ids,
+        positions,
+        key_valid,
+        cache=state.cache,
+        write_index=state.write_index,
+        logits_at=length - 1,
+    )
+    state = state._replace(
+        cache=cache,
+        position=state.position + length,
+        write_index=state.write_index + length,
+        seen=_mark_prompt_seen(state.seen, input_ids, real, processors),
+    )
+    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout)
+
+
+@partial(jax.jit, static_argnames=(*STATIC, "pad_id", "steps"), donate_argnames=("state",))
+def decode(
+    params,
+    state: DecodeState,
+    sampling: SamplingArrays,
+    *,
+    config: ModelConfig,
+    processors: Processors,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    steps: int,
+    layout: DecodeLayout | None = None,
+) -> tuple[DecodeState, jax.Array]:
+    """`steps` decode steps as one `lax.scan`. Returns the new state and the sampled tokens [batch, steps]; rows
+    already done get `pad_id`."""
+    batch = state.token.shape[0]
+
+    def step(state: DecodeState, _):
+        new_slot = jnp.ones((batch, 1), bool)
+        key_valid = jax.lax.dynamic_update_slice(state.cache.key_valid, new_slot, (0, state.write_index))
+        logits, cache = apply_decoder(
+            params,
+            config,
+            state.token[:, None],
+            state.position[:, None],
+            key_valid,
+            cache=state.cache,
+            write_index=state.write_index,
+        )
+        keys, step_keys = _split_keys(state.keys)
+        token = sample_next(logits[:, 0], sampling, processors, step_keys, state.seen)
+        token = jnp.where(state.done, pad_id, token)
+        new_state = DecodeState(
+            cache=cache,
+            token=token,
+            position=state.position + 1,
+            write_index=state.write_index + 1,
+            done=state.done | _is_stop(token, stop_ids),
+            keys=keys,
+            seen=_mark_seen(state.seen, token, processors),
+        )
+        return place_state(new_state, layout), token
+
+    state, tokens = jax.lax.scan(step, state, None, length=steps)
+    tokens = tokens.T if layout is None else jax.lax.with_sharding_constraint(tokens.T, layout.replicated)
+    return state, tokens
