@@ -20,6 +20,7 @@ from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, pr
 from jaxlora.model import check_context
 from jaxlora.sampling import Sampling
 from jaxlora.sharding import params_mesh, to_host
+from jaxlora.text import chat_ids, has_chat_template, pad_id
 
 
 class ChatSession:
@@ -37,11 +38,10 @@ class ChatSession:
         chunk_size: int = 32,
     ):
         tokenizer = model.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if tokenizer is None or not has_chat_template(tokenizer):
             raise UsageError("chat needs a checkpoint whose tokenizer has a chat template")
         self.model = model
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.plan = make_plan(
             model.config,
             1,
@@ -51,7 +51,7 @@ class ChatSession:
             eos_token_ids=model.eos_token_ids,
             stop=stop,
             tokenizer=tokenizer,
-            pad_token_id=pad_id,
+            pad_token_id=pad_id(tokenizer),
             chunk_size=chunk_size,
         )
         self.keys = row_keys(key, 1, self.plan.processors.sample)
@@ -60,13 +60,6 @@ class ChatSession:
         self.state: DecodeState | None = None
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
         self.reused_turns = 0
-
-    def _render(self) -> list[int]:
-        return list(
-            self.model.tokenizer.apply_chat_template(
-                self.messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
 
     def _start(self, ids: list[int]) -> DecodeState:
         """Prefill the whole conversation into a fresh cache with room for several more turns."""
@@ -91,7 +84,7 @@ class ChatSession:
 
     def send(self, text: str) -> Iterator[StreamChunk]:
         self.messages.append({"role": "user", "content": text})
-        ids = self._render()
+        ids = chat_ids(self.model.tokenizer, self.messages)
         check_context(self.plan.config, len(ids), self.plan.max_new_tokens)
         state = None
         n = len(self.cached)

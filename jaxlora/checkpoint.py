@@ -28,8 +28,8 @@ from jaxlora.attention import check_impl
 from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 from jaxlora.lora import Adapters, adapter_shapes, merge
-from jaxlora.model import param_shapes
-from jaxlora.peft import import_peft
+from jaxlora.model import num_params, param_shapes
+from jaxlora.peft import export_peft, import_peft
 from jaxlora.sharding import param_shardings, to_host
 from jaxlora.staging import staged
 
@@ -133,6 +133,34 @@ def restore_params(
     return jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
 
 
+def describe(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """A checkpoint folder's model as (property, value) rows: what `jaxlora info` prints."""
+    config, meta = read_config(path)
+    size = sum(f.stat().st_size for f in Path(path, "params").rglob("*") if f.is_file())
+    rope = config.rope
+    rope_text = f"{rope.kind}, theta {rope.theta:g}"
+    if rope.kind != "default":
+        rope_text += f", factor {rope.factor:g}"
+    if rope.original_max_position_embeddings:
+        rope_text += f", original context {rope.original_max_position_embeddings}"
+    return [
+        ("architecture", config.family),
+        ("source", meta.get("source", "")),
+        ("parameters", f"{num_params(config):,}"),
+        ("dtype", meta["dtype"]),
+        ("size on disk", f"{size / 2**20:.1f} MiB"),
+        ("layers", config.num_layers),
+        ("hidden size", config.hidden_size),
+        ("heads (q / kv)", f"{config.num_heads} / {config.num_kv_heads}"),
+        ("head dim", config.head_dim),
+        ("mlp size", config.intermediate_size),
+        ("vocab", config.vocab_size),
+        ("context", config.context_length or f"unbounded (dynamic NTK from {config.max_position_embeddings})"),
+        ("rope", rope_text),
+        ("tied embeddings", config.tie_word_embeddings),
+    ]
+
+
 def load_tokenizer(path: Path):
     tokenizer_dir = path / "tokenizer"
     if not tokenizer_dir.is_dir() or not any(tokenizer_dir.iterdir()):
@@ -205,3 +233,20 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig) -> Adapters:
     )
     weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
     return Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
+
+
+def adapters_to_peft(folder: str | os.PathLike, out: str | os.PathLike, base: str | None = None) -> Path:
+    """`jaxlora lora export`: a jaxlora adapter folder -> a PEFT adapter folder. The base checkpoint is the one the
+    adapters name, else `base`."""
+    _, named = read_adapter_meta(folder)
+    base = named or base
+    if not base:
+        raise UsageError("the adapters do not name their base checkpoint: pass --base CKPT")
+    config, _ = read_config(base)
+    return export_peft(load_adapters(folder, config), config, out, base_model=base)
+
+
+def peft_to_adapters(peft_dir: str | os.PathLike, out: str | os.PathLike, base: str) -> Path:
+    """`jaxlora lora import`: a PEFT adapter folder -> a jaxlora adapter folder for the converted `base`."""
+    config, _ = read_config(base)
+    return save_adapters(import_peft(peft_dir, config), out, base)

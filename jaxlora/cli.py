@@ -1,189 +1,124 @@
-"""The `jaxlora` command: a thin shell over the Python API. `python -m jaxlora` is the same entry point."""
+"""The `jaxlora` command: a thin shell over the Python API. `python -m jaxlora` is the same entry point.
+
+Each command imports the library inside its function, so `--help` and argument errors answer at once, before
+JAX, transformers and orbax load.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from jaxlora.config import ATTENTION_IMPLS
+from jaxlora.config import ATTENTION_IMPLS, DTYPE_NAMES
 from jaxlora.errors import JaxloraError, UsageError
 
-DEFAULT_CHECKPOINTS = Path("checkpoints")
+
+def _is_primary() -> bool:
+    """Only process 0 of a multi-process run prints (before JAX has started, there is only one process)."""
+    if "jax" not in sys.modules:
+        return True
+    from jaxlora.sharding import is_primary
+
+    return is_primary()
 
 
 def _say(message: str) -> None:
-    if "jax" not in sys.modules or _is_primary():
+    if _is_primary():
         print(message, file=sys.stderr, flush=True)
 
 
-def _default_dst(src: str) -> Path:
-    name = Path(src.rstrip("/")).name
-    for suffix in (".gguf", ".safetensors", ".bin", ".pth", ".pt"):
-        name = name.removesuffix(suffix)
-    return DEFAULT_CHECKPOINTS / name
+def _setup_devices(args):
+    """Start jax.distributed when asked, then build the mesh (None: one device)."""
+    from jaxlora.sharding import make_mesh, start_distributed
+
+    distributed = getattr(args, "distributed", False)
+    if distributed:
+        start_distributed(args.coordinator, args.num_processes, args.process_id)
+    spec = args.mesh or ("tensor=-1" if distributed else None)
+    return make_mesh(spec) if spec else None
+
+
+def _load(args, mesh=None):
+    from jaxlora.checkpoint import load
+    from jaxlora.model import num_params
+
+    start = time.perf_counter()
+    _say(f"loading {args.checkpoint} ..." + (f" onto mesh {dict(mesh.shape)}" if mesh is not None else ""))
+    model = load(
+        args.checkpoint,
+        dtype=getattr(args, "dtype", None),
+        mesh=mesh,
+        attention=getattr(args, "attention", "auto"),
+        lora=args.lora,
+    )
+    seconds = time.perf_counter() - start
+    _say(f"loaded {model.config.family} ({num_params(model.config) / 1e6:.1f}M params) in {seconds:.1f}s")
+    return model
+
+
+def _sampling(args):
+    """The sampling flags as a `Sampling`, validated (before anything slow happens)."""
+    from jaxlora.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    sampling.per_row(1)
+    return sampling
+
+
+def _start_generation(args):
+    """What generate and chat share: checked sampling flags, the compile cache, devices, the model."""
+    sampling = _sampling(args)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.no_compile_cache:
+        from jaxlora import compile_cache
+
+        compile_cache.enable()
+    model = _load(args, _setup_devices(args))
+    if model.tokenizer is None:
+        raise UsageError(f"{args.checkpoint} has no tokenizer; use the Python API with token ids")
+    return model, sampling
 
 
 def cmd_convert(args) -> None:
-    from jaxlora.convert import convert
+    from jaxlora.convert import convert, default_dst
 
-    dst = Path(args.dst) if args.dst else _default_dst(args.src)
+    dst = Path(args.dst) if args.dst else default_dst(args.src)
     start = time.perf_counter()
     convert(args.src, dst, dtype=args.dtype, config_path=args.config, force=args.force, progress=True)
     _say(f"wrote {dst} in {time.perf_counter() - start:.1f}s")
 
 
-def _is_primary() -> bool:
-    """Only process 0 of a multi-process run prints."""
+def cmd_generate(args) -> None:
     import jax
 
-    return jax.process_index() == 0
+    from jaxlora.generate import left_pad, stream
+    from jaxlora.text import TextStream, pad_id, prompt_ids, read_prompts
 
-
-def _setup_devices(args):
-    """Start jax.distributed when asked, then build the mesh (None: one device)."""
-    import jax
-
-    from jaxlora.sharding import make_mesh
-
-    if getattr(args, "distributed", False):
-        try:
-            # With no arguments JAX reads the cluster from the environment (TPU pods, SLURM, ...).
-            jax.distributed.initialize(
-                coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
-            )
-        except Exception as e:  # noqa: BLE001 (the cluster probes raise assorted types)
-            raise UsageError(f"could not start jax.distributed ({' '.join(str(e).split())})") from None
-    spec = args.mesh or ("tensor=-1" if getattr(args, "distributed", False) else None)
-    return make_mesh(spec) if spec else None
-
-
-def _load(path: str, dtype: str | None, mesh=None, lora: str | None = None, attention: str = "auto"):
-    from jaxlora.checkpoint import load
-    from jaxlora.model import num_params
-
+    prompts = read_prompts(args.prompt, args.prompt_file, args.batch_file)
+    model, sampling = _start_generation(args)
+    tokenizer = model.tokenizer
+    ids, mask = left_pad([prompt_ids(tokenizer, text, args.chat) for text in prompts], pad_id(tokenizer))
+    out = sys.stdout if _is_primary() else open(os.devnull, "w")  # noqa: SIM115
     start = time.perf_counter()
-    _say(f"loading {path} ..." + (f" onto mesh {dict(mesh.shape)}" if mesh is not None else ""))
-    model = load(path, dtype=dtype, mesh=mesh, attention=attention, lora=lora)
-    _say(
-        f"loaded {model.config.family} ({num_params(model.config) / 1e6:.1f}M params) "
-        f"in {time.perf_counter() - start:.1f}s"
-    )
-    return model
-
-
-def _prompts(args) -> list[str]:
-    given = [name for name in ("prompt", "prompt_file", "batch_file") if getattr(args, name) is not None]
-    if len(given) != 1:
-        raise UsageError("give exactly one of --prompt, --prompt-file, --batch-file")
-    if args.prompt is not None:
-        return [args.prompt]
-    path = args.prompt_file or args.batch_file
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path} ({e})") from None
-    if args.prompt_file is not None:
-        return [text]
-    prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"{path} holds no prompts (one per line)")
-    return prompts
-
-
-def _sampling(args):
-    from jaxlora.sampling import Sampling
-
-    sampling = Sampling(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-    )
-    sampling.per_row(1)  # validate before loading the model
-    return sampling
-
-
-def _encode(tokenizer, text: str, chat: bool, checkpoint: str) -> list[int]:
-    if chat:
-        if not tokenizer.chat_template:
-            raise UsageError(f"{checkpoint}'s tokenizer has no chat template; drop --chat")
-        return list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    return list(tokenizer(text)["input_ids"])
-
-
-def _enable_compile_cache(args) -> None:
-    """The persistent XLA cache: a second run of the same shapes skips compilation."""
-    if args.no_compile_cache:
-        return
-    import jax
-
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlora" / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-class TextStream:
-    """Prints a row's text as its tokens arrive (decoding the whole row each time keeps multi-byte pieces whole)."""
-
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens: list[int] = []
-        self.printed = ""
-
-    def add(self, tokens) -> None:
-        self.tokens.extend(int(t) for t in tokens)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-            return
-        self.out.write(text[len(self.printed) :])
-        self.out.flush()
-        self.printed = text
-
-
-def _generation_kwargs(args, model, tokenizer) -> dict:
-    import jax
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return dict(
+    chunks = stream(
+        model.params,
+        model.config,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=args.max_new_tokens,
         key=jax.random.key(args.seed),
-        sampling=_sampling(args),
+        sampling=sampling,
         eos_token_ids=model.eos_token_ids,
         stop=tuple(args.stop or ()),
         tokenizer=tokenizer,
-        pad_token_id=pad_id,
+        pad_token_id=pad_id(tokenizer),
     )
-
-
-def cmd_generate(args) -> None:
-    import json
-
-    from jaxlora.generate import left_pad, stream
-
-    prompts = _prompts(args)
-    _sampling(args)
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    _enable_compile_cache(args)
-    mesh = _setup_devices(args)
-    model = _load(args.checkpoint, args.dtype, mesh, args.lora, args.attention)
-    out = sys.stdout if _is_primary() else open(os.devnull, "w")  # noqa: SIM115
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise UsageError(f"{args.checkpoint} has no tokenizer; use the Python API with token ids")
-    encoded = [_encode(tokenizer, text, args.chat, args.checkpoint) for text in prompts]
-    kwargs = _generation_kwargs(args, model, tokenizer)
-    ids, mask = left_pad(encoded, kwargs["pad_token_id"])
-    start = time.perf_counter()
-    chunks = stream(model.params, model.config, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, **kwargs)
     rows: list[list[int]] = [[] for _ in prompts]
     printer = TextStream(tokenizer, out) if len(prompts) == 1 else None
     for chunk in chunks:
@@ -206,11 +141,9 @@ def cmd_chat(args) -> None:
     import jax
 
     from jaxlora.chat import ChatSession
+    from jaxlora.text import TextStream
 
-    sampling = _sampling(args)
-    _enable_compile_cache(args)
-    mesh = _setup_devices(args)
-    model = _load(args.checkpoint, args.dtype, mesh, args.lora, args.attention)
+    model, sampling = _start_generation(args)
     session = ChatSession(
         model,
         max_new_tokens=args.max_new_tokens,
@@ -238,122 +171,53 @@ def cmd_chat(args) -> None:
 def cmd_finetune(args) -> None:
     from jaxlora.trainer import RunOptions, run
 
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    options = RunOptions(
-        data=args.data,
-        out=args.out,
-        eval_data=args.eval_data,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        seq_len=args.seq_len,
-        pack=not args.pad,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup,
-        weight_decay=args.weight_decay,
-        clip_norm=args.clip_norm,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        targets=targets,
-        full=args.full,
-        remat=args.remat,
-        dtype=args.dtype,
-        seed=args.seed,
-        save_every=args.save_every,
-        keep=args.keep,
-        eval_every=args.eval_every,
-        resume=args.resume,
-        init_lora=args.lora,
-        mesh=args.mesh,
-        attention=args.attention,
-    )
+    options = RunOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunOptions)})
     run(args.checkpoint, options, log=lambda message: print(message, flush=True))
 
 
 def cmd_lora_export(args) -> None:
-    from jaxlora.checkpoint import load_adapters, read_config
-    from jaxlora.peft import export_peft
+    from jaxlora.checkpoint import adapters_to_peft
 
-    meta_file = Path(args.adapters) / "lora_config.json"
-    if not meta_file.is_file():
-        raise UsageError(f"{args.adapters} is not a jaxlora adapter folder (no lora_config.json)")
-    base = json.loads(meta_file.read_text()).get("base") or args.base
-    if not base:
-        raise UsageError("the adapters do not name their base checkpoint: pass --base CKPT")
-    config, _ = read_config(base)
-    export_peft(load_adapters(args.adapters, config), config, args.out, base_model=base)
+    adapters_to_peft(args.adapters, args.out, base=args.base)
     _say(f"wrote PEFT adapter {args.out}")
 
 
 def cmd_lora_import(args) -> None:
-    from jaxlora.checkpoint import read_config, save_adapters
-    from jaxlora.peft import import_peft
+    from jaxlora.checkpoint import peft_to_adapters
 
-    config, _ = read_config(args.base)
-    save_adapters(import_peft(args.peft_dir, config), Path(args.out), args.base)
+    peft_to_adapters(args.peft_dir, args.out, args.base)
     _say(f"wrote jaxlora adapters {args.out}")
 
 
 def cmd_info(args) -> None:
-    from jaxlora.checkpoint import read_config
-    from jaxlora.model import num_params
+    from jaxlora.checkpoint import describe
 
-    config, meta = read_config(args.checkpoint)
-    size = sum(f.stat().st_size for f in Path(args.checkpoint, "params").rglob("*") if f.is_file())
-    rows = [
-        ("architecture", config.family),
-        ("source", meta.get("source", "")),
-        ("parameters", f"{num_params(config):,}"),
-        ("dtype", meta["dtype"]),
-        ("size on disk", f"{size / 2**20:.1f} MiB"),
-        ("layers", config.num_layers),
-        ("hidden size", config.hidden_size),
-        ("heads (q / kv)", f"{config.num_heads} / {config.num_kv_heads}"),
-        ("head dim", config.head_dim),
-        ("mlp size", config.intermediate_size),
-        ("vocab", config.vocab_size),
-        ("context", config.context_length or f"unbounded (dynamic NTK from {config.max_position_embeddings})"),
-        ("rope", _describe_rope(config.rope)),
-        ("tied embeddings", config.tie_word_embeddings),
-    ]
-    _print_table(rows)
-
-
-def _seq_len(value: str) -> int | None:
-    if value == "dynamic":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise UsageError(f"--seq-len must be a number or 'dynamic', got {value!r}") from None
-    if number < 1:
-        raise UsageError(f"--seq-len must be at least 1, got {number}")
-    return number
+    _print_table(describe(args.checkpoint))
 
 
 def cmd_export(args) -> None:
     from jaxlora import export
 
-    if args.batch is not None and args.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    model = _load(args.checkpoint, None, lora=args.lora)
-    if args.format == "onnx" and args.decode_step:
-        if args.cache_len is None:
-            raise UsageError("--decode-step needs --cache-len N (the KV cache's slots)")
-        report = export.export_onnx_step(model, args.out, cache_len=args.cache_len, batch=args.batch, force=args.force)
-        _say(f"wrote {args.out}; {report['greedy_steps_checked']} greedy steps in onnxruntime match jaxlora")
-    elif args.format == "onnx":
-        report = export.export_onnx(model, args.out, batch=args.batch, seq_len=_seq_len(args.seq_len), force=args.force)
-        _say(f"wrote {args.out}; onnxruntime matches jaxlora within {report['max_relative_diff']:.1e} (relative)")
-    elif args.format == "stablehlo":
-        report = export.export_stablehlo(
-            model, args.out, batch=args.batch, seq_len=_seq_len(args.seq_len), force=args.force
-        )
-        _say(f"wrote {args.out} for {', '.join(report['platforms'])}; reloaded and checked")
+    seq_len = export.parse_seq_len(args.seq_len)
+    model = _load(args)
+    options = dict(batch=args.batch, decode_step=args.decode_step, cache_len=args.cache_len, force=args.force)
+    _say(export.run(args.format, model, args.out, seq_len=seq_len, **options))
+
+
+def cmd_eval(args) -> None:
+    from jaxlora import eval as evaluation
+
+    inputs = evaluation.read_inputs(args.perplexity, args.diversity, args.code_pass_at_k)
+    names = ("window", "stride", "batch_size", "samples", "max_new_tokens", "timeout", "seed")
+    options = evaluation.EvalOptions(
+        **{name: getattr(args, name) for name in names}, ks=evaluation.parse_ks(args.k), sampling=_sampling(args)
+    )
+    options.check(inputs)  # before the model loads
+    report = evaluation.run(_load(args, _setup_devices(args)), inputs, options)
+    if args.json:
+        print(json.dumps(report, indent=2))
     else:
-        report = export.export_hf(model, args.out, force=args.force)
-        _say(f"wrote {args.out} ({report['tensors']} tensors, float32)")
+        _print_table(evaluation.table(report))
 
 
 def _print_table(rows: list[tuple]) -> None:
@@ -363,86 +227,8 @@ def _print_table(rows: list[tuple]) -> None:
         print("  ".join([f"{cell!s:<{w}}" for cell, w in zip(row, widths, strict=False)] + [str(row[-1])]))
 
 
-def cmd_eval(args) -> None:
-    import jax
-
-    from jaxlora import evaluate
-
-    if not (args.perplexity or args.diversity or args.code_pass_at_k):
-        raise UsageError("give at least one of --perplexity FILE, --diversity PROMPTS, --code-pass-at-k PROBLEMS")
-    if args.batch_size < 1 or args.samples < 1 or args.max_new_tokens < 1 or args.timeout <= 0:
-        raise UsageError("--batch-size, --samples, --max-new-tokens and --timeout must be positive")
-    ks = []
-    for part in args.k.split(","):
-        try:
-            ks.append(int(part))
-        except ValueError:
-            raise UsageError(f"--k takes comma-separated numbers, got {args.k!r}") from None
-    if args.code_pass_at_k:
-        evaluate.check_ks(ks, args.samples)
-    # Read every input before loading the model: a bad file fails fast.
-    text = None
-    if args.perplexity:
-        text = evaluate.read_text(args.perplexity)
-        if not text.strip():
-            raise UsageError(f"{args.perplexity} holds no text")
-    prompts = evaluate.read_lines(args.diversity, "prompts") if args.diversity else None
-    problems = evaluate.read_problems(args.code_pass_at_k) if args.code_pass_at_k else None
-    sampling = _sampling(args)
-    model = _load(args.checkpoint, args.dtype, _setup_devices(args), lora=args.lora, attention=args.attention)
-    if model.tokenizer is None:
-        raise UsageError(f"{args.checkpoint} has no tokenizer to read the text with")
-    key = jax.random.key(args.seed)
-    report, rows = {}, []
-    if text is not None:
-        tokens = model.tokenizer(text)["input_ids"]
-        window = args.window or min(model.config.context_length or 1024, 1024)
-        stride = args.stride or max(window // 2, 1)
-        result = evaluate.perplexity(
-            model.params, model.config, tokens, window=window, stride=stride, batch_size=args.batch_size
-        )
-        report["perplexity"] = {**result, "window": window, "stride": stride}
-        rows += [
-            ("perplexity", "tokens scored", f"{result['tokens']}"),
-            ("perplexity", "window / stride", f"{window} / {stride} ({result['windows']} windows)"),
-            ("perplexity", "loss (nats/token)", f"{result['loss']:.4f}"),
-            ("perplexity", "perplexity", f"{result['perplexity']:.3f}"),
-        ]
-    if prompts is not None:
-        result = evaluate.diversity(
-            model, prompts, samples=args.samples, max_new_tokens=args.max_new_tokens, sampling=sampling, key=key
-        )
-        report["diversity"] = result
-        rows += [("diversity", "prompts x samples", f"{result['prompts']} x {result['samples']}")]
-        rows += [("diversity", name, f"{result[name]:.4f}") for name in ("distinct_1", "distinct_2", "distinct_3")]
-        rows += [("diversity", "self_bleu", f"{result['self_bleu']:.4f}")]
-    if problems is not None:
-        result = evaluate.code_pass_at_k(
-            model,
-            problems,
-            samples=args.samples,
-            ks=ks,
-            max_new_tokens=args.max_new_tokens,
-            sampling=sampling,
-            key=key,
-            timeout=args.timeout,
-        )
-        report["code"] = result
-        rows += [("code", "problems x samples", f"{result['problems']} x {result['samples']}")]
-        rows += [("code", f"pass@{k}", f"{result[f'pass@{k}']:.4f}") for k in ks]
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_table(rows)
-
-
-def _describe_rope(rope) -> str:
-    text = f"{rope.kind}, theta {rope.theta:g}"
-    if rope.kind != "default":
-        text += f", factor {rope.factor:g}"
-    if rope.original_max_position_embeddings:
-        text += f", original context {rope.original_max_position_embeddings}"
-    return text
+def _targets(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -454,7 +240,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF repetition penalty (1: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", help="stop after this text (repeatable)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params on load")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     parser.add_argument("--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, tensor; -1: rest)")
     parser.add_argument("--lora", help="apply LoRA adapters (a jaxlora runs/NAME/final or a PEFT folder)")
@@ -482,14 +268,50 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
 
 
+def _add_finetune_command(commands) -> None:
+    """Flags named after `trainer.RunOptions` fields (dest=), so the options are read off the parsed args."""
+    tune = commands.add_parser("finetune", help="LoRA (or --full) fine-tuning with optax; resumable")
+    tune.add_argument("checkpoint")
+    tune.add_argument("--data", required=True, help="text file, or JSONL of text / prompt+completion / messages")
+    tune.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    tune.add_argument("--eval-data")
+    tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
+    tune.add_argument("--steps", type=int, default=100)
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--grad-accum", type=int, default=1)
+    tune.add_argument("--seq-len", type=int, default=256)
+    tune.add_argument("--pad", dest="pack", action="store_false", help="one example per row, padded (default: pack)")
+    tune.add_argument("--lr", dest="learning_rate", type=float, default=2e-4)
+    tune.add_argument("--warmup", dest="warmup_steps", type=int, default=10)
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--clip-norm", type=float, default=1.0)
+    tune.add_argument("--rank", type=int, default=8)
+    tune.add_argument("--alpha", type=float, default=16.0)
+    tune.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input")
+    tune.add_argument(
+        "--targets", type=_targets, default="q_proj,k_proj,v_proj,o_proj", help="comma-separated HF module names"
+    )
+    tune.add_argument("--full", action="store_true", help="train every param instead of LoRA adapters")
+    tune.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
+    tune.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--save-every", type=int, default=50)
+    tune.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tune.add_argument("--lora", dest="init_lora", help="start from these adapters (jaxlora or PEFT folder)")
+    tune.add_argument("--mesh", help="train on a device mesh, e.g. data=2,tensor=4")
+    _add_attention_flag(tune)
+    tune.set_defaults(run=cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert an HF checkpoint (folder, file, GGUF or hub id)")
     convert.add_argument("src", help="HF model folder, .safetensors/.bin/.pth/.pt file, .gguf file, or hub id")
     convert.add_argument("dst", nargs="?", help="output folder (default: checkpoints/<name>)")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    convert.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     convert.add_argument("--config", help="HF config.json for a bare state-dict file")
     convert.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     convert.set_defaults(run=cmd_convert)
@@ -510,36 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(chat)
     chat.set_defaults(run=cmd_chat)
 
-    tune = commands.add_parser("finetune", help="LoRA (or --full) fine-tuning with optax; resumable")
-    tune.add_argument("checkpoint")
-    tune.add_argument("--data", required=True, help="text file, or JSONL of text / prompt+completion / messages")
-    tune.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
-    tune.add_argument("--eval-data")
-    tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
-    tune.add_argument("--steps", type=int, default=100)
-    tune.add_argument("--batch-size", type=int, default=4)
-    tune.add_argument("--grad-accum", type=int, default=1)
-    tune.add_argument("--seq-len", type=int, default=256)
-    tune.add_argument("--pad", action="store_true", help="one example per row, padded (default: pack)")
-    tune.add_argument("--lr", type=float, default=2e-4)
-    tune.add_argument("--warmup", type=int, default=10)
-    tune.add_argument("--weight-decay", type=float, default=0.0)
-    tune.add_argument("--clip-norm", type=float, default=1.0)
-    tune.add_argument("--rank", type=int, default=8)
-    tune.add_argument("--alpha", type=float, default=16.0)
-    tune.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input")
-    tune.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated HF module names")
-    tune.add_argument("--full", action="store_true", help="train every param instead of LoRA adapters")
-    tune.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
-    tune.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
-    tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--save-every", type=int, default=50)
-    tune.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    tune.add_argument("--lora", help="start from these adapters (jaxlora or PEFT folder)")
-    tune.add_argument("--mesh", help="train on a device mesh, e.g. data=2,tensor=4")
-    _add_attention_flag(tune)
-    tune.set_defaults(run=cmd_finetune)
+    _add_finetune_command(commands)
 
     lora = commands.add_parser("lora", help="move adapters to and from Hugging Face PEFT")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True)

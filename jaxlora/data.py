@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora.errors import UsageError
+from jaxlora.text import chat_ids, pad_id
 
 
 def jsonl_records(path: str | Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -62,29 +63,19 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _chat_ids(tokenizer, messages, generation_prompt=False) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
-        )
-    )
-
-
 def tokenize(example: dict, tokenizer) -> tuple[list[int], list[int]]:
     """One example -> (token ids, loss mask) with the tokenizer's EOS closing plain text and completions."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if "messages" in example:
         messages = example["messages"]
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError("chat examples need a tokenizer with a chat template")
-        ids = _chat_ids(tokenizer, messages)
+        ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
         mask = [0] * len(ids)
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
             # The assistant turn is what rendering it adds after the generation prompt.
-            start = len(_chat_ids(tokenizer, messages[:i], generation_prompt=True))
-            end = len(_chat_ids(tokenizer, messages[: i + 1]))
+            start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
             mask[start:end] = [1] * (end - start)
         return ids, mask
     if "prompt" in example:
@@ -100,7 +91,7 @@ class Batches:
     def __init__(self, examples: list[dict], tokenizer, seq_len: int, *, pack: bool = True, seed: int = 0):
         if seq_len < 2:
             raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_id(tokenizer)
         encoded = [tokenize(e, tokenizer) for e in examples]
         rows = []
         if pack:

@@ -329,3 +329,50 @@ def export_hf(model: Model, out: str | Path, *, force: bool = False) -> dict:
             for file in tokenizer.iterdir():
                 shutil.copy2(file, staging / file.name)
     return {"path": str(out), "tensors": len(tensors)}
+
+
+FORMATS = ("onnx", "stablehlo", "hf")
+
+
+def parse_seq_len(value: str) -> int | None:
+    """--seq-len: a number of tokens, or "dynamic" (None)."""
+    if value == "dynamic":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"--seq-len must be a number or 'dynamic', got {value!r}") from None
+    if number < 1:
+        raise UsageError(f"--seq-len must be at least 1, got {number}")
+    return number
+
+
+def run(
+    fmt: str,
+    model: Model,
+    out: str | Path,
+    *,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    decode_step: bool = False,
+    cache_len: int | None = None,
+    force: bool = False,
+) -> str:
+    """Export `model` in format `fmt` (one of FORMATS); returns a one-line summary of what was written and checked."""
+    if batch is not None and batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {batch}")
+    if fmt == "onnx" and decode_step:
+        if cache_len is None:
+            raise UsageError("--decode-step needs --cache-len N (the KV cache's slots)")
+        report = export_onnx_step(model, out, cache_len=cache_len, batch=batch, force=force)
+        return f"wrote {out}; {report['greedy_steps_checked']} greedy steps in onnxruntime match jaxlora"
+    if fmt == "onnx":
+        report = export_onnx(model, out, batch=batch, seq_len=seq_len, force=force)
+        return f"wrote {out}; onnxruntime matches jaxlora within {report['max_relative_diff']:.1e} (relative)"
+    if fmt == "stablehlo":
+        report = export_stablehlo(model, out, batch=batch, seq_len=seq_len, force=force)
+        return f"wrote {out} for {', '.join(report['platforms'])}; reloaded and checked"
+    if fmt == "hf":
+        report = export_hf(model, out, force=force)
+        return f"wrote {out} ({report['tensors']} tensors, float32)"
+    raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

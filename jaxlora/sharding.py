@@ -80,6 +80,22 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+def start_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join a multi-process run (jax.distributed). With no arguments JAX reads the cluster from the environment
+    (TPU pods, SLURM, ...)."""
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    except Exception as e:  # noqa: BLE001 (the cluster probes raise assorted types)
+        raise UsageError(f"could not start jax.distributed ({' '.join(str(e).split())})") from None
+
+
+def is_primary() -> bool:
+    """Whether this is process 0 of the run (the one that prints)."""
+    return jax.process_index() == 0
+
+
 def _units(logical: str, size: int, config: ModelConfig) -> int:
     """How many indivisible units a dimension holds: whole heads for the head axes, else elements."""
     if logical == "heads":

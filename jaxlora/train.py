@@ -18,6 +18,7 @@ import optax
 from flax import struct
 
 from jaxlora.config import ModelConfig
+from jaxlora.losses import next_token_logprobs
 from jaxlora.model import apply_decoder, default_positions
 
 
@@ -52,10 +53,8 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
         params, config, ids, default_positions(mask), mask, lora=lora, dropout_key=key, remat=remat
     )
     # Position t predicts token t + 1; count only targets that are real and asked for.
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     weight = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
-    return -(target_logp * weight).sum(), weight.sum()
+    return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:

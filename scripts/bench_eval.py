@@ -51,7 +51,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import jaxlora
-    from jaxlora.evaluate import perplexity
+    from jaxlora.eval.perplexity import perplexity
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint")

@@ -1,7 +1,9 @@
 """`jaxlora eval`: the metrics, the code sandbox, and perplexity on the real SmolLM2 against transformers."""
 
+import inspect
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,11 @@ from bench_eval import hf_sliding_perplexity
 from test_cli import assert_clean_error, run_cli
 
 import jaxlora
-from jaxlora import metrics
-from jaxlora.evaluate import perplexity, program_for, read_problems, sliding_windows, truncate_at_stops
-from jaxlora.sandbox import run_program
+from jaxlora.eval import metrics
+from jaxlora.eval.inputs import read_problems
+from jaxlora.eval.perplexity import perplexity, sliding_windows
+from jaxlora.eval.samples import program_for, truncate_at_stops
+from jaxlora.eval.sandbox import run_program
 
 PROBLEMS = Path(__file__).parent / "data" / "code_problems.jsonl"
 SOLUTIONS = {
@@ -78,7 +82,7 @@ def test_sliding_windows_score_every_token_once():
 def test_perplexity_matches_transformers_on_smollm2(smollm2):
     dst, reference = smollm2
     model = jaxlora.load(dst)
-    text = Path(jaxlora.__file__).with_name("evaluate.py").read_text()  # real English-and-code text
+    text = inspect.getsource(textwrap)  # real English-and-code text, the same on every machine
     ids = np.asarray(model.tokenizer(text)["input_ids"][:700], np.int32)
     ours = perplexity(model.params, model.config, ids, window=256, stride=96, batch_size=3)
     theirs, counted = hf_sliding_perplexity(reference, ids, 256, 96)

@@ -40,6 +40,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+DEFAULT_CHECKPOINTS = Path("checkpoints")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
 
 
@@ -233,6 +234,14 @@ def convert_groups(
                 set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))
                 bar.update()
             yield group, subtree
+
+
+def default_dst(src: str) -> Path:
+    """Where `jaxlora convert SRC` writes without a DST: checkpoints/<SRC's name without its extension>."""
+    name = Path(src.rstrip("/")).name
+    for suffix in (".gguf", ".safetensors", ".bin", ".pth", ".pt"):
+        name = name.removesuffix(suffix)
+    return DEFAULT_CHECKPOINTS / name
 
 
 def convert(
