@@ -129,12 +129,12 @@ def _layout(spec: AttentionSpec, t: int, s: int) -> _Layout:
     return _Layout(qb, nq, kb, nk)
 
 
-def _key_block(spec, layout, j, k, v, k_slots, k_valid):
+def _key_block(spec, layout, j, k, v, k_slots, key_valid):
     """Key block j in the cache's own layout: k/v [b, kb, kvh, d], its slots, and which columns to count
     (valid, and not already seen in block j - 1 when this ragged last block was pulled back)."""
     start = _block_start(j, layout.kb, k.shape[1])
     fresh = start + jnp.arange(layout.kb) >= j * layout.kb
-    valid = jax.lax.dynamic_slice_in_dim(k_valid, start, layout.kb, axis=1) & fresh[None]
+    valid = jax.lax.dynamic_slice_in_dim(key_valid, start, layout.kb, axis=1) & fresh[None]
     return (
         start,
         jax.lax.dynamic_slice_in_dim(k, start, layout.kb, axis=1),
@@ -144,7 +144,7 @@ def _key_block(spec, layout, j, k, v, k_slots, k_valid):
     )
 
 
-def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, k_valid):
+def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, key_valid):
     """Scores and mask of one block pair: [b, kvh, g, qb, kb] float32 (capped, masked to the floor) and bool; also
     tanh of the uncapped scores (for the backward pass) or None."""
     raw = jnp.einsum("bkgqd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * spec.scale
@@ -155,7 +155,7 @@ def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, k_valid):
     visible = k_slots[None, :] <= q_slots[:, None]
     if spec.window is not None:
         visible &= q_slots[:, None] - k_slots[None, :] < spec.window
-    mask = (visible[None] & k_valid[:, None, :])[:, None, None]  # [b, 1, 1, qb, kb]
+    mask = (visible[None] & key_valid[:, None, :])[:, None, None]  # [b, 1, 1, qb, kb]
     return jnp.where(mask, raw, _FLOOR), mask, tanh
 
 
@@ -166,7 +166,7 @@ def _head_major(x: jax.Array, kv_heads: int, dtype=None) -> jax.Array:
     return x if dtype is None else x.astype(dtype)
 
 
-def _chunked_forward(q, k, v, q_slots, k_slots, k_valid, spec: AttentionSpec):
+def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec: AttentionSpec):
     """-> out [b, t, h, d] in q's dtype and the logsumexp [b, kvh, g, t] float32 of every query row."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -181,8 +181,8 @@ def _chunked_forward(q, k, v, q_slots, k_slots, k_valid, spec: AttentionSpec):
 
         def key_block(j, carry):
             o, m, total = carry
-            _, k_blk, v_blk, blk_slots, blk_valid = _key_block(spec, layout, j, k, v, k_slots, k_valid)
-            scores, mask, _ = _block_scores(spec, q_blk, k_blk, slots, blk_slots, blk_valid)
+            _, k_blk, v_blk, blk_slots, block_valid = _key_block(spec, layout, j, k, v, k_slots, key_valid)
+            scores, mask, _ = _block_scores(spec, q_blk, k_blk, slots, blk_slots, block_valid)
             m_new = jnp.maximum(m, scores.max(axis=-1))
             p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
             rescale = jnp.exp(m - m_new)
@@ -212,7 +212,7 @@ def _add_at(acc: jax.Array, start, block: jax.Array, axis: int) -> jax.Array:
 
 
 def _chunked_backward(spec: AttentionSpec, residuals, d_out):
-    q, k, v, q_slots, k_slots, k_valid, out, lse = residuals
+    q, k, v, q_slots, k_slots, key_valid, out, lse = residuals
     b, t, h, d = q.shape
     kvh = k.shape[2]
     layout = _layout(spec, t, k.shape[1])
@@ -234,8 +234,8 @@ def _chunked_backward(spec: AttentionSpec, residuals, d_out):
 
         def key_block(j, carry):
             dq_blk, dk, dv = carry
-            k_start, k_blk, v_blk, blk_slots, blk_valid = _key_block(spec, layout, j, k, v, k_slots, k_valid)
-            scores, mask, tanh = _block_scores(spec, q_blk, k_blk, slots, blk_slots, blk_valid)
+            k_start, k_blk, v_blk, blk_slots, block_valid = _key_block(spec, layout, j, k, v, k_slots, key_valid)
+            scores, mask, tanh = _block_scores(spec, q_blk, k_blk, slots, blk_slots, block_valid)
             p = jnp.where(mask & fresh, jnp.exp(scores - lse_blk[..., None]), 0.0)
             dv_blk = jnp.einsum("bkgqs,bkgqd->bskd", p, do_blk)
             dp = jnp.einsum("bkgqd,bskd->bkgqs", do_blk, v_blk.astype(jnp.float32))
@@ -258,13 +258,13 @@ def _chunked_backward(spec: AttentionSpec, residuals, d_out):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked(q, k, v, q_slots, k_slots, k_valid, spec):
-    return _chunked_forward(q, k, v, q_slots, k_slots, k_valid, spec)[0]
+def _chunked(q, k, v, q_slots, k_slots, key_valid, spec):
+    return _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec)[0]
 
 
-def _chunked_fwd(q, k, v, q_slots, k_slots, k_valid, spec):
-    out, lse = _chunked_forward(q, k, v, q_slots, k_slots, k_valid, spec)
-    return out, (q, k, v, q_slots, k_slots, k_valid, out, lse)
+def _chunked_fwd(q, k, v, q_slots, k_slots, key_valid, spec):
+    out, lse = _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec)
+    return out, (q, k, v, q_slots, k_slots, key_valid, out, lse)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_backward)

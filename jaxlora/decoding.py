@@ -76,13 +76,13 @@ def _mark_seen(seen: jax.Array, tokens: jax.Array, processors: Processors) -> ja
     return seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
 
 
-def _mark_prompt_seen(seen: jax.Array, input_ids, real, processors: Processors) -> jax.Array:
+def _mark_prompt_seen(seen: jax.Array, input_ids, attention_mask, processors: Processors) -> jax.Array:
     """Add the real prompt tokens [batch, t] to the repetition-penalty mask; padding points past the vocab and is
     dropped."""
     if not processors.repetition_penalty:
         return seen
     rows = jnp.broadcast_to(jnp.arange(input_ids.shape[0])[:, None], input_ids.shape)
-    return seen.at[rows, jnp.where(real, input_ids, seen.shape[1])].set(True, mode="drop")
+    return seen.at[rows, jnp.where(attention_mask, input_ids, seen.shape[1])].set(True, mode="drop")
 
 
 def _with_first_token(
@@ -152,9 +152,9 @@ def extend(
     overwrites them.
     """
     batch, width = input_ids.shape
-    real = jnp.broadcast_to(jnp.arange(width) < length, (batch, width))
+    attention_mask = jnp.broadcast_to(jnp.arange(width) < length, (batch, width))
     positions = state.position[:, None] + jnp.arange(width)
-    key_valid = jax.lax.dynamic_update_slice(state.cache.key_valid, real, (0, state.write_index))
+    key_valid = jax.lax.dynamic_update_slice(state.cache.key_valid, attention_mask, (0, state.write_index))
     logits, cache = apply_decoder(
         params,
         config,
@@ -169,7 +169,7 @@ def extend(
         cache=cache,
         position=state.position + length,
         write_index=state.write_index + length,
-        seen=_mark_prompt_seen(state.seen, input_ids, real, processors),
+        seen=_mark_prompt_seen(state.seen, input_ids, attention_mask, processors),
     )
     return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout)
 

@@ -68,8 +68,8 @@ def verify_inputs(vocab: int, batch: int | None, seq_len: int | None, seed: int 
 
 
 def _max_relative_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
-    real = mask.astype(bool)
-    return float(np.abs(got[real] - want[real]).max() / max(1.0, np.abs(want[real]).max()))
+    tokens = mask.astype(bool)
+    return float(np.abs(got[tokens] - want[tokens]).max() / max(1.0, np.abs(want[tokens]).max()))
 
 
 def _onnx_op_error(error: Exception) -> ExportError | None:
@@ -178,17 +178,17 @@ def _greedy_with_step(session, model: Model, prompt: np.ndarray, steps: int, cac
     b, t = prompt.shape
     inputs, _ = step_io_names(config.num_layers)
     past = [np.zeros((b, cache_len, config.num_kv_heads, config.head_dim), np.float32)] * (2 * config.num_layers)
-    valid = np.zeros((b, cache_len), np.int32)
-    valid[:, :t] = 1
+    cache_valid = np.zeros((b, cache_len), np.int32)
+    cache_valid[:, :t] = 1
     positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-    feed = [prompt, positions, valid, np.asarray(0, np.int32)]
+    feed = [prompt, positions, cache_valid, np.asarray(0, np.int32)]
     out = session.run(None, dict(zip(inputs, feed + past, strict=True)))
     tokens = []
     for i in range(steps):
         token = out[0][:, -1].argmax(-1).astype(np.int32)
         tokens.append(token)
-        valid[:, t + i] = 1
-        feed = [token[:, None], np.full((b, 1), t + i, np.int32), valid, np.asarray(t + i, np.int32)]
+        cache_valid[:, t + i] = 1
+        feed = [token[:, None], np.full((b, 1), t + i, np.int32), cache_valid, np.asarray(t + i, np.int32)]
         out = session.run(None, dict(zip(inputs, feed + list(out[1:]), strict=True)))
     return np.stack(tokens, axis=1), out[0][:, -1]
 

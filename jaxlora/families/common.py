@@ -55,6 +55,22 @@ def llama_style_sizes(hf) -> dict[str, Any]:
     )
 
 
+def gpt2_style_sizes(hf) -> dict[str, Any]:
+    """The ModelConfig sizes of GPT-2-style HF configs (n_embd, n_layer, ...: GPT-2, GPT-J, CodeGen)."""
+    hidden = hf.n_embd
+    return dict(
+        vocab_size=hf.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hf.n_inner or 4 * hidden,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=hf.n_head,
+        head_dim=hidden // hf.n_head,
+        max_position_embeddings=hf.n_positions,
+        norm_eps=float(hf.layer_norm_epsilon),
+    )
+
+
 def rope_parameters(hf) -> dict[str, Any]:
     params = getattr(hf, "rope_parameters", None)
     if not params:  # transformers 4 spelling

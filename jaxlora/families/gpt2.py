@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxlora.config import ModelConfig, RopeConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families.common import activation, hf_config_object
+from jaxlora.families.common import activation, gpt2_style_sizes, hf_config_object
 from jaxlora.families.table import TRANSPOSE, Family, Split, WeightRule
 
 _LAYER = "transformer.h.{i}."
@@ -56,18 +56,9 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
         raise ConfigError("gpt2 option scale_attn_by_inverse_layer_idx is not supported")
     # reorder_and_upcast_attn only upcasts the scores to float32, which jaxlora always does.
-    hidden = hf.n_embd
     return ModelConfig(
         family="gpt2",
-        vocab_size=hf.vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hf.n_inner or 4 * hidden,
-        num_layers=hf.n_layer,
-        num_heads=hf.n_head,
-        num_kv_heads=hf.n_head,
-        head_dim=hidden // hf.n_head,
-        max_position_embeddings=hf.n_positions,
-        norm_eps=float(hf.layer_norm_epsilon),
+        **gpt2_style_sizes(hf),
         rope=RopeConfig(),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=True,

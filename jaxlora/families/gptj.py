@@ -6,7 +6,7 @@ from typing import Any
 
 from jaxlora.config import ModelConfig, RopeConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families.common import activation, hf_config_object
+from jaxlora.families.common import activation, gpt2_style_sizes, hf_config_object
 from jaxlora.families.table import TRANSPOSE, Family, WeightRule
 
 _LAYER = "transformer.h.{i}."
@@ -45,18 +45,9 @@ def parallel_block_config(raw: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"{model_type} without rotary_dim is not supported (set rotary_dim in config.json)")
     if getattr(hf, "tie_word_embeddings", False):
         raise ConfigError(f"{model_type} with tie_word_embeddings is not supported (its head has a bias)")
-    hidden = hf.n_embd
     return ModelConfig(
         family=model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hf.n_inner or 4 * hidden,
-        num_layers=hf.n_layer,
-        num_heads=hf.n_head,
-        num_kv_heads=hf.n_head,
-        head_dim=hidden // hf.n_head,
-        max_position_embeddings=hf.n_positions,
-        norm_eps=float(hf.layer_norm_epsilon),
+        **gpt2_style_sizes(hf),
         rope=RopeConfig(theta=10000.0),
         mlp_bias=True,
         norm_kind="layer",
