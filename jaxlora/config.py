@@ -85,6 +85,9 @@ class ModelConfig:
     rope_local: RopeConfig | None = None  # Gemma 3: the RoPE of the sliding-window layers
     num_experts: int = 0  # Mixtral: a mixture of this many gated MLPs per layer (0: one dense MLP)
     experts_per_token: int = 0
+    # Phi-3 with LongRoPE: once a generated sequence reaches past the original context, transformers drops the KV
+    # cache and runs the whole sequence again, so every key takes the long factors (generation does the same).
+    reprefill_past_original_context: bool = False
     # How attention is computed (a runtime choice, not part of the model): see `jaxlora.attention`.
     attention_impl: str = "auto"
 

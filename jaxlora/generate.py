@@ -113,6 +113,13 @@ class _Ends:
     def all_done(self) -> bool:
         return bool((self.lengths > 0).all())
 
+    def sequences(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each row's prompt followed by its tokens so far (up to its end, for a row that has ended)."""
+        return [
+            [*prompt, *(int(t) for t in history[: length or None])]
+            for prompt, history, length in zip(prompts, self.history, self.lengths, strict=True)
+        ]
+
     def add(self, new: np.ndarray) -> StreamChunk:
         """Append a chunk [batch, n]; returns it with everything past each row's end set to the pad id."""
         start = self.history.shape[1]
@@ -209,22 +216,55 @@ def make_plan(
     )
 
 
-def decode_chunks(params, state: DecodeState, plan: DecodePlan) -> Generator[StreamChunk, None, DecodeState]:
-    """Stream the state's first token, then decode chunk by chunk; returns the final state."""
+def decode_chunks(
+    params, state: DecodeState, plan: DecodePlan, prompts: Sequence[Sequence[int]] | None = None
+) -> Generator[StreamChunk, None, DecodeState]:
+    """Stream the state's first token, then decode chunk by chunk; returns the final state.
+
+    prompts: each row's real tokens before the first new one; with them, a model that must run the whole sequence
+    again once it passes the original context (`ModelConfig.reprefill_past_original_context`) does so there.
+    """
     batch = state.token.shape[0]
     ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id)
     yield ends.add(to_host(state.token)[:, None])
     emitted = 1
-    for _ in range(plan.chunks):
-        if ends.all_done or emitted >= plan.max_new_tokens:
-            break
-        # Rows ended by a stop string are news to the loop: from now on it pads them.
-        state = state._replace(done=plan.to_device(ends.lengths > 0))
-        state, tokens = decode(params, state, plan.arrays, pad_id=plan.pad_id, steps=plan.chunk, **plan.static)
-        new = to_host(tokens)[:, : plan.max_new_tokens - emitted]
+    refill_at = _reprefill_step(plan.config, prompts)
+    while not ends.all_done and emitted < plan.max_new_tokens:
+        done_steps = emitted - 1
+        if done_steps == refill_at:
+            rows = [list(p) + [int(t) for t in h] for p, h in zip(prompts, ends.history, strict=True)]
+            state = _prefill_rows(params, plan, rows, state.keys, plan.max_new_tokens - emitted)
+            new = to_host(state.token)[:, None]
+        else:
+            steps = (
+                plan.chunk if refill_at is None or refill_at < done_steps else min(plan.chunk, refill_at - done_steps)
+            )
+            # Rows ended by a stop string are news to the loop: from now on it pads them.
+            state = state._replace(done=plan.to_device(ends.lengths > 0))
+            state, tokens = decode(params, state, plan.arrays, pad_id=plan.pad_id, steps=steps, **plan.static)
+            new = to_host(tokens)[:, : plan.max_new_tokens - emitted]
         emitted += new.shape[1]
         yield ends.add(new)
     return state
+
+
+def _reprefill_step(config: ModelConfig, prompts) -> int | None:
+    """The decode step whose token lands at the original context's last position + 1, for a model that runs the
+    whole sequence again there (None: no such step)."""
+    if prompts is None or not config.reprefill_past_original_context:
+        return None
+    longest = max(len(p) for p in prompts)
+    original = config.rope.original_max_position_embeddings
+    return original - longest if longest <= original else None
+
+
+def _prefill_rows(params, plan: DecodePlan, rows: list[list[int]], keys, new_tokens: int) -> DecodeState:
+    """Prefill token rows (left-padded to their bucket) into a fresh cache with room for `new_tokens` more."""
+    ids, mask = left_pad(rows, plan.pad_id, prompt_bucket(max(len(r) for r in rows)))
+    capacity = ids.shape[1] + plan.chunk * -(-max(new_tokens - 1, 0) // plan.chunk)
+    cache = new_cache(plan.config, len(rows), capacity, params["embed"]["embedding"].dtype, plan.layout)
+    ids, mask = plan.to_device(ids, batch_split=True), plan.to_device(mask, batch_split=True)
+    return prefill(params, cache, ids, mask, keys, plan.arrays, **plan.static)
 
 
 def plan_cache(plan: DecodePlan, batch: int, prompt_width: int, dtype):
@@ -268,7 +308,8 @@ def stream(
         keys = jax.random.wrap_key_data(plan.to_device(jax.random.key_data(keys)))
     ids, full_mask = plan.to_device(ids, batch_split=True), plan.to_device(full_mask, batch_split=True)
     state = prefill(params, cache, ids, full_mask, keys, plan.arrays, **plan.static)
-    yield from decode_chunks(params, state, plan)
+    prompts = [list(row[m]) for row, m in zip(input_ids, mask, strict=True)]
+    yield from decode_chunks(params, state, plan, prompts)
 
 
 def generate(params, config: ModelConfig, input_ids, *, max_new_tokens: int, **kwargs) -> GenerateOutput:

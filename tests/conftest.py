@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ NEOX = dict(
     num_hidden_layers=3,
     num_attention_heads=4,
     intermediate_size=67,
-    rotary_pct=0.4,
+    rotary_pct=0.6,
     max_position_embeddings=64,
 )
 
@@ -85,15 +86,15 @@ TINY_CONFIGS = {
     "qwen2-window": dict(model_type="qwen2", **BASE, use_sliding_window=True, sliding_window=6, max_window_layers=1),
     "qwen3": dict(model_type="qwen3", **BASE, head_dim=12),
     "gemma": dict(model_type="gemma", **BASE, head_dim=12, hidden_activation="gelu_pytorch_tanh"),
-    # Random tiny weights give tiny scores: a small query_pre_attn_scalar and cap make the soft-cap bite.
+    # Caps at the scale of these models' scores (a few units, see `sharpen`) and logits (under 1), so both bite.
     "gemma2": dict(
         model_type="gemma2",
         **BASE,
         head_dim=12,
         sliding_window=7,
-        query_pre_attn_scalar=1,
-        attn_logit_softcapping=0.02,
-        final_logit_softcapping=2.0,
+        query_pre_attn_scalar=12,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=0.3,
     ),
     "gemma3": dict(
         model_type="gemma3_text",
@@ -105,9 +106,9 @@ TINY_CONFIGS = {
     ),
     "phi3": dict(model_type="phi3", **BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "phi3-window": dict(model_type="phi3", **BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=7),
-    # intermediate_size a multiple of 4: torch's grouped matmul for experts wants 16-byte strides.
+    # intermediate_size a multiple of 8: torch's grouped matmul for experts wants 16-byte strides (also in bf16).
     "mixtral": dict(
-        model_type="mixtral", **{**BASE, "intermediate_size": 68}, num_local_experts=4, num_experts_per_tok=2
+        model_type="mixtral", **{**BASE, "intermediate_size": 72}, num_local_experts=4, num_experts_per_tok=2
     ),
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
     "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
@@ -130,6 +131,31 @@ class TinyModel:
         return jaxlora.load(self.jax_dir)
 
 
+# Tensors whose scale sets how sharp attention is: the query and key projections (alone or fused with the value
+# projection) and GPT-2's learned positions; and how much attention adds to the residual stream: its output
+# projection (which otherwise drowns under the token embedding, Gemma's scaled one above all).
+SHARPENED = {
+    re.compile(r".*(q_proj|k_proj|qkv_proj|c_attn|query_key_value)\.(weight|bias)|.*\.wpe\.weight"): 16.0,
+    re.compile(r".*(o_proj|attn\.c_proj|attention\.dense|out_proj)\.weight"): 8.0,
+    re.compile(r"lm_head\.weight"): 4.0,
+}
+
+
+def sharpen(model) -> None:
+    """Scale the query/key projections (and learned positions) so attention is sharp and depends on position.
+
+    With transformers' init (std 0.02) the scores of a 40-wide model are about 0.05: attention is nearly uniform,
+    removing RoPE changes no greedy token, and windows and soft-caps hardly matter. At 16x the scores are a few
+    units, and attention's share of the residual stream is comparable to the embedding's (`test_tiny_models.py`
+    keeps that true).
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            for pattern, factor in SHARPENED.items():
+                if pattern.fullmatch(name):
+                    p.mul_(factor)
+
+
 def hf_model(config_kwargs: dict, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -142,6 +168,7 @@ def hf_model(config_kwargs: dict, seed: int = 0):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
+    sharpen(model)
     return model
 
 

@@ -48,14 +48,17 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     num_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
     partial = rope_parameters(hf).get("partial_rotary_factor", 1.0)
+    rope = rope_config(hf)
     return ModelConfig(
         family="phi3",
         **llama_style_sizes(hf),
-        rope=rope_config(hf),
+        rope=rope,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         layer_windows=(getattr(hf, "sliding_window", None),) * hf.num_hidden_layers,
         activation=activation(hf.hidden_act, "phi3"),
         rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
+        # Phi3ForCausalLM.prepare_inputs_for_generation recomputes the cache at the short/long switch.
+        reprefill_past_original_context=rope.kind == "longrope",
     )
 
 
