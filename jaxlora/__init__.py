@@ -5,7 +5,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.convert import convert
 from jaxlora.errors import JaxloraError
 from jaxlora.generate import GenerateOutput, StreamChunk, generate, left_pad, stream
-from jaxlora.model import forward
+from jaxlora.model import embed, forward
 from jaxlora.sampling import Sampling
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Sampling",
     "StreamChunk",
     "convert",
+    "embed",
     "forward",
     "generate",
     "left_pad",

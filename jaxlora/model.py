@@ -227,6 +227,15 @@ class Block(nn.Module):
         return x + attn_out + mlp(mlp_in), new_kv
 
 
+def embedding_rows(embedding: jax.Array, config: ModelConfig, input_ids) -> jax.Array:
+    """The input embeddings of input_ids [batch, seq]: table rows, times sqrt(hidden_size) for Gemma (rounded to
+    the table's dtype, as transformers' scaled embedding does)."""
+    x = jnp.take(embedding, input_ids, axis=0)
+    if config.embed_scale:
+        x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
+    return x
+
+
 class Decoder(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
@@ -250,21 +259,29 @@ class Decoder(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora)
 
-    def __call__(self, input_ids, positions, key_valid, cache: KVCache | None = None, write_index=0, logits_at=None):
-        """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache).
+    def __call__(
+        self,
+        input_ids,
+        positions,
+        key_valid,
+        cache: KVCache | None = None,
+        write_index=0,
+        logits_at=None,
+        inputs_embeds=None,
+    ):
+        """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache);
+        inputs_embeds [batch, seq, hidden] in place of input_ids (see `embed`).
 
         Returns logits [batch, seq, vocab] float32, or [batch, 1, vocab] at sequence index `logits_at` (which skips
         the vocab projection everywhere else), and the updated cache (None without a cache).
         """
         c = self.config
         embedding = self.embed.embedding
-        x = jnp.take(embedding, input_ids, axis=0)
-        if c.embed_scale:  # Gemma, with the scale rounded to the embedding dtype as HF does
-            x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
+        x = embedding_rows(embedding, c, input_ids) if inputs_embeds is None else inputs_embeds
         if c.learned_positions:
             x = x + jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
         # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
-        query_slots = write_index + jax.lax.iota(jnp.int32, input_ids.shape[1])
+        query_slots = write_index + jax.lax.iota(jnp.int32, x.shape[1])
         inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index)
         local_inputs = inputs
         if c.rope_local is not None:
@@ -320,37 +337,67 @@ def apply_decoder(
     lora=None,
     dropout_key=None,
     remat: bool = False,
+    inputs_embeds=None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Run the decoder: the one way every caller (forward, generation, training, export) does.
 
     input_ids/positions [batch, seq] int32; key_valid [batch, seq] bool without a cache, [batch, max_len] with one
     (this call's slots included); write_index: the cache slot of input_ids[:, 0]; logits_at: a sequence index to
     project to logits alone ([batch, 1, vocab]); lora: `jaxlora.lora.Adapters` (unmerged); dropout_key: a PRNG key
-    that turns LoRA dropout on (training); remat: recompute each layer in the backward pass.
+    that turns LoRA dropout on (training); remat: recompute each layer in the backward pass; inputs_embeds
+    [batch, seq, hidden]: embedding rows in place of input_ids (pass None for input_ids).
     Returns logits [batch, seq or 1, vocab] float32 and the updated cache (None without one).
     """
     model = Decoder(config, None if lora is None else lora.config, remat)
     variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    return model.apply(variables, input_ids, positions, key_valid, cache, write_index, logits_at=logits_at, rngs=rngs)
+    return model.apply(
+        variables, input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds, rngs=rngs
+    )
 
 
-def forward(params, config: ModelConfig, input_ids, *, attention_mask=None, positions=None, lora=None) -> jax.Array:
+def embed(params, config: ModelConfig, input_ids) -> jax.Array:
+    """input_ids [batch, seq] int32 -> the input embeddings [batch, seq, hidden] that `forward(inputs_embeds=...)`
+    takes, as transformers' `get_input_embeddings()(input_ids)` gives them (with Gemma's sqrt(hidden_size) scale;
+    GPT-2's position embeddings are added inside the model)."""
+    return embedding_rows(params["embed"]["embedding"], config, jnp.asarray(input_ids, jnp.int32))
+
+
+def forward(
+    params,
+    config: ModelConfig,
+    input_ids=None,
+    *,
+    inputs_embeds=None,
+    attention_mask=None,
+    positions=None,
+    lora=None,
+) -> jax.Array:
     """The model's logits. Pure: works under jax.jit (config static), jax.grad and jax.vmap.
 
-    params: the nested dict from `jaxlora.load(...).params`; input_ids [batch, seq] int32;
-    attention_mask [batch, seq] (1 = real token, 0 = padding; default all ones);
+    params: the nested dict from `jaxlora.load(...).params`; input_ids [batch, seq] int32, or inputs_embeds
+    [batch, seq, hidden] (exactly one of the two; see `embed`: a gradient with respect to inputs_embeds is a
+    per-position saliency); attention_mask [batch, seq] (1 = real token, 0 = padding; default all ones);
     positions [batch, seq] int32 (default: derived from the mask); lora: `jaxlora.lora.Adapters` or None.
     Returns logits [batch, seq, vocab] float32.
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise UsageError("give exactly one of input_ids and inputs_embeds")
+    if input_ids is not None:
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        shape = input_ids.shape
+    else:
+        inputs_embeds = jnp.asarray(inputs_embeds)
+        shape = inputs_embeds.shape[:2]
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, bool)
+        attention_mask = jnp.ones(shape, bool)
     attention_mask = jnp.asarray(attention_mask).astype(bool)
     if positions is None:
-        check_context(config, input_ids.shape[1])
+        check_context(config, shape[1])
         positions = default_positions(attention_mask)
-    logits, _ = apply_decoder(params, config, input_ids, positions, attention_mask, lora=lora)
+    logits, _ = apply_decoder(
+        params, config, input_ids, positions, attention_mask, lora=lora, inputs_embeds=inputs_embeds
+    )
     return logits
 
 

@@ -66,7 +66,8 @@ def export_peft(
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "use_rslora": lora.rslora,
-        "target_modules": list(lora.targets),
+        # transformers' module names (GPT-J's out_proj is our o_proj, GPT-NeoX's dense too).
+        "target_modules": sorted({names[path].rsplit(".", 1)[-1] for path in paths}),
         "lora_dropout": lora.dropout,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -1,0 +1,128 @@
+"""Gradients against PyTorch autograd on the same weights: with respect to every base param, to LoRA adapters
+(against PEFT) and to the input embeddings, each leaf within 1e-4 of its own largest entry."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids
+from safetensors.numpy import load_file
+
+import jaxlora
+from jaxlora import lora
+from jaxlora.checkpoint import Model
+from jaxlora.export import hf_tensors
+from jaxlora.losses import next_token_logprobs
+from jaxlora.peft import export_peft
+
+RTOL = 1e-4
+
+
+def batch(vocab: int, seed: int = 0) -> dict:
+    ids = random_ids((2, 13), vocab, seed=seed)
+    loss_mask = np.random.default_rng(seed).integers(0, 2, size=ids.shape).astype(np.int32)
+    return {"input_ids": ids, "loss_mask": loss_mask}
+
+
+def jax_loss(params, config, data, lora_weights=None, inputs_embeds=None):
+    """Summed next-token negative log-likelihood over the targets whose loss_mask is 1."""
+    ids = jnp.asarray(data["input_ids"])
+    logits = jaxlora.forward(
+        params, config, None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds, lora=lora_weights
+    )
+    return -(next_token_logprobs(logits, ids) * data["loss_mask"][:, 1:]).sum()
+
+
+def torch_loss(model, data, inputs_embeds=None):
+    ids = torch.tensor(data["input_ids"], dtype=torch.long)
+    out = model(input_ids=None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds)
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return -(picked * torch.tensor(data["loss_mask"][:, 1:])).sum()
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    scale = np.abs(want).max()
+    assert scale > 0, f"{name}: the reference gradient is zero, so this compares nothing"
+    err = np.abs(got - want).max() / scale
+    assert err <= RTOL, f"{name}: gradients differ by {err:.2e} of their scale"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-mha", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral"])
+def test_param_gradients_match_torch(tiny, name):
+    """Every param, fused tensors included: our gradient tree goes back to transformers' names through the family
+    table, as `export hf` takes params (the table's maps are linear, so they carry gradients too)."""
+    m = tiny(name)
+    model = m.load()
+    data = batch(model.config.vocab_size)
+    grads = jax.grad(jax_loss)(model.params, model.config, data)
+    reference = copy.deepcopy(m.torch_model)
+    reference.zero_grad()
+    torch_loss(reference, data).backward()
+    ours = hf_tensors(Model(model.config, grads), {k: tuple(v.shape) for k, v in reference.state_dict().items()})
+    checked = 0
+    for hf_name, param in reference.named_parameters():  # a tied head is one parameter: its two uses summed
+        want, got = param.grad.numpy(), ours[hf_name]
+        padding = getattr(reference.get_input_embeddings(), "padding_idx", None)
+        if param is reference.get_input_embeddings().weight and padding is not None:
+            # torch's nn.Embedding(padding_idx=...) drops that row's gradient as an input (it never trains; a tied
+            # head still adds its part); ours is the loss's true derivative there. Compare every other row.
+            assert padding in data["input_ids"]
+            want, got = np.delete(want, padding, axis=0), np.delete(got, padding, axis=0)
+        assert_close(got, want, hf_name)
+        checked += 1
+    assert checked == len(list(m.torch_model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2", "gptj"])
+def test_lora_gradients_match_peft(tiny, tmp_path, name):
+    from peft import PeftModel
+
+    m = tiny(name)
+    model = m.load()
+    adapters = lora.init(model.config, jax.random.key(1), rank=4, alpha=8, targets=("q_proj", "v_proj", "o_proj"))
+    # B starts at zero, which would leave A's gradient zero: give both non-zero values.
+    leaves, treedef = jax.tree.flatten(adapters.weights)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    adapters = adapters.replace(
+        weights=jax.tree.unflatten(
+            treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        )
+    )
+    data = batch(model.config.vocab_size, seed=1)
+    grads = jax.grad(lambda w: jax_loss(model.params, model.config, data, adapters.replace(weights=w)))(
+        adapters.weights
+    )
+    export_peft(adapters, model.config, tmp_path / "values")
+    export_peft(adapters.replace(weights=grads), model.config, tmp_path / "grads")
+    ours = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
+
+    reference = PeftModel.from_pretrained(copy.deepcopy(m.torch_model), tmp_path / "values", is_trainable=True)
+    torch_loss(reference, data).backward()
+    theirs = {n.replace(".default", ""): p.grad.numpy() for n, p in reference.named_parameters() if p.requires_grad}
+    assert sorted(theirs) == sorted(ours) and len(ours) == 2 * 3 * model.config.num_layers
+    for key, grad in theirs.items():
+        assert_close(ours[key], grad, key)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma", "gpt2"])
+def test_input_embedding_gradients_match_torch(tiny, name):
+    """Saliency: the gradient with respect to the input embeddings (before Gemma's scale, GPT-2's positions), which
+    a tied head does not mix into."""
+    m = tiny(name)
+    model = m.load()
+    data = batch(model.config.vocab_size, seed=2)
+    embeds = jaxlora.embed(model.params, model.config, data["input_ids"])
+    ours = jax.grad(lambda e: jax_loss(model.params, model.config, data, inputs_embeds=e))(embeds)
+    reference = copy.deepcopy(m.torch_model)
+    theirs = reference.get_input_embeddings()(torch.tensor(data["input_ids"])).detach().requires_grad_()
+    torch_loss(reference, data, inputs_embeds=theirs).backward()
+    assert_close(np.asarray(ours), theirs.grad.numpy(), "inputs_embeds")
+    # The same logits either way in.
+    np.testing.assert_array_equal(
+        np.asarray(jaxlora.forward(model.params, model.config, inputs_embeds=embeds)),
+        np.asarray(jaxlora.forward(model.params, model.config, data["input_ids"])),
+    )
