@@ -181,14 +181,17 @@ def test_ring_cache_equals_full_cache(tiny, name):
     assert any(w is not None for w in windows)
 
 
-def test_ring_cache_extend_matches_full_cache(tiny):
-    """A chat turn (several tokens at once) written after a long decode: ring and full caches agree."""
-    from jaxlora.chat import ChatSession  # noqa: F401 (the chat path is what uses extend)
+@pytest.mark.parametrize("name", ["mistral-window", "llama-gqa"])
+def test_a_chat_turn_through_extend_equals_a_fresh_generation(tiny, name):
+    """A chat turn (several tokens at once, right-padded to its bucket) written by `extend` after a decode: its
+    reply equals generating from the whole sequence at once, with ring-buffer and with full caches (positions,
+    slots and the window all line up)."""
     from jaxlora.decoding import extend
 
-    model = tiny("mistral-window").load()
+    model = tiny(name).load()
     ids = random_ids((1, 16), model.config.vocab_size, seed=8)
-    results = []
+    turn = random_ids((1, 11), model.config.vocab_size, seed=9)
+    replies = []
     for ring in (True, False):
         plan = make_plan(model.config, 1, max_new_tokens=9)
         cache = init_cache(model.config, 1, 64, ring=ring)
@@ -196,13 +199,19 @@ def test_ring_cache_extend_matches_full_cache(tiny):
         state = prefill(
             model.params, cache, jnp.asarray(ids), jnp.ones((1, 16), bool), keys, plan.arrays, **plan.static
         )
-        state, _ = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
-        turn = np.zeros((1, 16), np.int32)
-        turn[0, :11] = random_ids((1, 11), model.config.vocab_size, seed=9)
-        state = extend(model.params, state, jnp.asarray(turn), jnp.int32(11), plan.arrays, **plan.static)
-        state, tokens = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
-        results.append(np.asarray(tokens))
-    np.testing.assert_array_equal(results[0], results[1])
+        first = np.asarray(state.token)
+        state, decoded = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
+        # The cache now holds the prompt, the first token and 7 decoded ones; the 8th (state.token) is dropped.
+        written = np.concatenate([ids, first[:, None], np.asarray(decoded)[:, :7]], axis=1)
+        padded = np.zeros((1, 16), np.int32)
+        padded[0, :11] = turn[0]
+        state = extend(model.params, state, jnp.asarray(padded), jnp.int32(11), plan.arrays, **plan.static)
+        reply_first = np.asarray(state.token)
+        state, reply = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
+        replies.append(np.concatenate([reply_first[:, None], np.asarray(reply)], axis=1))
+    fresh = jaxlora.generate(model.params, model.config, np.concatenate([written, turn], axis=1), max_new_tokens=9)
+    np.testing.assert_array_equal(replies[0], fresh.tokens)
+    np.testing.assert_array_equal(replies[1], fresh.tokens)
 
 
 def test_ring_lengths():

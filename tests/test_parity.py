@@ -64,6 +64,29 @@ def test_greedy_tokens_match_transformers(tiny, name):
     np.testing.assert_array_equal(out.lengths, [24, 24])
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2", "gpt2", "phi3", "mixtral"])
+def test_repetition_penalty_inside_generate_matches_transformers(tiny, name):
+    """The penalty inside the decode loop: prompt tokens and every generated token count as seen, as in
+    transformers' RepetitionPenaltyLogitsProcessor over the whole sequence."""
+    m = tiny(name)
+    model = m.load()
+    ids = random_ids((2, 7), model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        ref = m.torch_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=1.3,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[:, ids.shape[1] :].numpy()
+    sampling = jaxlora.Sampling(repetition_penalty=1.3)
+    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=24, sampling=sampling)
+    np.testing.assert_array_equal(out.tokens, ref)
+    plain = jaxlora.generate(model.params, model.config, ids, max_new_tokens=24).tokens
+    assert (plain != out.tokens).sum() >= 4, "the penalty changed too little here to be tested"
+
+
 @pytest.mark.parametrize("fmt", ["sharded", "bin", "sharded-bin", "pth"])
 def test_every_source_format_converts_to_the_same_logits(tmp_path, fmt):
     torch_model = hf_model(TINY_CONFIGS["llama-gqa"], seed=5)

@@ -62,6 +62,29 @@ def test_greedy_generation_matches_transformers(smollm2):
     assert out.lengths.max() == 64, "every answer ended early: the comparison covered too little"
 
 
+def test_repetition_penalty_matches_transformers(smollm2):
+    """Greedy with a repetition penalty: every prompt token and every generated token is penalized, as in
+    transformers' generate(repetition_penalty=..., do_sample=False)."""
+    dst, reference = smollm2
+    model = jaxlora.load(dst)
+    prompt = chat_ids(model.tokenizer, "Repeat the word 'echo' ten times, then list ten colors.")
+    out = jaxlora.generate(
+        model.params,
+        model.config,
+        [prompt],
+        max_new_tokens=48,
+        sampling=jaxlora.Sampling(repetition_penalty=1.3),
+        eos_token_ids=model.eos_token_ids,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        ref = reference.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False, repetition_penalty=1.3)[
+            0, len(prompt) :
+        ].numpy()
+    np.testing.assert_array_equal(out.tokens[0, : out.lengths[0]], ref)
+    assert len(ref) >= 24, "the answer ended too early to test much"
+
+
 def test_own_gguf_reader_equals_transformers_dequantization(smollm2, smollm2_gguf, tmp_path):
     """GGUF -> transformers (its dequantizer) -> HF safetensors -> jaxlora equals our direct GGUF conversion."""
     from transformers import AutoConfig, AutoModelForCausalLM

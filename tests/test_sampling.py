@@ -123,12 +123,26 @@ def test_samples_after_top_k_and_temperature_follow_the_renormalized_distributio
     assert chi_square(counts, tempered / tempered.sum()) < 13.82
 
 
-def test_greedy_rows_ignore_warpers_and_sampled_rows_do_not():
+def test_greedy_rows_ignore_warpers_and_sampled_rows_apply_them():
     logits = random_logits(batch=2, seed=6)
-    processors, arrays = Sampling(temperature=[0.0, 1.0], top_k=[1, 1]).compile(2)
-    keys = jax.random.split(jax.random.key(1), 2)
-    tokens = np.asarray(sample_next(jnp.asarray(logits), arrays, processors, keys))
-    np.testing.assert_array_equal(tokens, logits.argmax(-1))  # top_k=1 makes the sampled row greedy too
+    processors, arrays = Sampling(temperature=[0.0, 1.0], top_k=[3, 3]).compile(2)
+    keys = jax.random.split(jax.random.key(1), 400).reshape(200, 2)
+    draws = np.asarray(jax.vmap(lambda k: sample_next(jnp.asarray(logits), arrays, processors, k))(keys))
+    assert (draws[:, 0] == logits[0].argmax()).all()  # greedy: the top token, whatever the warper
+    top3 = set(np.argsort(logits[1])[-3:].tolist())
+    assert set(draws[:, 1].tolist()) == top3  # sampled: only the top 3, and each of them
+
+
+def test_top_p_keeps_exactly_the_nucleus_at_the_boundary():
+    """Four equal tokens (probabilities 1/4, exact in float32): the tail to drop has mass <= 1 - top_p, so a top_p
+    that lands on a cumulative sum exactly drops it (HF's `<=`)."""
+    logits = np.full((3, VOCAB), -np.inf, np.float32)
+    logits[:, 10:14] = 1.0
+    for top_p, kept in ((0.5, 2), (0.75, 3), (0.25, 1)):
+        out = ours(logits, temperature=1.0, top_p=top_p)
+        expected = hf_rows(logits, lambda p: TopPLogitsWarper(p), [top_p] * 3)
+        assert (np.isfinite(out).sum(axis=1) == kept).all(), (top_p, np.isfinite(out).sum(axis=1))
+        assert_same_filter(out, expected)
 
 
 @pytest.mark.parametrize(
