@@ -14,7 +14,8 @@ def run_cli(*args, timeout=300):
 
 
 def assert_clean_error(result, message):
-    assert result.returncode != 0
+    """Exit status 1 (as README promises), exactly one `error:` line holding `message`, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, result.stderr

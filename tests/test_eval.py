@@ -3,9 +3,11 @@
 import inspect
 import json
 import math
+import socket
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from bench_eval import hf_sliding_perplexity
@@ -15,7 +17,7 @@ import jaxlora
 from jaxlora.eval import metrics
 from jaxlora.eval.inputs import read_problems
 from jaxlora.eval.perplexity import perplexity, sliding_windows
-from jaxlora.eval.samples import program_for, truncate_at_stops
+from jaxlora.eval.samples import program_for, sample_texts, truncate_at_stops
 from jaxlora.eval.sandbox import run_program
 
 PROBLEMS = Path(__file__).parent / "data" / "code_problems.jsonl"
@@ -55,8 +57,16 @@ def test_sandbox_passes_fails_times_out_and_has_no_network():
         assert run_program(program_for(problem, SOLUTIONS[problem["entry_point"]])).passed
         assert run_program(program_for(problem, "    return None\n")).status == "failed"
     assert run_program("while True:\n    pass\n", timeout=1).status == "timeout"
-    blocked = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n")
-    assert blocked.status == "failed" and ("disabled" in blocked.detail or "Errno" in blocked.detail)
+    # A listener of our own: the program must not reach it, by the socket module or by the raw _socket one.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        for how in ("socket.create_connection(('127.0.0.1', PORT), timeout=2)",
+                    "s = _socket.socket(); s.settimeout(2); s.connect(('127.0.0.1', PORT))"):  # fmt: skip
+            blocked = run_program(f"import socket, _socket\n{how.replace('PORT', str(port))}\n")
+            assert blocked.status == "failed", how
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()
     # The program runs in its own temp folder: what it writes is gone and never lands here.
     wrote = run_program("open('sandbox_was_here.txt', 'w').write('x')\nimport os\nprint(os.getcwd())\n")
     assert wrote.passed and not Path("sandbox_was_here.txt").exists()
@@ -93,7 +103,9 @@ def test_perplexity_matches_transformers_on_smollm2(smollm2):
 
 @pytest.mark.real
 def test_eval_cli_reports_every_metric_as_json(smollm2, tmp_path):
-    dst, _ = smollm2
+    """Each value in the report equals an independent computation: perplexity by transformers' recipe, distinct-n
+    counted here over the same samples, pass@k by its combinatorial definition over the reported outcomes."""
+    dst, reference = smollm2
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     (tmp_path / "prompts.txt").write_text("Once upon a time\nThe best way to learn\n")
     result = run_cli(
@@ -103,12 +115,30 @@ def test_eval_cli_reports_every_metric_as_json(smollm2, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["perplexity"]["perplexity"] > 1 and report["perplexity"]["tokens"] > 100
-    assert 0 < report["diversity"]["distinct_1"] <= 1 and 0 <= report["diversity"]["self_bleu"] <= 1
+    model = jaxlora.load(dst)
+    ids = np.asarray(model.tokenizer((tmp_path / "text.txt").read_text())["input_ids"], np.int32)
+    theirs, counted = hf_sliding_perplexity(reference, ids, 64, 32)
+    assert report["perplexity"]["tokens"] == counted == ids.size - 1
+    assert abs(report["perplexity"]["perplexity"] - theirs) / theirs <= 1e-3
+
+    key = jax.random.key(0)  # --seed 0
+    sampling = jaxlora.Sampling(temperature=0.8)  # eval's default
+    distinct = {n: [] for n in (1, 2, 3)}
+    for i, prompt in enumerate(["Once upon a time", "The best way to learn"]):
+        texts = sample_texts(model, prompt, 2, max_new_tokens=24, sampling=sampling, key=jax.random.fold_in(key, i))
+        words = [t.split() for t in texts]
+        for n in distinct:
+            grams = [tuple(w[j : j + n]) for w in words for j in range(len(w) - n + 1)]
+            distinct[n].append(len(set(grams)) / len(grams))
+    for n, values in distinct.items():
+        assert report["diversity"][f"distinct_{n}"] == pytest.approx(np.mean(values), abs=1e-9)
+
     code = report["code"]
     assert code["problems"] == 4 and len(code["per_problem"]) == 4
-    assert 0 <= code["pass@1"] <= code["pass@2"] <= 1
     assert all(s in ("passed", "failed", "timeout") for p in code["per_problem"] for s in p["statuses"])
+    for k in (1, 2):
+        exact = [1 - math.comb(2 - p["correct"], k) / math.comb(2, k) for p in code["per_problem"]]
+        assert code[f"pass@{k}"] == pytest.approx(np.mean(exact), abs=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -269,9 +269,9 @@ def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
             "generate",
             str(root / "jax"),
             "--prompt",
-            "Hi",
+            "What is 5 plus 5?",
             "--max-new-tokens",
-            "4",
+            "8",
             "--lora",
             str(tmp_path / "peft"),
             "--no-compile-cache",
@@ -281,6 +281,13 @@ def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
         timeout=120,
     )
     assert generated.returncode == 0, generated.stderr[-2000:]
+    # The text is what the adapted model says, in-process, and not what the base model says.
+    prompt = [model.tokenizer("What is 5 plus 5?")["input_ids"]]
+    texts = {}
+    for name, params in (("adapted", lora.merge(model.params, adapters)), ("base", model.params)):
+        out = jaxlora.generate(params, model.config, prompt, max_new_tokens=8, eos_token_ids=model.eos_token_ids)
+        texts[name] = model.tokenizer.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)
+    assert generated.stdout.strip() == texts["adapted"].strip() != texts["base"].strip()
 
 
 def test_finetune_bad_arguments(tiny_chat, tmp_path):
