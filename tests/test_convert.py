@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import shutil
 import sys
 
@@ -15,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlora
 from jaxlora.errors import ConfigError, ConversionError, JaxloraError, UsageError
-from jaxlora.families import config_from_hf, ignored_pattern, param_from_hf, supported_model_types, tensor_plan
+from jaxlora.families import config_from_hf, ignored_pattern, supported_model_types, tensor_plan
 from jaxlora.model import param_shapes
 
 
@@ -38,20 +39,75 @@ def test_weight_table_is_complete(name):
     assert set(paths) == set(flat(param_shapes(config)))
 
 
+# Llama's HF names and where each tensor lands, written out here rather than read from the family table.
+LLAMA_BY_HAND = [
+    (r"model\.embed_tokens\.weight", "embed/embedding", False),
+    (r"model\.norm\.weight", "final_norm/scale", False),
+    (r"lm_head\.weight", "lm_head/kernel", True),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers_{}/attn_norm/scale", False),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers_{}/mlp_norm/scale", False),
+    (r"model\.layers\.(\d+)\.self_attn\.(\w+)\.weight", "layers_{}/attn/{}/kernel", True),
+    (r"model\.layers\.(\d+)\.self_attn\.(\w+)\.bias", "layers_{}/attn/{}/bias", False),
+    (r"model\.layers\.(\d+)\.mlp\.(\w+)\.weight", "layers_{}/mlp/{}/kernel", True),
+    (r"model\.layers\.(\d+)\.mlp\.(\w+)\.bias", "layers_{}/mlp/{}/bias", False),
+]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_round_trip_is_bit_identical(tiny, tmp_path, dtype):
     m = tiny("llama-bias")
     dst = jaxlora.convert(str(m.hf_dir), tmp_path / "out", dtype=dtype)
     params = flat(jaxlora.load(dst).params)
-    source = load_file(str(m.hf_dir / "model.safetensors"))
-    config = jaxlora.load(dst).config
     target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
-    for item in tensor_plan(config):
-        (name,) = item.hf_names
-        expected = param_from_hf(item, source[name], config)
-        got = params[item.param_path]
+    filled = set()
+    for name, tensor in m.torch_model.state_dict().items():
+        (pattern, path, transpose), match = next(
+            (rule, re.fullmatch(rule[0], name)) for rule in LLAMA_BY_HAND if re.fullmatch(rule[0], name)
+        )
+        key = tuple(path.format(*match.groups()).split("/"))
+        expected = tensor.numpy().T if transpose else tensor.numpy()
+        got = params[key]
         assert got.dtype == np.dtype(target)
         np.testing.assert_array_equal(got.view(np.uint8), np.ascontiguousarray(expected.astype(target)).view(np.uint8))
+        filled.add(key)
+    assert filled == set(params)
+
+
+def test_fused_tensors_split_by_hand(tiny):
+    """The fused q/k/v layouts, cut here with explicit slices: GPT-2 (columns q | k | v), Phi-3 (rows q | k | v),
+    GPT-NeoX (per head: q, k, v rows of head_dim), CodeGen (4 blocks, each q, v, k)."""
+    for name, fused in (
+        ("gpt2", "transformer.h.1.attn.c_attn.weight"),
+        ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+        ("gpt_neox", "gpt_neox.layers.1.attention.query_key_value.weight"),
+        ("codegen", "transformer.h.1.attn.qkv_proj.weight"),
+    ):
+        m = tiny(name)
+        config = m.load().config
+        params = flat(m.load().params)
+        w = m.torch_model.state_dict()[fused].numpy()
+        heads, kv_heads, d, hidden = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+        if name == "gpt2":  # Conv1D: [in, 3 * hidden], already [in, out]
+            parts = {"q": w[:, :hidden], "k": w[:, hidden : 2 * hidden], "v": w[:, 2 * hidden :]}
+        elif name == "phi3":  # Linear: [q rows, k rows, v rows, in]
+            q_rows, kv_rows = heads * d, kv_heads * d
+            rows = {"q": w[:q_rows], "k": w[q_rows : q_rows + kv_rows], "v": w[q_rows + kv_rows :]}
+            parts = {k: v.T for k, v in rows.items()}
+        elif name == "gpt_neox":  # rows: head 0's q, k, v, then head 1's, ...
+            rows = {
+                p: np.concatenate([w[(3 * h + j) * d : (3 * h + j + 1) * d] for h in range(heads)])
+                for j, p in enumerate("qkv")
+            }
+            parts = {k: v.T for k, v in rows.items()}
+        else:  # CodeGen: 4 model-parallel blocks of rows, each q, v, k
+            block = hidden // 4
+            rows = {
+                p: np.concatenate([w[(3 * b + j) * block : (3 * b + j + 1) * block] for b in range(4)])
+                for j, p in enumerate("qvk")
+            }
+            parts = {k: v.T for k, v in rows.items()}
+        for part, expected in parts.items():
+            np.testing.assert_array_equal(params[("layers_1", "attn", f"{part}_proj", "kernel")], expected)
 
 
 def test_load_can_cast(tiny):

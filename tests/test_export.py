@@ -10,10 +10,24 @@ from test_cli import assert_clean_error, run_cli
 
 import jaxlora
 from jaxlora.errors import ExportError
-from jaxlora.export import export_hf, export_onnx, export_stablehlo, run_onnx, to_onnx_file
+from jaxlora.export import export_hf, export_onnx, export_stablehlo, run_onnx, to_onnx_file, verify_inputs
 
 ONNX_FAMILIES = ["llama-gqa", "gemma2", "gpt2", "phi3-longrope", "mixtral"]
-HF_FAMILIES = ["llama-gqa", "qwen3", "gemma3", "gpt2", "gptj", "codegen", "gpt_neox", "phi3", "mixtral"]
+HF_FAMILIES = [
+    "llama-gqa",
+    "mistral-window",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gpt2",
+    "gptj",
+    "codegen",
+    "gpt_neox",
+    "phi3",
+    "mixtral",
+]
 
 
 def jax_logits(model, ids, mask):
@@ -24,6 +38,12 @@ def jax_logits(model, ids, mask):
 def test_onnx_with_dynamic_batch_and_length(tiny, tmp_path, name):
     model = tiny(name).load()
     report = export_onnx(model, tmp_path / "model.onnx")
+    # What the export checked itself on, checked again here rather than trusting its report.
+    ids, mask = verify_inputs(model.config.vocab_size, None, None)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(
+        run_onnx(tmp_path / "model.onnx", ids, mask)[real], jax_logits(model, ids, mask)[real], rtol=0, atol=1e-4
+    )
     assert report["max_relative_diff"] <= 1e-4
     import onnx
 
@@ -53,21 +73,59 @@ def test_onnx_decode_step_generates_like_jaxlora(tiny, tmp_path, name):
     """Prefill, then one token at a time through the exported cached step, feeding `present` back as `past`."""
     import onnxruntime
 
-    from jaxlora.export import _greedy_with_step, export_onnx_step
+    from jaxlora.export import export_onnx_step
 
     model = tiny(name).load()
+    config = model.config
     export_onnx_step(model, tmp_path / "step.onnx", cache_len=40)
     session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"))
     names = [i.name for i in session.get_inputs()]
     assert names[:4] == ["input_ids", "positions", "cache_valid", "write_index"] and "past.0.key" in names
     assert "present.2.value" in [o.name for o in session.get_outputs()]
-    prompt = random_ids((3, 9), model.config.vocab_size, seed=11)
-    tokens, last_logits = _greedy_with_step(session, model, prompt, 20, cache_len=40)
+    prompt = random_ids((3, 9), config.vocab_size, seed=11)
+    # Drive the graph by hand, as a user of the ONNX file would: inputs by name, `present` fed back as `past`.
+    kv = [f"{i}.{part}" for part in ("key", "value") for i in range(config.num_layers)]
+    past = {f"past.{n}": np.zeros((3, 40, config.num_kv_heads, config.head_dim), np.float32) for n in kv}
+    valid = np.zeros((3, 40), np.int32)
+    ids, positions, tokens = prompt, np.tile(np.arange(9, dtype=np.int32), (3, 1)), []
+    for step in range(21):
+        write = 9 + step - 1 if step else 0
+        valid[:, write : write + ids.shape[1]] = 1
+        feed = {
+            "input_ids": ids,
+            "positions": positions,
+            "cache_valid": valid,
+            "write_index": np.asarray(write, np.int32),
+        }
+        logits, *present = session.run(None, {**feed, **past})
+        past = {f"past.{n}": value for n, value in zip(kv, present, strict=True)}
+        last_logits = logits[:, -1]
+        if step < 20:
+            tokens.append(last_logits.argmax(-1).astype(np.int32))
+            ids, positions = tokens[-1][:, None], np.full((3, 1), 9 + step, np.int32)
+    tokens = np.stack(tokens, axis=1)
+    last_logits = logits[:, -1]
     np.testing.assert_array_equal(
         tokens, jaxlora.generate(model.params, model.config, prompt, max_new_tokens=20).tokens
     )
     full = np.concatenate([prompt, tokens], axis=1)
     np.testing.assert_allclose(last_logits, jax_logits(model, full, np.ones_like(full))[:, -1], atol=1e-4)
+
+
+def test_onnx_exports_that_do_not_match_are_refused(tiny, tmp_path, monkeypatch):
+    """The export checks itself and writes nothing when onnxruntime disagrees (here made to disagree)."""
+    from jaxlora import export
+
+    model = tiny("llama-gqa").load()
+    real_run = export.run_onnx
+    monkeypatch.setattr(export, "run_onnx", lambda path, ids, mask: real_run(path, ids, mask) + 1e-2)
+    with pytest.raises(ExportError, match="onnxruntime's logits differ from jaxlora's by"):
+        export_onnx(model, tmp_path / "model.onnx")
+    real_generate = export.generate
+    monkeypatch.setattr(export, "generate", lambda *a, **k: real_generate(*a, **k)._replace(tokens=np.zeros(1)))
+    with pytest.raises(ExportError, match="greedy decoding through the exported step differs"):
+        export.export_onnx_step(model, tmp_path / "step.onnx", cache_len=16)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_op_without_onnx_mapping_is_named(tmp_path):
