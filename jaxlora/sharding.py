@@ -84,7 +84,8 @@ def start_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
     """Join a multi-process run (jax.distributed). With no arguments JAX reads the cluster from the environment
-    (TPU pods, SLURM, ...)."""
+    (TPU pods, SLURM, ...). CPU processes talk through gloo (it only concerns the CPU backend)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     except Exception as e:  # noqa: BLE001 (the cluster probes raise assorted types)

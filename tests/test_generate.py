@@ -222,3 +222,40 @@ def test_dynamic_ntk_scaling_has_no_context_limit(tiny):
     assert model.config.context_length is None
     ids = random_ids((1, 40), model.config.vocab_size)
     assert jaxlora.generate(model.params, model.config, ids, max_new_tokens=8).tokens.shape == (1, 8)
+
+
+COMPILE_COUNTER = """
+import sys
+import jax, numpy as np
+import jaxlora
+from jaxlora import compile_cache
+
+compile_cache.enable(sys.argv[2], min_compile_seconds=0)
+events = []
+jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
+jax.monitoring.register_event_duration_secs_listener(lambda event, _secs, **_: events.append(event))
+model = jaxlora.load(sys.argv[1])
+jaxlora.generate(model.params, model.config, np.ones((2, 5), np.int32), max_new_tokens=40)
+print(events.count("/jax/compilation_cache/cache_misses"), events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_a_second_process_compiles_nothing_with_the_persistent_cache(tiny, tmp_path):
+    """Every executable the first process compiled (prefill, decode and the small ones around them) comes from the
+    disk cache in the second: no cache miss, as many hits as the first process had misses."""
+    import subprocess
+    import sys
+
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", COMPILE_COUNTER, str(tiny("llama-gqa").jax_dir), str(tmp_path / "xla")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append([int(n) for n in result.stdout.split()])
+    (first_misses, first_hits), (second_misses, second_hits) = runs
+    assert first_misses >= 2 and first_hits == 0  # at least prefill and decode
+    assert second_misses == 0 and second_hits == first_misses

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -181,3 +182,61 @@ def test_bad_mesh_specs_are_one_line_errors():
         with pytest.raises(UsageError, match=message):
             parse_mesh_spec(spec, 8)
     assert parse_mesh_spec("data=2,tensor=-1", 8) == {"data": 2, "fsdp": 1, "tensor": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(smollm2, tmp_path_factory):
+    """A tiny random llama that speaks SmolLM2's tokenizer, so the CLI can run it in seconds."""
+    import shutil
+
+    dst, _ = smollm2
+    root = tmp_path_factory.mktemp("tiny-tokenizer")
+    config = dict(EVEN, vocab_size=49152, tie_word_embeddings=True)
+    save_hf(hf_model(config), root / "hf")
+    for file in (dst / "tokenizer").iterdir():
+        shutil.copy(file, root / "hf" / file.name)
+    return jaxlora.convert(str(root / "hf"), root / "jax")
+
+
+@pytest.mark.real
+def test_cli_distributed_generates_like_one_process(tiny_with_tokenizer):
+    """Two `jaxlora generate --distributed` processes (4 devices each, one 8-device mesh): process 0 prints the
+    text a single process prints; process 1 prints nothing."""
+    common = [
+        "generate",
+        tiny_with_tokenizer,
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+        "--no-compile-cache",
+    ]
+    alone = run_cli(common, devices=1)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    port = free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxlora", *map(str, common), "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+            + ["--num-processes", "2", "--process-id", str(i)],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    # gloo's own C++ logging writes "[Gloo] Rank i is connected to ..." to stdout, from several threads at once, in
+    # pieces; everything else is ours.
+    gloo = re.compile(
+        r"\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+\n"
+    )
+    texts = [gloo.sub("", out) for out, _ in outputs]
+    assert texts[0] == alone.stdout and texts[1] == ""
+    assert "onto mesh {'data': 1, 'fsdp': 1, 'tensor': 8}" in outputs[0][1]

@@ -338,3 +338,35 @@ def test_finetune_on_a_mesh_matches_one_device(tiny_chat, tmp_path):
     b = load_adapters(tmp_path / "mesh" / "final", config)
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+
+
+def test_finetune_cli_options_reach_the_step(tiny_chat, tmp_path):
+    """--pad, --remat and --dtype bfloat16 through the CLI: remat recomputes, so it changes no number (beyond
+    float32 fusion order); bfloat16 compute is not the float32 run; --full writes a whole checkpoint whose params
+    all moved."""
+    root, _ = tiny_chat
+    runs = {
+        "remat": ["--pad", "--remat"],
+        "float32": ["--pad"],
+        "bfloat16": ["--pad", "--dtype", "bfloat16"],
+        "full": ["--full", "--steps", "4", "--save-every", "4", "--lr", "1e-3"],
+    }
+    for name, flags in runs.items():
+        result = subprocess.run(finetune(root, tmp_path / name, *flags), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+    meta = json.loads((tmp_path / "bfloat16" / "run.json").read_text())
+    assert (meta["pack"], meta["remat"], meta["dtype"]) == (False, False, "bfloat16")
+    model = jaxlora.load(root / "jax")
+    final = {
+        n: jax.tree.leaves(load_adapters(tmp_path / n / "final", model.config).weights) for n in runs if n != "full"
+    }
+    for a, b in zip(final["remat"], final["float32"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    pairs = zip(final["bfloat16"], final["float32"], strict=True)
+    assert max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in pairs) > 1e-4
+    full = jaxlora.load(tmp_path / "full" / "final")
+    assert full.tokenizer is not None
+    pairs = zip(jax.tree.leaves(full.params), jax.tree.leaves(model.params), strict=True)
+    assert min(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in pairs) > 0, (
+        "a --full run left params as they were"
+    )
