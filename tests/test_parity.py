@@ -1,7 +1,5 @@
 """jaxlora vs transformers PyTorch on the same tiny random weights: float32 logits within 1e-4, same greedy tokens."""
 
-import copy
-
 import jax
 import numpy as np
 import pytest
@@ -135,14 +133,19 @@ def test_every_tiny_model_has_a_bfloat16_tolerance():
 
 @pytest.fixture(scope="module")
 def bf16_models(tiny, tmp_path_factory):
-    """name -> (jaxlora model converted to bfloat16, the transformers model cast to bfloat16)."""
+    """name -> (jaxlora model converted to bfloat16, the transformers model loaded in bfloat16). The reference is
+    read from disk, not copied from the shared float32 model: transformers' dynamic NTK RoPE keeps the frequencies
+    of the longest sequence it has seen, so that object's results depend on the tests that ran before."""
+    from transformers import AutoModelForCausalLM
+
     cache = {}
 
     def get(name):
         if name not in cache:
             m = tiny(name)
             dst = jaxlora.convert(str(m.hf_dir), tmp_path_factory.mktemp(name) / "bf16", dtype="bfloat16")
-            cache[name] = jaxlora.load(dst), copy.deepcopy(m.torch_model).to(torch.bfloat16)
+            reference = AutoModelForCausalLM.from_pretrained(m.hf_dir, dtype=torch.bfloat16).eval()
+            cache[name] = jaxlora.load(dst), reference
         return cache[name]
 
     return get

@@ -1,0 +1,467 @@
+"""A mutation check: small deliberate bugs in important behaviour, each of which the test suite must catch.
+
+Each mutant edits a temporary copy of the project (the package, tests and scripts; never this checkout), then runs
+the test files that should notice it (a fast subset, stopping at the first failure). A mutant that leaves those
+tests green survived: the tests do not guard that behaviour. Prints a table and the caught count; exits non-zero
+if any mutant survived.
+
+    python scripts/mutants.py [--only NAME_SUBSTRING] [--list]     (also: make mutants)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # under jaxlora/
+    edits: tuple[tuple[str, str], ...]  # (old, new): each old must occur exactly once in the file
+    tests: tuple[str, ...]  # pytest arguments: the tests that should catch it
+
+
+def m(name: str, file: str, old: str, new: str, *tests: str) -> Mutant:
+    return Mutant(name, file, ((old, new),), tests)
+
+
+PARITY = "tests/test_parity.py"
+MUTANTS = [
+    # Sampling processors and their order.
+    m(
+        "repetition penalty: divide and multiply swapped",
+        "sampling.py",
+        "jnp.where(logits < 0, logits * p, logits / p)",
+        "jnp.where(logits < 0, logits / p, logits * p)",
+        "tests/test_sampling.py",
+    ),
+    m(
+        "top-p keeps the boundary token (<= turned into <)",
+        "sampling.py",
+        "remove_sorted = cumulative <= (1 - top_p[:, None])",
+        "remove_sorted = cumulative < (1 - top_p[:, None])",
+        "tests/test_sampling.py",
+    ),
+    m(
+        "top-k drops the ties at the k-th logit",
+        "sampling.py",
+        "(logits < kth)",
+        "(logits <= kth)",
+        "tests/test_sampling.py",
+    ),
+    m(
+        "min-p relative to the mean, not the top probability",
+        "sampling.py",
+        "min_p[:, None] * probs.max(axis=-1, keepdims=True)",
+        "min_p[:, None] * probs.mean(axis=-1, keepdims=True)",
+        "tests/test_sampling.py",
+    ),
+    Mutant(
+        "top-k applied after top-p",
+        "sampling.py",
+        (
+            ("    if processors.top_k:\n        logits = apply_top_k(logits, params.top_k)\n", ""),
+            (
+                "    if processors.min_p:\n",
+                "    if processors.top_k:\n        logits = apply_top_k(logits, params.top_k)\n"
+                "    if processors.min_p:\n",
+            ),
+        ),
+        ("tests/test_sampling.py",),
+    ),
+    m(
+        "temperature applied to greedy rows too (divides by zero)",
+        "sampling.py",
+        "safe_temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)",
+        "safe_temperature = params.temperature",
+        "tests/test_generate.py",
+        "-k",
+        "mix_greedy",
+    ),
+    # The seen mask of the repetition penalty, inside generate.
+    m(
+        "decode never marks generated tokens as seen",
+        "decoding.py",
+        "seen=_mark_seen(state.seen, token, processors),",
+        "seen=state.seen,",
+        PARITY,
+        "-k",
+        "repetition",
+    ),
+    m(
+        "prefill never marks the prompt's tokens as seen",
+        "decoding.py",
+        "seen=_mark_prompt_seen(seen, input_ids, attention_mask, processors),",
+        "seen=seen,",
+        PARITY,
+        "-k",
+        "repetition",
+    ),
+    # RoPE kinds.
+    m(
+        "rotate-half RoPE with the wrong sign",
+        "rope.py",
+        "first * cos - second * sin",
+        "first * cos + second * sin",
+        PARITY,
+        "-k",
+        "logits_match_transformers and llama-gqa",
+    ),
+    m(
+        "interleaved RoPE (GPT-J, CodeGen) with the wrong sign",
+        "rope.py",
+        "odd * cos + even * sin",
+        "odd * cos - even * sin",
+        PARITY,
+        "-k",
+        "logits_match_transformers and (gptj or codegen)",
+    ),
+    m(
+        "llama3 RoPE scales long wavelengths up, not down",
+        "rope.py",
+        "scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)",
+        "scaled = np.where(wavelen > low_freq_wavelen, inv_freq * rope.factor, inv_freq)",
+        "tests/test_rope.py",
+    ),
+    m(
+        "YaRN and LongRoPE attention factor dropped",
+        "rope.py",
+        "if rope.attention_factor != 1.0:",
+        "if False:",
+        "tests/test_rope.py",
+    ),
+    m(
+        "dynamic NTK exponent dim / (dim - 1)",
+        "rope.py",
+        "        dim / (dim - 2)\n",
+        "        dim / (dim - 1)\n",
+        PARITY,
+        "-k",
+        "dynamic",
+    ),
+    m(
+        "partial rotary rotates the whole head",
+        "rope.py",
+        "rope_dim = 2 * cos.shape[-1]",
+        "rope_dim = x.shape[-1]",
+        PARITY,
+        "-k",
+        "logits_match_transformers and gpt_neox",
+    ),
+    # Windows and ring buffers.
+    m(
+        "sliding window one token wider (xla core)",
+        "attention.py",
+        "visible &= queries - keys < window",
+        "visible &= queries - keys <= window",
+        PARITY,
+        "-k",
+        "logits_match_transformers and mistral-window",
+    ),
+    m(
+        "sliding window one token wider (chunked core)",
+        "attention.py",
+        "visible &= q_slots[:, None] - k_slots[None, :] < spec.window",
+        "visible &= q_slots[:, None] - k_slots[None, :] <= spec.window",
+        "tests/test_attention.py",
+        "-k",
+        "chunked_equals_reference",
+    ),
+    m(
+        "ring buffer entries mapped one slot off",
+        "cache.py",
+        "return next_slot - 1 - jnp.mod(next_slot - 1 - jnp.arange(size), size)",
+        "return next_slot - jnp.mod(next_slot - 1 - jnp.arange(size), size)",
+        "tests/test_attention.py",
+        "-k",
+        "ring",
+    ),
+    # Soft-caps.
+    m(
+        "attention soft-cap without its scale",
+        "attention.py",
+        "scores = softcap * jnp.tanh(scores / softcap)",
+        "scores = jnp.tanh(scores / softcap)",
+        PARITY,
+        "-k",
+        "logits_match_transformers and gemma2",
+    ),
+    m(
+        "final logit soft-cap dropped",
+        "model.py",
+        "if c.final_softcap is not None:",
+        "if False:",
+        PARITY,
+        "-k",
+        "logits_match_transformers and gemma2",
+    ),
+    # GQA mapping in every attention backend.
+    m(
+        "GQA: query heads grouped the wrong way (xla core)",
+        "attention.py",
+        "q = q.reshape(b, t, kv_heads, h // kv_heads, d)",
+        "q = q.reshape(b, t, h // kv_heads, kv_heads, d).swapaxes(2, 3)",
+        PARITY,
+        "-k",
+        "logits_match_transformers and llama-gqa",
+    ),
+    m(
+        "GQA: query heads grouped the wrong way (chunked core)",
+        "attention.py",
+        "x = x.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)",
+        "x = x.reshape(b, t, h // kv_heads, kv_heads, d).transpose(0, 3, 2, 1, 4)",
+        "tests/test_attention.py",
+        "-k",
+        "chunked_equals_reference",
+    ),
+    # Norms and their offsets.
+    m(
+        "Gemma's (1 + w) norm computed in bfloat16",
+        "model.py",
+        "return (normed * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)",
+        "return normed.astype(x.dtype) * (self.weight_offset + scale.astype(x.dtype))",
+        "tests/test_forward.py",
+        "-k",
+        "norms",
+    ),
+    m(
+        "Gemma's norm without the 1 + offset",
+        "families/llama.py",
+        "norm_weight_offset=1.0 if gemma else 0.0,",
+        "norm_weight_offset=0.0,",
+        PARITY,
+        "-k",
+        "logits_match_transformers and gemma",
+    ),
+    m(
+        "LayerNorm variance not centred",
+        "model.py",
+        "jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)",
+        "jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)",
+        PARITY,
+        "-k",
+        "logits_match_transformers and gpt2",
+    ),
+    # LoRA scaling and dropout.
+    m(
+        "LoRA update scaled by alpha instead of alpha / rank",
+        "model.py",
+        "y = y + self.lora.scale * jnp.dot(",
+        "y = y + self.lora.alpha * jnp.dot(",
+        "tests/test_lora.py",
+    ),
+    m(
+        "rsLoRA scale alpha / rank",
+        "config.py",
+        "return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)",
+        "return self.alpha / self.rank",
+        "tests/test_lora.py",
+    ),
+    m(
+        "LoRA dropout never acts in training",
+        "model.py",
+        "x = nn.Dropout(self.lora.dropout, deterministic=False)(x)",
+        "x = nn.Dropout(self.lora.dropout, deterministic=True)(x)",
+        "tests/test_lora.py",
+        "-k",
+        "dropout",
+    ),
+    # Loss masks.
+    m(
+        "loss mask shifted by one token",
+        "train.py",
+        'weight = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)',
+        'weight = (batch["loss_mask"][:, :-1] * mask[:, 1:]).astype(jnp.float32)',
+        "tests/test_train.py",
+        "-k",
+        "memorizes or learns or loss",
+    ),
+    m(
+        "gradient accumulation sums instead of averaging over tokens",
+        "train.py",
+        "grads = jax.tree.map(lambda g: g / count, grads)",
+        "grads = jax.tree.map(lambda g: g / accum, grads)",
+        "tests/test_train.py",
+        "-k",
+        "accumulation",
+    ),
+    # Stop strings, EOS, cache write offsets, chat-turn positions.
+    m(
+        "stop string ends one token late",
+        "generate.py",
+        "        if any(s in tokenizer.decode(tokens[:n]) for s in stop):\n            return n\n",
+        "        if any(s in tokenizer.decode(tokens[:n]) for s in stop):\n            return n + 1\n",
+        "tests/test_generate.py",
+        "-k",
+        "stop",
+    ),
+    m(
+        "EOS never ends a row in the decode loop",
+        "decoding.py",
+        "done=state.done | _is_stop(token, stop_ids),",
+        "done=state.done,",
+        "tests/test_generate.py",
+        "-k",
+        "eos or stream",
+    ),
+    m(
+        "decode writes every step into the same cache slot",
+        "decoding.py",
+        "write_index=state.write_index + 1,",
+        "write_index=state.write_index,",
+        PARITY,
+        "-k",
+        "greedy_tokens_match_transformers and llama-gqa",
+    ),
+    m(
+        "chat-turn positions off by one in extend",
+        "decoding.py",
+        "positions = state.position[:, None] + jnp.arange(width)",
+        "positions = state.position[:, None] + jnp.arange(width) + 1",
+        "tests/test_attention.py",
+        "-k",
+        "chat_turn",
+    ),
+    m(
+        "left padding shifts positions",
+        "model.py",
+        "return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)",
+        "return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1), 0)",
+        PARITY,
+        "-k",
+        "left_padded",
+    ),
+    # Converter splitters.
+    m(
+        "GPT-NeoX fused qkv: k and v swapped",
+        "families/gpt_neox.py",
+        "q, k, v = (p.T if p.ndim == 2 else p for p in parts)",
+        "q, v, k = (p.T if p.ndim == 2 else p for p in parts)",
+        "tests/test_convert.py",
+        "-k",
+        "by_hand",
+    ),
+    m(
+        "CodeGen fused qkv read as q, k, v blocks",
+        "families/codegen.py",
+        "q, v, k = (blocks[:, j].reshape(hidden, hidden).T for j in range(3))",
+        "q, k, v = (blocks[:, j].reshape(hidden, hidden).T for j in range(3))",
+        "tests/test_convert.py",
+        "-k",
+        "by_hand",
+    ),
+    m(
+        "Mixtral router weights: sigmoid instead of softmax over the picked experts",
+        "model.py",
+        "top_weights = jax.nn.softmax(top_logits, axis=-1)",
+        "top_weights = jax.nn.sigmoid(top_logits)",
+        PARITY,
+        "-k",
+        "logits_match_transformers and mixtral",
+    ),
+    # The sandbox.
+    Mutant(
+        "sandbox without network isolation (no namespace, no socket block)",
+        "eval/sandbox.py",
+        (
+            ('return (unshare, "-rn") if probe.returncode == 0 else ()', "return ()"),
+            ("_socket.socket = _NoSocket\n", ""),
+        ),
+        ("tests/test_eval.py", "-k", "sandbox"),
+    ),
+]
+
+
+def stage(copy: Path) -> None:
+    """The project's code and tests in `copy` (no venv, no git, no checkpoints)."""
+    for name in ("jaxlora", "tests", "scripts"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+
+
+def apply(mutant: Mutant, copy: Path) -> None:
+    path = copy / "jaxlora" / mutant.file
+    text = path.read_text()
+    for old, new in mutant.edits:
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(f"mutant {mutant.name!r}: {old!r} occurs {count} times in {mutant.file} (want 1)")
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def run(mutant: Mutant, timeout: int) -> tuple[str, float]:
+    """'caught', 'SURVIVED' or 'timeout', and the seconds it took."""
+    with tempfile.TemporaryDirectory(prefix="jaxlora-mutant-") as folder:
+        copy = Path(folder)
+        stage(copy)
+        apply(mutant, copy)
+        env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        start = time.perf_counter()
+        try:
+            result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    if result.returncode == 5:  # no test collected: the subset is wrong, which is the script's bug
+        raise SystemExit(f"mutant {mutant.name!r}: no test matched {mutant.tests}")
+    return ("caught" if result.returncode != 0 else "SURVIVED"), seconds
+
+
+def check_unmutated(timeout: int) -> None:
+    """Every subset passes on the unmutated code (else a 'caught' would mean nothing)."""
+    subsets = sorted({m.tests for m in MUTANTS})
+    with tempfile.TemporaryDirectory(prefix="jaxlora-mutant-") as folder:
+        copy = Path(folder)
+        stage(copy)
+        env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+        for tests in subsets:
+            command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+            result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+            if result.returncode != 0:
+                raise SystemExit(f"the unmutated code fails {' '.join(tests)}:\n{result.stdout[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="run only the mutants whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not first run the subsets unmutated")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.only is None or args.only in m.name]
+    if args.list:
+        for mutant in chosen:
+            print(f"{mutant.name}  [{mutant.file}]  {' '.join(mutant.tests)}")
+        return
+    if not args.skip_baseline:
+        check_unmutated(args.timeout)
+    rows = []
+    for mutant in chosen:
+        status, seconds = run(mutant, args.timeout)
+        rows.append((mutant.name, mutant.file, status, seconds))
+        print(f"{status:8}  {seconds:6.1f}s  {mutant.name}", flush=True)
+    caught = sum(status == "caught" for _, _, status, _ in rows)
+    print()
+    print("| mutant | file | result | seconds |")
+    print("| --- | --- | --- | --- |")
+    for name, file, status, seconds in rows:
+        print(f"| {name} | {file} | {status} | {seconds:.0f} |")
+    print(f"\n{caught} of {len(rows)} mutants caught")
+    if caught != len(rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
