@@ -52,8 +52,9 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
     logits, _ = apply_decoder(
         params, config, ids, default_positions(mask), mask, lora=lora, dropout_key=key, remat=remat
     )
-    # Position t predicts token t + 1; count only targets that are real and asked for.
-    weight = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
+    # Position t predicts token t + 1; count only targets that are real and asked for, predicted from a real token
+    # (in a left-padded row the last padding slot would otherwise "predict" the first real token).
+    weight = (batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
     return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
 
 

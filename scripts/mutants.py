@@ -280,11 +280,11 @@ MUTANTS = [
     m(
         "loss mask shifted by one token",
         "train.py",
-        'weight = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)',
-        'weight = (batch["loss_mask"][:, :-1] * mask[:, 1:]).astype(jnp.float32)',
-        "tests/test_train.py",
+        'weight = (batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1])',
+        'weight = (batch["loss_mask"][:, :-1] * mask[:, 1:] * mask[:, :-1])',
+        "tests/test_gradients.py",
         "-k",
-        "memorizes or learns or loss",
+        "token_loss",
     ),
     m(
         "gradient accumulation sums instead of averaging over tokens",
@@ -312,7 +312,7 @@ MUTANTS = [
         "done=state.done,",
         "tests/test_generate.py",
         "-k",
-        "eos or stream",
+        "inside_the_loop",
     ),
     m(
         "decode writes every step into the same cache slot",

@@ -6,6 +6,7 @@ import pytest
 from conftest import random_ids
 
 import jaxlora
+from jaxlora.cache import init_cache
 from jaxlora.decoding import decode, prefill
 from jaxlora.errors import UsageError
 from jaxlora.generate import prompt_bucket
@@ -102,6 +103,28 @@ def test_generation_stops_at_eos_and_pads(tiny):
     assert (out.tokens[0, first + 1 :] == -1).all()
     hits = np.flatnonzero(free.tokens[1] == eos)
     assert out.lengths[1] == (hits[0] + 1 if hits.size else 10)
+
+
+def test_decode_pads_rows_after_their_stop_token_inside_the_loop(tiny):
+    """The device loop itself marks a row done at its stop token and pads it from the next step on (the host-side
+    check on each chunk is a second line, for stop strings)."""
+    from jaxlora.generate import make_plan
+
+    model = tiny("llama-gqa").load()
+    ids = random_ids((2, 6), model.config.vocab_size, seed=9)
+    free = jaxlora.generate(model.params, model.config, ids, max_new_tokens=17).tokens
+    stop = int(free[0, 4])
+    plan = make_plan(model.config, 2, max_new_tokens=17, eos_token_ids=[stop], pad_token_id=-1)
+    cache = init_cache(model.config, 2, 16 + plan.decode_slots)
+    keys = jax.random.split(jax.random.key(0), 2)
+    padded, mask = jaxlora.left_pad(ids, 0, 16)  # the prompt bucket, as generate pads it
+    state = prefill(model.params, cache, padded, mask, keys, plan.arrays, **plan.static)
+    state, tokens = decode(model.params, state, plan.arrays, pad_id=-1, steps=16, **plan.static)
+    tokens = np.asarray(tokens)  # steps 1..16 of the 17 new tokens
+    first = int(np.argmax(free[0] == stop))
+    assert 1 <= first < 15
+    np.testing.assert_array_equal(tokens[0, :first], free[0, 1 : first + 1])
+    assert (tokens[0, first:] == -1).all() and bool(np.asarray(state.done)[0])
 
 
 def test_stop_token_ids_and_stop_strings(tiny):

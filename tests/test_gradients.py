@@ -126,3 +126,23 @@ def test_input_embedding_gradients_match_torch(tiny, name):
         np.asarray(jaxlora.forward(model.params, model.config, inputs_embeds=embeds)),
         np.asarray(jaxlora.forward(model.params, model.config, data["input_ids"])),
     )
+
+
+def test_token_loss_equals_torch_cross_entropy(tiny):
+    """The training loss: next-token cross-entropy over the targets whose loss_mask is 1, that are real tokens and
+    that a real token predicts (a left-padded row's first token is not a target), summed, with its token count."""
+    from jaxlora.train import token_loss
+
+    m = tiny("llama-gqa")
+    model = m.load()
+    data = batch(model.config.vocab_size, seed=3)
+    mask = np.ones_like(data["input_ids"])
+    mask[1, :4] = 0  # left padding
+    total, count = token_loss(model.params, model.config, {**data, "attention_mask": mask})
+    ids, attn = torch.tensor(data["input_ids"], dtype=torch.long), torch.tensor(mask)
+    with torch.no_grad():
+        logits = m.torch_model(ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").numpy()
+    weight = data["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]
+    assert float(count) == weight.sum() > 0
+    assert float(total) == pytest.approx(float((nll * weight).sum()), rel=1e-5)

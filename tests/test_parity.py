@@ -13,8 +13,13 @@ jit_forward = jax.jit(jaxlora.forward, static_argnums=1)
 
 
 def torch_logits(model, ids, mask=None):
+    """The transformers model's logits; with a mask, at the positions its generate() derives from the mask
+    (cumsum - 1), which is what jaxlora's forward uses too."""
     with torch.no_grad():
-        kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask, dtype=torch.long)}
+        kwargs = {}
+        if mask is not None:
+            mask = torch.tensor(mask, dtype=torch.long)
+            kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         return model(torch.tensor(ids, dtype=torch.long), **kwargs).logits.float().numpy()
 
 
@@ -30,7 +35,8 @@ def test_logits_match_transformers(tiny, name):
     np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window", "qwen2"])
+# GPT-2's learned positions see where each row's positions start (RoPE only sees their differences).
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window", "qwen2", "gpt2"])
 def test_left_padded_logits_match_transformers(tiny, name):
     m = tiny(name)
     model = m.load()

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import hf_model, save_hf
 
@@ -16,7 +17,7 @@ from jaxlora import lora
 from jaxlora.checkpoint import load_adapters
 from jaxlora.data import Batches, read_examples, tokenize
 from jaxlora.errors import UsageError
-from jaxlora.train import init_state, make_optimizer, make_train_step
+from jaxlora.train import init_state, make_optimizer, make_train_step, token_loss
 
 pytestmark = pytest.mark.real  # borrows the real SmolLM2 tokenizer
 
@@ -139,10 +140,23 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_chat):
     optimizer = make_optimizer(1e-2, 10)
     step = make_train_step(model.params, model.config, optimizer)
     fresh = lambda: init_state(jax.tree.map(lambda x: x.copy(), adapters), optimizer, jax.random.key(0))  # noqa: E731
-    whole, _ = step(fresh(), batches.batch(0, 4, 1))  # the step donates its state: each call gets its own copy
-    split, _ = step(fresh(), batches.batch(0, 2, 2))
+    whole, whole_metrics = step(fresh(), batches.batch(0, 4, 1))  # the step donates its state: one copy each
+    split, split_metrics = step(fresh(), batches.batch(0, 2, 2))
     for a, b in zip(jax.tree.leaves(whole.trainable), jax.tree.leaves(split.trainable), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    # Adam's first step barely sees the gradient's scale, so compare the gradient itself: the mean over every target
+    # token of the step, computed here in one piece.
+    flat = batches.batch(0, 4, 1)
+    flat = {k: v[0] for k, v in flat.items()}
+
+    def mean_loss(weights):
+        total, count = token_loss(model.params, model.config, flat, adapters.replace(weights=weights))
+        return total / count
+
+    expected = optax.global_norm(jax.grad(mean_loss)(adapters.weights))
+    for metrics in (whole_metrics, split_metrics):
+        assert float(metrics["grad_norm"]) == pytest.approx(float(expected), rel=1e-5)
+        assert float(metrics["loss"]) == pytest.approx(float(mean_loss(adapters.weights)), rel=1e-5)
 
 
 def finetune(root, out, *extra):
