@@ -32,12 +32,22 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _native_stdout_to_stderr() -> None:
+    """gloo (jax.distributed's CPU collectives) logs from C++ straight to file descriptor 1: point that at stderr
+    and give Python's stdout a descriptor of its own, so stdout carries only the generated text."""
+    sys.stdout.flush()
+    ours = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(ours, "w", buffering=1)
+
+
 def _setup_devices(args):
     """Start jax.distributed when asked, then build the mesh (None: one device)."""
     from jaxlora.sharding import make_mesh, start_distributed
 
     distributed = getattr(args, "distributed", False)
     if distributed:
+        _native_stdout_to_stderr()
         start_distributed(args.coordinator, args.num_processes, args.process_id)
     spec = args.mesh or ("tensor=-1" if distributed else None)
     return make_mesh(spec) if spec else None

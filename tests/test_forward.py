@@ -1,6 +1,7 @@
 """forward is a pure function (jit, grad, vmap); the cached path equals the full forward; batching is exact."""
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,11 @@ def test_forward_under_jit_grad_vmap(tiny):
     np.testing.assert_allclose(np.asarray(per_row), eager, rtol=0, atol=1e-5)
 
 
+@partial(jax.jit, static_argnums=1)
+def cached_step(params, config, ids, positions, key_valid, cache, write_index):
+    return apply_decoder(params, config, ids, positions, key_valid, cache=cache, write_index=write_index)
+
+
 def test_prefill_plus_cached_decode_equals_full_forward(tiny):
     """Feeding tokens one at a time through the KV cache gives the logits of one full forward."""
     # Windows (6-7 tokens) shorter than the 15 tokens; Gemma 3 mixes windowed layers (own RoPE) and global ones.
@@ -50,14 +56,12 @@ def test_prefill_plus_cached_decode_equals_full_forward(tiny):
         prefill = 6
         valid = cache.key_valid.at[:, :prefill].set(True)
         positions = jnp.broadcast_to(jnp.arange(prefill), (2, prefill))
-        logits, cache = apply_decoder(model.params, config, ids[:, :prefill], positions, valid, cache=cache)
+        logits, cache = cached_step(model.params, config, ids[:, :prefill], positions, valid, cache, 0)
         steps = [np.asarray(logits)]
         for t in range(prefill, ids.shape[1]):
             valid = cache.key_valid.at[:, t].set(True)
             pos = jnp.full((2, 1), t)
-            logits, cache = apply_decoder(
-                model.params, config, ids[:, t : t + 1], pos, valid, cache=cache, write_index=t
-            )
+            logits, cache = cached_step(model.params, config, ids[:, t : t + 1], pos, valid, cache, t)
             steps.append(np.asarray(logits))
         np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-5)
 

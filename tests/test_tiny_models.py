@@ -34,12 +34,17 @@ def without_positions(params, config):
     return {**params, "pos_embed": table}, config
 
 
+# Greedy runs for one model of each block shape (generation compiles twice per model); every model's predictions.
+GREEDY_CHECKED = {"llama-gqa", "gemma", "qwen2", "phi3-longrope", "mixtral", "gpt2", "gptj", "codegen", "gpt_neox"}
+
+
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_positions_change_the_predictions(tiny, name):
     model = tiny(name).load()
     blind = without_positions(model.params, model.config)
-    changed = (greedy(model.params, model.config) != greedy(*blind)).sum()
-    assert changed >= MIN_CHANGED, f"{name}: only {changed} greedy tokens depend on positions"
+    if name in GREEDY_CHECKED:
+        changed = (greedy(model.params, model.config) != greedy(*blind)).sum()
+        assert changed >= MIN_CHANGED, f"{name}: only {changed} greedy tokens depend on positions"
     ids = random_ids((4, 31), model.config.vocab_size, seed=1)
     predicted = np.asarray(jaxlora.forward(model.params, model.config, ids)).argmax(-1)
     predicted_blind = np.asarray(jaxlora.forward(*blind, ids)).argmax(-1)
