@@ -5,10 +5,13 @@ from jaxlora.config import ModelConfig
 from jaxlora.convert import convert
 from jaxlora.errors import JaxloraError
 from jaxlora.generate import GenerateOutput, StreamChunk, generate, left_pad, stream
-from jaxlora.model import embed, forward
+from jaxlora.hooks import hook_points
+from jaxlora.losses import score
+from jaxlora.model import ForwardOutput, embed, forward
 from jaxlora.sampling import Sampling
 
 __all__ = [
+    "ForwardOutput",
     "GenerateOutput",
     "JaxloraError",
     "Model",
@@ -19,8 +22,10 @@ __all__ = [
     "embed",
     "forward",
     "generate",
+    "hook_points",
     "left_pad",
     "load",
+    "score",
     "stream",
 ]
 __version__ = "0.1.0"

@@ -70,12 +70,14 @@ def dot_product_attention(
     mask: jax.Array,
     scale: float | None = None,
     softcap: float | None = None,
+    on_pattern=None,
 ) -> jax.Array:
     """The reference: grouped-query attention with a materialized score matrix; scores are scaled by `scale`
     (default 1 / sqrt(head_dim)), then soft-capped.
 
     q [batch, q_len, heads, head_dim], k/v [batch, k_len, kv_heads, head_dim], mask [batch, q_len, k_len] bool
-    -> [batch, q_len, heads, head_dim] in q's dtype.
+    -> [batch, q_len, heads, head_dim] in q's dtype. on_pattern: fn(probs) -> probs on the attention
+    probabilities [batch, heads, q_len, k_len] float32 (query head h reads kv head h // (heads / kv_heads)).
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -87,7 +89,11 @@ def dot_product_attention(
             scores = softcap * jnp.tanh(scores / softcap)
         # Softmax in float32 with a finite floor, so a fully masked row stays finite; it is zeroed below.
         scores = jnp.where(mask[:, None, None], scores, _FLOOR)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if on_pattern is not None:
+            shape = probs.shape
+            probs = on_pattern(probs.reshape(b, h, t, shape[-1])).reshape(shape)
+        probs = probs.astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         out = out * jnp.any(mask, axis=-1)[:, :, None, None, None].astype(out.dtype)
     return out.reshape(b, t, h, d)
@@ -356,14 +362,21 @@ def attend(
     scale: float | None = None,
     softcap: float | None = None,
     impl: str = "auto",
+    on_pattern=None,
 ) -> jax.Array:
     """Causal (optionally windowed, soft-capped) grouped-query attention with the chosen implementation.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; query_slots [q_len] int32;
     key_valid [batch, k_len] bool; key_slots [k_len] int32 (default 0..k_len-1). -> [batch, q_len, heads, head_dim].
+    on_pattern: read or edit the probabilities (see `dot_product_attention`): only "xla" materializes them, so
+    "auto" picks it and the other implementations refuse.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     spec = AttentionSpec(window, scale, softcap)
+    if on_pattern is not None:
+        if impl not in ("auto", "xla"):
+            raise ConfigError(f"attention probabilities need the 'xla' attention core; '{impl}' never forms them")
+        impl = "xla"
     chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, spec)
     if chosen == "splash" and (key_slots is not None or q.shape[1] != k.shape[1]):
         chosen = "chunked"  # splash covers self-attention over one sequence; cached calls go chunked
@@ -376,4 +389,4 @@ def attend(
     mask = attention_mask(query_slots, key_slots, key_valid, window)
     if chosen == "cudnn":
         return _cudnn_attention(q, k, v, mask, spec)
-    return dot_product_attention(q, k, v, mask, scale, softcap)
+    return dot_product_attention(q, k, v, mask, scale, softcap, on_pattern)

@@ -15,6 +15,7 @@ from jaxlora.attention import attend
 from jaxlora.cache import KVCache, ring_slots, ring_write
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
+from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
 from jaxlora.rope import apply_rope, rope_cos_sin
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -99,10 +100,12 @@ class Attention(nn.Module):
     config: ModelConfig
     window: int | None
     lora: LoraConfig | None = None
+    index: int = 0  # the layer's index (names its hook points)
+    sites: Sites | None = None
 
     @nn.compact
     def __call__(self, x, inputs: AttentionInputs, cache_kv):
-        c = self.config
+        c, here = self.config, f"blocks.{self.index}.attn."
         cos, sin, query_slots, key_valid, write_index = inputs
         b, t, _ = x.shape
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora=self.lora)(x)
@@ -114,10 +117,23 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = Norm(c.norm_eps, "rms", c.norm_weight_offset, "head_dim", name="q_norm")(q)
             k = Norm(c.norm_eps, "rms", c.norm_weight_offset, "head_dim", name="k_norm")(k)
+        q, k, v = (
+            at_site(self, self.sites, here + name, a) for name, a in (("hook_q", q), ("hook_k", k), ("hook_v", v))
+        )
         if not c.learned_positions:
             q = apply_rope(q, cos, sin, c.rotary_style)
             k = apply_rope(k, cos, sin, c.rotary_style)
-        core = partial(attend, window=self.window, scale=c.attn_scale, softcap=c.attn_softcap, impl=c.attention_impl)
+        on_pattern = None
+        if self.sites is not None and self.sites.wants(here + "hook_pattern"):
+            on_pattern = partial(at_site, self, self.sites, here + "hook_pattern")
+        core = partial(
+            attend,
+            window=self.window,
+            scale=c.attn_scale,
+            softcap=c.attn_softcap,
+            impl=c.attention_impl,
+            on_pattern=on_pattern,
+        )
         if cache_kv is None:
             out, new_kv = core(q, k, v, query_slots, key_valid), (k, v)
         elif cache_kv[0].shape[1] == key_valid.shape[1]:
@@ -128,6 +144,7 @@ class Attention(nn.Module):
             out, new_kv = core(q, k.astype(q.dtype), v.astype(q.dtype), query_slots, key_valid), (k, v)
         else:
             out, new_kv = self._ring_attention(core, q, k, v, query_slots, key_valid, cache_kv, write_index)
+        out = at_site(self, self.sites, here + "hook_z", out)
         out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora=self.lora)(
             out.reshape(b, t, c.num_heads * c.head_dim)
         )
@@ -209,22 +226,32 @@ class Block(nn.Module):
     config: ModelConfig
     window: int | None
     lora: LoraConfig | None = None
+    index: int = 0  # the layer's index (names its hook points)
+    sites: Sites | None = None
 
     @nn.compact
     def __call__(self, x, inputs: AttentionInputs, cache_kv):
-        c = self.config
+        c, here = self.config, f"blocks.{self.index}."
+
+        def site(name, value):
+            return at_site(self, self.sites, here + name, value)
+
+        x = site("hook_resid_pre", x)
         normed = make_norm(c, "attn_norm")(x)
-        attn_out, new_kv = Attention(c, self.window, self.lora, name="attn")(normed, inputs, cache_kv)
+        attention = Attention(c, self.window, self.lora, self.index, self.sites, name="attn")
+        attn_out, new_kv = attention(normed, inputs, cache_kv)
         mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:
-            x = x + make_norm(c, "post_attn_norm")(attn_out)
-            return x + make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))), new_kv
-        if c.residual == "sequential":
-            x = x + attn_out
-            return x + mlp(make_norm(c, "mlp_norm")(x)), new_kv
-        # Parallel: attention and MLP both read the block's input (GPT-J/CodeGen through the same norm).
-        mlp_in = normed if c.residual == "parallel_shared_norm" else make_norm(c, "mlp_norm")(x)
-        return x + attn_out + mlp(mlp_in), new_kv
+            x = x + site("hook_attn_out", make_norm(c, "post_attn_norm")(attn_out))
+            x = x + site("hook_mlp_out", make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))))
+        elif c.residual == "sequential":
+            x = x + site("hook_attn_out", attn_out)
+            x = x + site("hook_mlp_out", mlp(make_norm(c, "mlp_norm")(x)))
+        else:
+            # Parallel: attention and MLP both read the block's input (GPT-J/CodeGen through the same norm).
+            mlp_in = normed if c.residual == "parallel_shared_norm" else make_norm(c, "mlp_norm")(x)
+            x = x + site("hook_attn_out", attn_out) + site("hook_mlp_out", mlp(mlp_in))
+        return site("hook_resid_post", x), new_kv
 
 
 def embedding_rows(embedding: jax.Array, config: ModelConfig, input_ids) -> jax.Array:
@@ -240,6 +267,7 @@ class Decoder(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
     remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint) to save memory
+    sites: Sites | None = None  # hook points this call edits or captures (`jaxlora.hooks`)
 
     def setup(self):
         c = self.config
@@ -254,7 +282,7 @@ class Decoder(nn.Module):
                 param_dtype=jnp.float32,
             )
         block = nn.remat(Block) if self.remat else Block
-        self.layers = [block(c, c.layer_windows[i], self.lora) for i in range(c.num_layers)]
+        self.layers = [block(c, c.layer_windows[i], self.lora, index=i, sites=self.sites) for i in range(c.num_layers)]
         self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora)
@@ -278,8 +306,10 @@ class Decoder(nn.Module):
         c = self.config
         embedding = self.embed.embedding
         x = embedding_rows(embedding, c, input_ids) if inputs_embeds is None else inputs_embeds
+        x = at_site(self, self.sites, "hook_embed", x)
         if c.learned_positions:
-            x = x + jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
+            position_rows = jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
+            x = x + at_site(self, self.sites, "hook_pos_embed", position_rows)
         # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
         query_slots = write_index + jax.lax.iota(jnp.int32, x.shape[1])
         inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index)
@@ -295,7 +325,7 @@ class Decoder(nn.Module):
             new_values.append(v)
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
-        x = self.final_norm(x)
+        x = at_site(self, self.sites, "ln_final.hook_normalized", self.final_norm(x))
         if c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.T.astype(x.dtype))
         else:
@@ -324,7 +354,7 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def apply_decoder(
+def run_decoder(
     params,
     config: ModelConfig,
     input_ids,
@@ -338,22 +368,45 @@ def apply_decoder(
     dropout_key=None,
     remat: bool = False,
     inputs_embeds=None,
-) -> tuple[jax.Array, KVCache | None]:
+    sites: Sites | None = None,
+) -> tuple[jax.Array, KVCache | None, dict]:
     """Run the decoder: the one way every caller (forward, generation, training, export) does.
 
     input_ids/positions [batch, seq] int32; key_valid [batch, seq] bool without a cache, [batch, max_len] with one
     (this call's slots included); write_index: the cache slot of input_ids[:, 0]; logits_at: a sequence index to
     project to logits alone ([batch, 1, vocab]); lora: `jaxlora.lora.Adapters` (unmerged); dropout_key: a PRNG key
     that turns LoRA dropout on (training); remat: recompute each layer in the backward pass; inputs_embeds
-    [batch, seq, hidden]: embedding rows in place of input_ids (pass None for input_ids).
-    Returns logits [batch, seq or 1, vocab] float32 and the updated cache (None without one).
+    [batch, seq, hidden]: embedding rows in place of input_ids (pass None for input_ids); sites: hook points to
+    edit or capture (`jaxlora.hooks.make_sites`).
+    Returns logits [batch, seq or 1, vocab] float32, the updated cache (None without one) and {site: activation}
+    for the captured hook points.
     """
-    model = Decoder(config, None if lora is None else lora.config, remat)
+    model = Decoder(config, None if lora is None else lora.config, remat, sites)
     variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    return model.apply(
-        variables, input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds, rngs=rngs
-    )
+    args = (input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds)
+    if sites is None or not sites.capture:
+        logits, new_cache = model.apply(variables, *args, rngs=rngs)
+        return logits, new_cache, {}
+    (logits, new_cache), state = model.apply(variables, *args, rngs=rngs, mutable=[CAPTURED])
+    return logits, new_cache, collect(state)
+
+
+def apply_decoder(params, config: ModelConfig, input_ids, positions, key_valid, **options):
+    """`run_decoder` without hook points: (logits, updated cache)."""
+    logits, new_cache, _ = run_decoder(params, config, input_ids, positions, key_valid, **options)
+    return logits, new_cache
+
+
+class ForwardOutput(NamedTuple):
+    """What `forward` returns when asked for more than logits (a pytree: it can leave a jitted function)."""
+
+    logits: jax.Array  # [batch, seq, vocab] float32
+    # num_layers + 1 arrays [batch, seq, hidden], as transformers' output_hidden_states: the embeddings, each
+    # layer's output but the last, and the final norm's output.
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None  # per layer [batch, heads, q, k] probabilities
+    captured: dict[str, jax.Array] | None = None  # {hook point: activation} for `capture`
 
 
 def embed(params, config: ModelConfig, input_ids) -> jax.Array:
@@ -372,14 +425,22 @@ def forward(
     attention_mask=None,
     positions=None,
     lora=None,
-) -> jax.Array:
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    hooks: dict | None = None,
+    capture=(),
+) -> jax.Array | ForwardOutput:
     """The model's logits. Pure: works under jax.jit (config static), jax.grad and jax.vmap.
 
     params: the nested dict from `jaxlora.load(...).params`; input_ids [batch, seq] int32, or inputs_embeds
     [batch, seq, hidden] (exactly one of the two; see `embed`: a gradient with respect to inputs_embeds is a
     per-position saliency); attention_mask [batch, seq] (1 = real token, 0 = padding; default all ones);
     positions [batch, seq] int32 (default: derived from the mask); lora: `jaxlora.lora.Adapters` or None.
-    Returns logits [batch, seq, vocab] float32.
+    hooks: {hook point: fn(x) -> x} to read or edit activations (see `jaxlora.hook_points(config)`);
+    capture: hook points whose values to return.
+
+    Returns logits [batch, seq, vocab] float32, or a `ForwardOutput` when output_hidden_states,
+    output_attentions or capture asks for more (attentions need the "xla" attention core).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise UsageError("give exactly one of input_ids and inputs_embeds")
@@ -395,10 +456,26 @@ def forward(
     if positions is None:
         check_context(config, shape[1])
         positions = default_positions(attention_mask)
-    logits, _ = apply_decoder(
-        params, config, input_ids, positions, attention_mask, lora=lora, inputs_embeds=inputs_embeds
+    layers = range(config.num_layers)
+    hidden_sites = ["blocks.0.hook_resid_pre", *(f"blocks.{i}.hook_resid_post" for i in layers[:-1])]
+    hidden_sites.append("ln_final.hook_normalized")
+    attention_sites = [f"blocks.{i}.attn.hook_pattern" for i in layers]
+    capture = tuple(capture)
+    needed = set(capture)
+    needed |= set(hidden_sites) if output_hidden_states else set()
+    needed |= set(attention_sites) if output_attentions else set()
+    sites = make_sites(config, hooks, needed)
+    logits, _, captured = run_decoder(
+        params, config, input_ids, positions, attention_mask, lora=lora, inputs_embeds=inputs_embeds, sites=sites
     )
-    return logits
+    if not (output_hidden_states or output_attentions or capture):
+        return logits
+    return ForwardOutput(
+        logits,
+        tuple(captured[name] for name in hidden_sites) if output_hidden_states else None,
+        tuple(captured[name] for name in attention_sites) if output_attentions else None,
+        {name: captured[name] for name in capture} if capture else None,
+    )
 
 
 def _init_boxed(config: ModelConfig, key: jax.Array) -> dict:

@@ -38,6 +38,20 @@ def test_logits_match_transformers(smollm2):
         np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
 
 
+def test_hidden_states_match_transformers_at_every_layer(smollm2):
+    dst, reference = smollm2
+    model = jaxlora.load(dst)
+    ids = np.asarray([model.tokenizer(PROMPTS[0])["input_ids"]], np.int32)
+    with torch.no_grad():
+        ref = reference(torch.tensor(ids, dtype=torch.long), output_hidden_states=True).hidden_states
+    out = jaxlora.forward(model.params, model.config, ids, output_hidden_states=True).hidden_states
+    assert len(out) == len(ref) == model.config.num_layers + 1
+    for layer, (ours, theirs) in enumerate(zip(out, ref, strict=True)):
+        theirs = theirs.numpy()
+        relative = np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max()
+        assert relative <= 1e-3, f"hidden state {layer}: relative max abs diff {relative:.2e}"
+
+
 def test_greedy_generation_matches_transformers(smollm2):
     dst, reference = smollm2
     model = jaxlora.load(dst)
