@@ -104,10 +104,13 @@ def _stop_string_length(tokenizer, tokens: np.ndarray, stop: Sequence[str]) -> i
 class _Ends:
     """Host-side end of each row: stop ids (also caught in the loop) and stop strings (text, so host only)."""
 
-    def __init__(self, batch: int, stop_ids: tuple[int, ...], stop: Sequence[str], tokenizer, pad_id: int):
+    def __init__(
+        self, batch: int, stop_ids: tuple[int, ...], stop: Sequence[str], tokenizer, pad_id: int, max_new_tokens: int
+    ):
         self.lengths = np.zeros((batch,), np.int64)  # 0 while the row runs
         self.history = np.zeros((batch, 0), np.int32)
         self.stop_ids, self.stop, self.tokenizer, self.pad_id = stop_ids, stop, tokenizer, pad_id
+        self.max_new_tokens = max_new_tokens
 
     @property
     def all_done(self) -> bool:
@@ -135,6 +138,8 @@ class _Ends:
             if end is not None:
                 self.lengths[row] = end
                 self.history[row, end:] = self.pad_id
+        if self.history.shape[1] >= self.max_new_tokens:  # the last chunk: rows still running end here
+            self.lengths[self.lengths == 0] = self.max_new_tokens
         return StreamChunk(self.history[:, start:].copy(), start, self.lengths.copy())
 
 
@@ -225,7 +230,7 @@ def decode_chunks(
     again once it passes the original context (`ModelConfig.reprefill_past_original_context`) does so there.
     """
     batch = state.token.shape[0]
-    ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id)
+    ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id, plan.max_new_tokens)
     yield ends.add(to_host(state.token)[:, None])
     emitted = 1
     refill_at = _reprefill_step(plan.config, prompts)
@@ -280,14 +285,32 @@ def stream(
     max_new_tokens: int,
     key: jax.Array | None = None,
     attention_mask=None,
-    **options,
+    sampling: Sampling | None = None,
+    temperature: float | None = None,
+    eos_token_ids: Sequence[int] = (),
+    stop_token_ids: Sequence[int] = (),
+    stop: Sequence[str] = (),
+    tokenizer=None,
+    pad_token_id: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Iterator[StreamChunk]:
-    """Generate like `generate`, yielding new tokens as they come: `StreamChunk`s of up to `chunk_size` tokens.
+    """Generate like `generate` (the same arguments), yielding new tokens as they come: `StreamChunk`s of up to
+    `chunk_size` tokens.
 
     Each chunk is one jitted `lax.scan` of `chunk_size` decode steps (the cache donated from one to the next);
     every chunk is final (rows that ended hold the pad id, see `StreamChunk.row`), and the iterator ends when every
-    row is done or `max_new_tokens` tokens were produced.
+    row is done or `max_new_tokens` tokens were produced; in the last chunk every row has its length.
     """
+    options = dict(
+        sampling=sampling,
+        temperature=temperature,
+        eos_token_ids=eos_token_ids,
+        stop_token_ids=stop_token_ids,
+        stop=stop,
+        tokenizer=tokenizer,
+        pad_token_id=pad_token_id,
+        chunk_size=chunk_size,
+    )
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
         raise UsageError(f"input_ids must be [batch, prompt_len] with both >= 1, got shape {input_ids.shape}")
@@ -312,7 +335,23 @@ def stream(
     yield from decode_chunks(params, state, plan, prompts)
 
 
-def generate(params, config: ModelConfig, input_ids, *, max_new_tokens: int, **kwargs) -> GenerateOutput:
+def generate(
+    params,
+    config: ModelConfig,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    key: jax.Array | None = None,
+    attention_mask=None,
+    sampling: Sampling | None = None,
+    temperature: float | None = None,
+    eos_token_ids: Sequence[int] = (),
+    stop_token_ids: Sequence[int] = (),
+    stop: Sequence[str] = (),
+    tokenizer=None,
+    pad_token_id: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> GenerateOutput:
     """Generate up to `max_new_tokens` after each prompt.
 
     input_ids [batch, prompt_len] int32, left-padded when prompts differ in length (see `left_pad`), with
@@ -320,11 +359,28 @@ def generate(params, config: ModelConfig, input_ids, *, max_new_tokens: int, **k
     temperature, top_k, top_p, min_p, repetition_penalty)`, each a number or one value per row; `key`: one PRNG key
     (row r uses fold_in(key, r)) or one per row. A row ends after its first token in `eos_token_ids` or
     `stop_token_ids`, or the token completing one of the `stop` strings (needs `tokenizer`); later slots hold
-    `pad_token_id`. Returns tokens [batch, max_new_tokens] int32 and lengths [batch] int32.
+    `pad_token_id`. `chunk_size`: decode steps per jitted call (between two, the host checks stop strings and
+    whether every row is done). Returns tokens [batch, max_new_tokens] int32 and lengths [batch] int32.
     """
-    chunks = list(stream(params, config, input_ids, max_new_tokens=max_new_tokens, **kwargs))
+    chunks = list(
+        stream(
+            params,
+            config,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            key=key,
+            attention_mask=attention_mask,
+            sampling=sampling,
+            temperature=temperature,
+            eos_token_ids=eos_token_ids,
+            stop_token_ids=stop_token_ids,
+            stop=stop,
+            tokenizer=tokenizer,
+            pad_token_id=pad_token_id,
+            chunk_size=chunk_size,
+        )
+    )
     produced = np.concatenate([c.tokens for c in chunks], axis=1)
-    tokens = np.full((produced.shape[0], max_new_tokens), kwargs.get("pad_token_id", 0), np.int32)
+    tokens = np.full((produced.shape[0], max_new_tokens), pad_token_id, np.int32)
     tokens[:, : produced.shape[1]] = produced
-    final = chunks[-1].lengths
-    return GenerateOutput(tokens, np.where(final > 0, final, max_new_tokens).astype(np.int32))
+    return GenerateOutput(tokens, chunks[-1].lengths.astype(np.int32))

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from jaxlora.attention import attend
@@ -416,6 +417,24 @@ def embed(params, config: ModelConfig, input_ids) -> jax.Array:
     return embedding_rows(params["embed"]["embedding"], config, jnp.asarray(input_ids, jnp.int32))
 
 
+def token_ids(input_ids, config: ModelConfig) -> jax.Array:
+    """input_ids as int32 [batch, seq], or a UsageError naming what is wrong. Ids outside the vocabulary are refused
+    where they are concrete; under jit (traced ids) they give NaN logits, as an out-of-range gather does."""
+    if not hasattr(input_ids, "dtype"):
+        input_ids = np.asarray(input_ids)
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise UsageError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise UsageError(f"input_ids must be [batch, seq], got shape {input_ids.shape} (add a batch axis: ids[None])")
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= config.vocab_size:
+            raise UsageError(
+                f"token id {low if low < 0 else high} is outside the vocabulary (0..{config.vocab_size - 1})"
+            )
+    return jnp.asarray(input_ids, jnp.int32)
+
+
 def forward(
     params,
     config: ModelConfig,
@@ -445,14 +464,18 @@ def forward(
     if (input_ids is None) == (inputs_embeds is None):
         raise UsageError("give exactly one of input_ids and inputs_embeds")
     if input_ids is not None:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
+        input_ids = token_ids(input_ids, config)
         shape = input_ids.shape
     else:
         inputs_embeds = jnp.asarray(inputs_embeds)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise UsageError(f"inputs_embeds must be [batch, seq, {config.hidden_size}], got {inputs_embeds.shape}")
         shape = inputs_embeds.shape[:2]
     if attention_mask is None:
         attention_mask = jnp.ones(shape, bool)
     attention_mask = jnp.asarray(attention_mask).astype(bool)
+    if attention_mask.shape != shape:
+        raise UsageError(f"attention_mask must have the ids' shape {shape}, got {attention_mask.shape}")
     if positions is None:
         check_context(config, shape[1])
         positions = default_positions(attention_mask)

@@ -58,8 +58,23 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
     return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
 
 
+def _owned(x: jax.Array) -> jax.Array:
+    """A fresh copy of x, committed to x's devices."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.device_put(jax.random.clone(x), x.sharding)
+    return jax.device_put(jnp.copy(x), x.sharding)
+
+
 def init_state(trainable, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), key)
+    """The training state for `make_train_step`: step 0, `trainable` (LoRA adapters, or the params for full
+    fine-tuning), the optimizer's state and a PRNG key for dropout.
+
+    Every array in it is a fresh copy committed to its devices: the train step donates the state, so the caller's
+    `trainable` and `key` stay usable, and step 0 runs the same compiled program as every later step (an
+    uncommitted input would compile a second one).
+    """
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), key)
+    return jax.tree.map(_owned, state)
 
 
 def make_train_step(
@@ -71,8 +86,15 @@ def make_train_step(
     remat: bool = False,
     dtype=None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """train_step(state, batch) -> (state, metrics), jitted, the state donated. The base params are an argument
-    of the compiled function (not a constant baked into it) and are never updated when training adapters."""
+    """train_step(state, batch) -> (state, metrics): one optimizer step, jitted.
+
+    state: from `init_state`; it is donated (its buffers are reused for the new state: keep using the returned
+    one). batch: {"input_ids", "attention_mask", "loss_mask"}, each [grad_accum, batch, seq] int32 (the gradient
+    is accumulated over the leading axis, averaged over the loss-mask tokens of all of it); loss_mask marks the
+    tokens that are targets. metrics: {"loss", "tokens", "grad_norm"}, scalars of the step.
+    The base params are an argument of the compiled function (not a constant baked into it) and are never updated
+    when training adapters; `full=True` trains the params themselves. remat recomputes each layer in the backward
+    pass; dtype casts the compute (params stay float32)."""
 
     @partial(jax.jit, donate_argnums=(1,))
     def step(base, state: TrainState, batch: dict):

@@ -104,3 +104,24 @@ def test_norms_in_bfloat16_equal_transformers_bit_for_bit(kind):
     assert same.mean() >= 0.999, f"only {same.mean():.1%} of the outputs are bit-identical"
     # Where rsqrt rounds differently, one bfloat16 step (8 mantissa bits) apart at most.
     assert (np.abs(got - want) <= np.abs(want) * 2**-7)[~same].all()
+
+
+def test_bad_ids_are_named_errors_where_they_are_concrete(tiny):
+    model = tiny("llama-gqa").load()
+    c = model.config
+    cases = [
+        (np.arange(5), "must be \\[batch, seq\\], got shape \\(5,\\)"),
+        (np.zeros((1, 5), np.float32), "integer token ids"),
+        (np.array([[1, c.vocab_size]]), f"token id {c.vocab_size} is outside the vocabulary"),
+        (np.array([[-1, 2]]), "token id -1 is outside"),
+    ]
+    for ids, message in cases:
+        with pytest.raises(jaxlora.errors.UsageError, match=message):
+            jaxlora.forward(model.params, c, ids)
+    with pytest.raises(jaxlora.errors.UsageError, match="attention_mask must have the ids' shape"):
+        jaxlora.forward(model.params, c, np.ones((1, 5), np.int32), attention_mask=np.ones((1, 4)))
+    with pytest.raises(jaxlora.errors.UsageError, match="inputs_embeds must be"):
+        jaxlora.forward(model.params, c, inputs_embeds=np.ones((5, c.hidden_size), np.float32))
+    # Under jit the ids are not known: an out-of-range id is documented to give NaN logits, not an error.
+    logits = jax.jit(jaxlora.forward, static_argnums=1)(model.params, c, np.array([[1, c.vocab_size + 5]]))
+    assert np.isnan(np.asarray(logits)[0, 1]).all()

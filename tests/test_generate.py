@@ -160,6 +160,8 @@ def test_stream_yields_the_generate_tokens_in_chunks_and_stops_early(tiny):
     chunks = list(jaxlora.stream(model.params, model.config, ids, **kwargs))
     assert [c.tokens.shape[1] for c in chunks] == [1, 8, 8, 8, 5]
     assert [c.start for c in chunks] == [0, 1, 9, 17, 25]
+    # Rows that run to max_new_tokens have their length in the last chunk, and only there.
+    assert [list(c.lengths) for c in chunks] == [[0, 0]] * 4 + [[30, 30]]
     whole = jaxlora.generate(model.params, model.config, ids, **kwargs)
     np.testing.assert_array_equal(np.concatenate([c.tokens for c in chunks], axis=1), whole.tokens)
     for r in range(2):
