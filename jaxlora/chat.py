@@ -36,6 +36,7 @@ class ChatSession:
         system: str | None = None,
         stop: tuple[str, ...] = (),
         chunk_size: int = 32,
+        lora=None,
     ):
         tokenizer = model.tokenizer
         if tokenizer is None or not has_chat_template(tokenizer):
@@ -53,6 +54,7 @@ class ChatSession:
             tokenizer=tokenizer,
             pad_token_id=pad_id(tokenizer),
             chunk_size=chunk_size,
+            lora=lora,
         )
         self.keys = row_keys(key, 1, self.plan.processors.sample)
         if self.plan.layout is not None:
@@ -69,7 +71,7 @@ class ChatSession:
         cache = new_cache(plan.config, 1, capacity, params["embed"]["embedding"].dtype, plan.layout)
         padded, mask = left_pad([ids], plan.pad_id, width)
         padded, mask = plan.to_device(padded, batch_split=True), plan.to_device(mask, batch_split=True)
-        return prefill(params, cache, padded, mask, self.keys, plan.arrays, **plan.static)
+        return prefill(params, cache, padded, mask, self.keys, plan.arrays, plan.lora, **plan.static)
 
     def _continue(self, suffix: list[int]) -> DecodeState | None:
         """Run only the new tokens after what the cache holds, if they and the reply fit."""
@@ -80,7 +82,8 @@ class ChatSession:
         padded = np.full((1, width), self.plan.pad_id, np.int32)
         padded[0, : len(suffix)] = suffix
         padded = self.plan.to_device(padded, batch_split=True)
-        return extend(self.model.params, state, padded, len(suffix), self.plan.arrays, **self.plan.static)
+        plan = self.plan
+        return extend(self.model.params, state, padded, len(suffix), plan.arrays, plan.lora, **plan.static)
 
     def send(self, text: str) -> Iterator[StreamChunk]:
         self.messages.append({"role": "user", "content": text})

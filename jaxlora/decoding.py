@@ -105,6 +105,7 @@ def prefill(
     attention_mask,
     keys,
     sampling: SamplingArrays,
+    lora=None,
     *,
     config: ModelConfig,
     processors: Processors,
@@ -112,12 +113,12 @@ def prefill(
     layout: DecodeLayout | None = None,
 ) -> DecodeState:
     """Run the prompt [batch, bucket] (left-padded; attention_mask 1 = token) into slots 0..bucket-1 of an empty
-    `cache` and sample the first token; keys [batch] PRNG keys, one per row."""
+    `cache` and sample the first token; keys [batch] PRNG keys, one per row; lora: unmerged adapters or None."""
     batch, width = input_ids.shape
     positions = default_positions(attention_mask)
     key_valid = jax.lax.dynamic_update_slice(cache.key_valid, attention_mask, (0, 0))
     logits, cache = apply_decoder(
-        params, config, input_ids, positions, key_valid, cache=cache, write_index=0, logits_at=width - 1
+        params, config, input_ids, positions, key_valid, cache=cache, write_index=0, logits_at=width - 1, lora=lora
     )
     seen = jnp.zeros((batch, config.vocab_size if processors.repetition_penalty else 1), bool)
     state = DecodeState(
@@ -139,6 +140,7 @@ def extend(
     input_ids,
     length,
     sampling: SamplingArrays,
+    lora=None,
     *,
     config: ModelConfig,
     processors: Processors,
@@ -164,6 +166,7 @@ def extend(
         cache=state.cache,
         write_index=state.write_index,
         logits_at=length - 1,
+        lora=lora,
     )
     state = state._replace(
         cache=cache,
@@ -179,6 +182,7 @@ def decode(
     params,
     state: DecodeState,
     sampling: SamplingArrays,
+    lora=None,
     *,
     config: ModelConfig,
     processors: Processors,
@@ -202,6 +206,7 @@ def decode(
             key_valid,
             cache=state.cache,
             write_index=state.write_index,
+            lora=lora,
         )
         keys, step_keys = _split_keys(state.keys)
         token = sample_next(logits[:, 0], sampling, processors, step_keys, state.seen)

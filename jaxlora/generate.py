@@ -158,6 +158,7 @@ class DecodePlan:
     chunk: int  # decode steps per jitted call
     chunks: int  # calls needed for max_new_tokens - 1 steps
     layout: DecodeLayout | None = None  # where arrays live when the params are on a mesh
+    lora: object = None  # unmerged `jaxlora.lora.Adapters` every call applies, or None
 
     @property
     def decode_slots(self) -> int:
@@ -189,6 +190,7 @@ def make_plan(
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
     mesh=None,
+    lora=None,
 ) -> DecodePlan:
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -204,6 +206,8 @@ def make_plan(
     layout = None if mesh is None else decode_layout(mesh, config, batch)
     if layout is not None:
         arrays = SamplingArrays(*(put(a, layout.replicated) for a in arrays))
+        if lora is not None:
+            lora = jax.tree.map(lambda a: jax.device_put(a, layout.replicated), lora)
     steps = max_new_tokens - 1
     chunk = min(chunk_size, max(steps, 1))
     return DecodePlan(
@@ -218,6 +222,7 @@ def make_plan(
         chunk=chunk,
         chunks=-(-steps // chunk),
         layout=layout,
+        lora=lora,
     )
 
 
@@ -246,7 +251,9 @@ def decode_chunks(
             )
             # Rows ended by a stop string are news to the loop: from now on it pads them.
             state = state._replace(done=plan.to_device(ends.lengths > 0))
-            state, tokens = decode(params, state, plan.arrays, pad_id=plan.pad_id, steps=steps, **plan.static)
+            state, tokens = decode(
+                params, state, plan.arrays, plan.lora, pad_id=plan.pad_id, steps=steps, **plan.static
+            )
             new = to_host(tokens)[:, : plan.max_new_tokens - emitted]
         emitted += new.shape[1]
         yield ends.add(new)
@@ -269,7 +276,7 @@ def _prefill_rows(params, plan: DecodePlan, rows: list[list[int]], keys, new_tok
     capacity = ids.shape[1] + plan.chunk * -(-max(new_tokens - 1, 0) // plan.chunk)
     cache = new_cache(plan.config, len(rows), capacity, params["embed"]["embedding"].dtype, plan.layout)
     ids, mask = plan.to_device(ids, batch_split=True), plan.to_device(mask, batch_split=True)
-    return prefill(params, cache, ids, mask, keys, plan.arrays, **plan.static)
+    return prefill(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
 
 
 def plan_cache(plan: DecodePlan, batch: int, prompt_width: int, dtype):
@@ -293,6 +300,7 @@ def stream(
     tokenizer=None,
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
+    lora=None,
 ) -> Iterator[StreamChunk]:
     """Generate like `generate` (the same arguments), yielding new tokens as they come: `StreamChunk`s of up to
     `chunk_size` tokens.
@@ -310,6 +318,7 @@ def stream(
         tokenizer=tokenizer,
         pad_token_id=pad_token_id,
         chunk_size=chunk_size,
+        lora=lora,
     )
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
@@ -330,7 +339,7 @@ def stream(
     if plan.layout is not None:
         keys = jax.random.wrap_key_data(plan.to_device(jax.random.key_data(keys)))
     ids, full_mask = plan.to_device(ids, batch_split=True), plan.to_device(full_mask, batch_split=True)
-    state = prefill(params, cache, ids, full_mask, keys, plan.arrays, **plan.static)
+    state = prefill(params, cache, ids, full_mask, keys, plan.arrays, plan.lora, **plan.static)
     prompts = [list(row[m]) for row, m in zip(input_ids, mask, strict=True)]
     yield from decode_chunks(params, state, plan, prompts)
 
@@ -351,6 +360,7 @@ def generate(
     tokenizer=None,
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
+    lora=None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` after each prompt.
 
@@ -360,7 +370,8 @@ def generate(
     (row r uses fold_in(key, r)) or one per row. A row ends after its first token in `eos_token_ids` or
     `stop_token_ids`, or the token completing one of the `stop` strings (needs `tokenizer`); later slots hold
     `pad_token_id`. `chunk_size`: decode steps per jitted call (between two, the host checks stop strings and
-    whether every row is done). Returns tokens [batch, max_new_tokens] int32 and lengths [batch] int32.
+    whether every row is done). lora: unmerged `jaxlora.lora.Adapters` applied at every step (swap adapters without
+    re-merging the base). Returns tokens [batch, max_new_tokens] int32 and lengths [batch] int32.
     """
     chunks = list(
         stream(
@@ -378,6 +389,7 @@ def generate(
             tokenizer=tokenizer,
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
+            lora=lora,
         )
     )
     produced = np.concatenate([c.tokens for c in chunks], axis=1)

@@ -157,3 +157,24 @@ def test_dropout_acts_in_training_only(tiny, tmp_path):
     export_peft(adapters, model.config, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_dropout"] == 0.5
     assert import_peft(tmp_path / "out", model.config).config.dropout == 0.5
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
+def test_generate_and_score_with_unmerged_adapters_equal_the_merged_model(tiny, name):
+    model = tiny(name).load()
+    c = model.config
+    adapters = nonzero(lora.init(c, jax.random.key(4), rank=4, targets=("q_proj", "v_proj", "down_proj")), seed=4)
+    merged = lora.merge(model.params, adapters)
+    ids, mask = jaxlora.left_pad([list(random_ids((n,), c.vocab_size, seed=n)) for n in (5, 9)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, chunk_size=4)
+    ours = jaxlora.generate(model.params, c, ids, lora=adapters, **kwargs)
+    reference = jaxlora.generate(merged, c, ids, **kwargs)
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    base = jaxlora.generate(model.params, c, ids, **kwargs)
+    assert not np.array_equal(base.tokens, reference.tokens)  # the adapters matter to the tokens
+    np.testing.assert_allclose(
+        np.asarray(jaxlora.score(model.params, c, ids, mask, lora=adapters)),
+        np.asarray(jaxlora.score(merged, c, ids, mask)),
+        rtol=0,
+        atol=1e-5,
+    )
