@@ -44,7 +44,7 @@ def module_names(config: ModelConfig) -> dict[tuple[str, ...], str]:
 
 
 def export_peft(
-    adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "", force: bool = True
+    adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "", force: bool = False
 ) -> Path:
     """Write `adapters` as a PEFT LoRA folder (atomically: a temp folder renamed at the end)."""
     names = module_names(config)

@@ -16,10 +16,14 @@ from jaxlora.errors import ConversionError
 
 
 class TensorReader:
-    """names(): every tensor name in the source; get(name) -> np.ndarray in its stored dtype."""
+    """names(): every tensor name in the source; shape(name): its shape, read from the file's header where it has
+    one; get(name) -> np.ndarray in its stored dtype."""
 
     def names(self) -> list[str]:
         raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.get(name).shape)
 
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -47,6 +51,9 @@ class SafetensorsReader(TensorReader):
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
         return self._handles[self._where[name]].get_tensor(name)
@@ -122,6 +129,9 @@ class TorchPickleReader(TensorReader):
 
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
 
     def get(self, name: str) -> np.ndarray:
         return _torch_to_numpy(self._tensors[name])
