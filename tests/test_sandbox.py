@@ -30,6 +30,11 @@ def contained(source: str, timeout: float = 10.0) -> sandbox.Outcome:
     return outcome
 
 
+def attempt(imports: str, statement: str) -> str:
+    """A program that tries `statement` and exits with "contained: <the error>" when it fails."""
+    return f"{imports}, sys\ntry:\n    {statement}\nexcept OSError as e:\n    sys.exit(f'contained: {{e}}')\n"
+
+
 def processes_with(marker: str) -> list[int]:
     """Pids on this machine whose command line contains `marker`."""
     found = []
@@ -58,11 +63,19 @@ def test_files_outside_the_work_folder_are_neither_readable_nor_writable(tmp_pat
         assert not target.exists()
     # /etc/passwd and the user's home are not there; only the system and Python's own install are.
     contained("import os, sys\nif not os.path.exists('/etc/passwd'): sys.exit('contained: no /etc/passwd')\n")
-    home = [p for p in os.listdir(os.path.expanduser("~")) if not sys.base_prefix.startswith(os.path.expanduser("~"))]
+    home = Path.home()
+    python_dir = Path(sys.base_prefix).relative_to(home).parts[0] if home in Path(sys.base_prefix).parents else None
+    private = sorted({p.name for p in home.iterdir()} - {python_dir})
+    shown = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "proc", "dev", "tmp", Path(sys.base_prefix).parts[1]}
+    hidden = sorted({p.name for p in Path("/").iterdir()} - shown)
+    assert hidden  # the host's /etc at least
     contained(
-        "import os, sys\n"
-        f"seen = set(os.listdir({os.path.expanduser('~')!r})) if os.path.isdir({os.path.expanduser('~')!r}) else set()\n"
-        f"sys.exit('contained: home shows ' + repr(sorted(seen))) if not seen & set({home!r}) else None\n"
+        f"import os, sys\nseen = set(os.listdir('/'))\n"
+        f"sys.exit(f'contained: / shows {{sorted(seen)}}') if not seen & set({hidden!r}) else None\n"
+    )
+    contained(
+        f"import os, sys\nseen = set(os.listdir({str(home)!r})) if os.path.isdir({str(home)!r}) else set()\n"
+        f"sys.exit(f'contained: home shows {{sorted(seen)}}') if not seen & set({private!r}) else None\n"
     )
     # Python's install is read-only.
     contained(
@@ -94,9 +107,7 @@ def test_no_network_tcp_udp_or_unix_socket(tmp_path):
             f"socket.create_connection(('127.0.0.1', {port}), timeout=2)",
             f"s = _socket.socket(); s.settimeout(2); s.connect(('127.0.0.1', {port}))",
         ):
-            contained(
-                f"import socket, _socket, sys\ntry:\n    {connect}\nexcept OSError as e:\n    sys.exit(f'contained: {{e}}')\n"
-            )
+            contained(attempt("import socket, _socket", connect))
         listener.settimeout(0.5)
         with pytest.raises(TimeoutError):
             listener.accept()
