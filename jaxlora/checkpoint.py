@@ -115,6 +115,10 @@ def one_line(error: Exception) -> str:
 def check_stored_group(folder: Path, expected: dict, dtype: np.dtype | None = None) -> None:
     """The arrays orbax recorded in a param group's metadata are exactly the ones the config implies (names,
     shapes, dtype), before any is read: an edited config or a damaged folder fails here, on one line."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing")
+    if not (folder / "_METADATA").is_file():
+        raise CheckpointError(f"{folder} has no _METADATA (a damaged or incomplete save)")
     try:
         stored = ocp.StandardCheckpointer().metadata(folder.absolute()).item_metadata.tree
     except Exception as e:  # noqa: BLE001 (orbax raises assorted types for a damaged folder)

@@ -56,6 +56,10 @@ class RopeConfig:
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ConfigError(f"rope kind must be one of {', '.join(ROPE_KINDS)}, got {self.kind!r}")
+        for name in ("theta", "factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"rope {name} must be a positive finite number, got {value!r}")
         object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
         object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
         if self.kind in ("llama3", "yarn", "longrope", "dynamic") and self.original_max_position_embeddings <= 0:

@@ -172,29 +172,33 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     start_step = int(state.step)
     bar = tqdm(total=options.steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr)
     started, tokens_seen = time.perf_counter(), 0.0
-    for step in range(start_step, options.steps):
-        batch = place(train.batch(position, options.batch_size, options.grad_accum))
-        state, metrics = train_step(state, batch)
-        position += rows_per_step
-        loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
-        tokens_seen += tokens
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-        done = step + 1
-        if evals is not None and options.eval_every and done % options.eval_every == 0:
-            lora = None if options.full else state.trainable
-            params = state.trainable if options.full else model.params
-            result = eval_loss(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
-            log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
-        if done % options.save_every == 0 or done == options.steps:
-            manager.save(
-                done,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_as_saveable(state)), meta=ocp.args.JsonSave({"position": position})
-                ),
-            )
-            manager.wait_until_finished()
-            log(f"saved checkpoint at step {done}")
+    try:
+        for step in range(start_step, options.steps):
+            batch = place(train.batch(position, options.batch_size, options.grad_accum))
+            state, metrics = train_step(state, batch)
+            position += rows_per_step
+            loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
+            tokens_seen += tokens
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+            done = step + 1
+            if evals is not None and options.eval_every and done % options.eval_every == 0:
+                lora = None if options.full else state.trainable
+                params = state.trainable if options.full else model.params
+                result = eval_loss(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
+                log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+            if done % options.save_every == 0 or done == options.steps:
+                manager.save(
+                    done,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(_as_saveable(state)), meta=ocp.args.JsonSave({"position": position})
+                    ),
+                )
+                manager.wait_until_finished()
+                log(f"saved checkpoint at step {done}")
+    except KeyboardInterrupt:
+        manager.close()  # a save in flight completes (a whole step) instead of leaving its temp folder
+        raise
     bar.close()
     final = run_dir / "final"
     if options.full:

@@ -330,7 +330,7 @@ def test_load_rejects_non_checkpoints(tiny, tmp_path):
         ),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx is not supported"),
         ("gptj", {"rotary_dim": None}, "invalid gptj config: .*rotary_dim"),
-        ("llama-gqa", {"num_attention_heads": "four"}, "num_attention_heads must be a non-negative integer"),
+        ("llama-gqa", {"num_attention_heads": "four"}, "num_attention_heads must be a positive integer"),
         ("gpt_neox", {"hidden_act": "relu6"}, "activation 'relu6' is not supported for gpt_neox"),
         ("gemma2", {"layer_types": ["chunked_attention"] * 3}, "unsupported layer_types"),
     ],

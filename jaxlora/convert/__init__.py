@@ -117,6 +117,8 @@ def _file_source(path: Path, config_path: str | None) -> Source:
             f"unrecognized source {path}: expected a model folder, .safetensors, .bin, .pth/.pt or .gguf"
         )
     config_file = Path(config_path) if config_path else path.parent / "config.json"
+    if config_path and not config_file.is_file():
+        raise ConversionError(f"--config {config_path}: no such file")
     if not config_file.is_file():
         raise ConversionError(f"{path.name} is a bare state dict: pass its HF config.json with --config")
     folder = path.parent

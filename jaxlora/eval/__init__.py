@@ -46,6 +46,10 @@ class EvalOptions:
     def check(self, inputs: EvalInputs) -> None:
         if self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
             raise UsageError("--batch-size, --samples and --max-new-tokens must be positive")
+        if self.window is not None and self.window < 2:
+            raise UsageError(f"--window must be at least 2 tokens, got {self.window}")
+        if self.stride is not None and self.stride < 1:
+            raise UsageError(f"--stride must be a positive number of tokens, got {self.stride}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if inputs.problems is not None:

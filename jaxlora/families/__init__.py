@@ -66,8 +66,8 @@ def check_hf_sizes(hf_config: dict[str, Any]) -> None:
         value = hf_config.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"config {key} must be a non-negative integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config {key} must be a positive integer, got {value!r}")
         if value > SIZE_LIMITS[field]:
             raise ConfigError(f"config {key} = {value} is past any real model's (at most {SIZE_LIMITS[field]})")
 
