@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import torch
 from conftest import TINY_WITH_TOKENIZER, hf_model, save_hf
 
 import jaxlora
@@ -174,7 +175,13 @@ class _RunsCode:
         return (os.system, ("touch pwned",))
 
 
-PICKLE_WITH_CODE = pickle.dumps({"model.embed_tokens.weight": _RunsCode()})
+def torch_pickle(name: str, state: dict):
+    def setup(folder: Path, shared: dict) -> None:
+        torch.save(state, folder / name)
+
+    return setup
+
+
 PROBLEM = json.dumps({"task_id": "t/0", "prompt": "def f():\n", "test": "def check(c): pass", "entry_point": "f"})
 GEN = "generate {base} --prompt hi --max-new-tokens 2"
 TUNE = "finetune {base} --data {data} --steps 1 --batch-size 1 --seq-len 16"
@@ -234,8 +241,14 @@ CASES = [
     case(
         "convert-pickle-with-code",
         "convert evil.bin out --config src/config.json",
-        "evil.bin",
-        both(hf_source(), write("evil.bin", PICKLE_WITH_CODE)),
+        "refused to load evil.bin: unpickling it would call posix.system",
+        both(hf_source(), torch_pickle("evil.bin", {"model.embed_tokens.weight": _RunsCode()})),
+    ),  # fmt: skip
+    case(
+        "convert-legacy-pickle-with-code",
+        "convert evil.pt out --config src/config.json",
+        "refused to load evil.pt",
+        both(hf_source(), write("evil.pt", pickle.dumps({"model.embed_tokens.weight": _RunsCode()}, protocol=2))),
     ),  # fmt: skip
     case(
         "convert-bin-garbage",

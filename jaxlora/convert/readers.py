@@ -79,9 +79,14 @@ def _first_line(error: Exception) -> str:
 
 
 def _unpickler_reason(error: Exception) -> str:
-    """torch's weights-only refusal buries the reason after 'WeightsUnpickler error:'."""
+    """torch's weights-only refusal buries the reason after 'WeightsUnpickler error:' (and suggests retrying with
+    weights_only=False, which we never do: that part is not repeated)."""
     match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
-    return " ".join(match.group(1).split()) if match else _first_line(error)
+    if match:
+        return " ".join(match.group(1).split())
+    if "weights_only" in _first_line(error):
+        return "it holds objects other than tensors, which jaxlora never unpickles"
+    return _first_line(error)
 
 
 def _load_pickle(path: Path) -> dict:
@@ -101,7 +106,8 @@ def _load_pickle(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        needs_code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked".
+        needs_code = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(e))
         if needs_code:
             raise ConversionError(
                 f"refused to load {path.name}: unpickling it would call {needs_code.group(1)} "
