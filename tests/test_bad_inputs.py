@@ -210,7 +210,7 @@ CASES = [
     case("convert-vocab-disagrees", "convert src out", "vocab", hf_source({"vocab_size": 50000})),
     case("convert-more-layers-than-weights", "convert src out", "layer", hf_source({"num_hidden_layers": 5})),
     case("convert-fewer-layers-than-weights", "convert src out", "layer", hf_source({"num_hidden_layers": 1})),
-    case("convert-hidden-disagrees", "convert src out", "hidden", hf_source({"hidden_size": 64})),
+    case("convert-hidden-disagrees", "convert src out", "hidden", hf_source({"hidden_size": 128})),
     case(
         "convert-context-huge",
         "convert src out",
@@ -311,7 +311,7 @@ CASES = [
         "generate-config-wider",
         "generate ckpt --prompt hi --max-new-tokens 2",
         "params",
-        checkpoint_copy(edit_model(hidden_size=64)),
+        checkpoint_copy(edit_model(hidden_size=128)),
     ),  # fmt: skip
     case(
         "generate-dtype-mismatch",
