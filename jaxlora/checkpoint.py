@@ -97,10 +97,50 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} is not a jaxlora checkpoint (an HF folder? run `jaxlora convert` first)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if meta.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{config_file} names an unknown dtype {meta.get('dtype')!r} ({', '.join(DTYPES)})")
     try:
         return ModelConfig.from_dict(meta["model"]), meta
-    except (ConfigError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{config_file} holds an invalid model config ({e})") from None
+    except (ConfigError, TypeError, KeyError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{config_file} holds an invalid model config ({one_line(e)})") from None
+
+
+def one_line(error: Exception) -> str:
+    """An exception's message on one line: its first line, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_stored_group(folder: Path, expected: dict, dtype: np.dtype | None = None) -> None:
+    """The arrays orbax recorded in a param group's metadata are exactly the ones the config implies (names,
+    shapes, dtype), before any is read: an edited config or a damaged folder fails here, on one line."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing")
+    if not (folder / "_METADATA").is_file():
+        raise CheckpointError(f"{folder} has no _METADATA (a damaged or incomplete save)")
+    try:
+        stored = ocp.StandardCheckpointer().metadata(folder.absolute()).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 (orbax raises assorted types for a damaged folder)
+        raise CheckpointError(f"cannot read {folder} ({type(e).__name__}: {one_line(e)})") from None
+    stored_leaves = {
+        "/".join(str(k.key) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(stored, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    }
+    expected_leaves = {
+        "/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    if set(stored_leaves) != set(expected_leaves):
+        odd = sorted(set(stored_leaves) ^ set(expected_leaves))[0]
+        raise CheckpointError(f"{folder} does not hold the params its config describes (first difference: {odd})")
+    for name, leaf in stored_leaves.items():
+        if tuple(leaf.shape) != tuple(expected_leaves[name].shape):
+            raise CheckpointError(
+                f"{folder}: {name} is stored as {tuple(leaf.shape)} but the config implies "
+                f"{tuple(expected_leaves[name].shape)}"
+            )
+        if dtype is not None and np.dtype(leaf.dtype) != dtype:
+            raise CheckpointError(f"{folder}: {name} is stored as {np.dtype(leaf.dtype)}, config.json says {dtype}")
 
 
 def restore_params(
@@ -124,10 +164,11 @@ def restore_params(
     checkpointer = ocp.StandardCheckpointer()
     params = {}
     for group, subtree in target.items():
+        check_stored_group(params_dir / group, subtree, DTYPES[stored_dtype])
         try:
             params[group] = checkpointer.restore(params_dir / group, subtree)
-        except Exception as e:  # orbax raises assorted types for damaged or mismatched checkpoints
-            raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
+            raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {one_line(e)})") from None
     if dtype is None or DTYPES[dtype] == DTYPES[stored_dtype]:
         return params
     return jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
@@ -136,6 +177,8 @@ def restore_params(
 def describe(path: str | os.PathLike) -> list[tuple[str, Any]]:
     """A checkpoint folder's model as (property, value) rows: what `jaxlora info` prints."""
     config, meta = read_config(path)
+    if not Path(path, "params").is_dir():
+        raise CheckpointError(f"{path} has no params/ folder")
     size = sum(f.stat().st_size for f in Path(path, "params").rglob("*") if f.is_file())
     rope = config.rope
     rope_text = f"{rope.kind}, theta {rope.theta:g}"
@@ -167,7 +210,12 @@ def load_tokenizer(path: Path):
         return None
     from transformers import AutoTokenizer  # transformers is slow to import: only when a tokenizer is there
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # noqa: BLE001 (tokenizers raise assorted types for damaged files)
+        raise CheckpointError(
+            f"cannot read the tokenizer in {tokenizer_dir} ({type(e).__name__}: {one_line(e)})"
+        ) from None
 
 
 def load(
@@ -190,11 +238,18 @@ def load(
     if lora is not None:
         params = merge(params, load_adapters(lora, config))
     generation_file = path / "generation_config.json"
-    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+    generation = {}
+    if generation_file.is_file():
+        try:
+            generation = json.loads(generation_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{generation_file} is not valid JSON ({one_line(e)})") from None
+        if not isinstance(generation, dict):
+            raise CheckpointError(f"{generation_file} does not hold a JSON object")
     return Model(config, params, load_tokenizer(path), generation, path)
 
 
-def save_adapters(adapters: Adapters, folder: str | os.PathLike, base: str, force: bool = True) -> Path:
+def save_adapters(adapters: Adapters, folder: str | os.PathLike, base: str, force: bool = False) -> Path:
     """Write an adapter folder (lora_config.json naming the base checkpoint, adapters/), all or nothing."""
     folder = Path(folder)
     with staged(folder, force) as staging:
@@ -212,10 +267,19 @@ def read_adapter_meta(folder: str | os.PathLike) -> tuple[LoraConfig, str | None
     meta_file = Path(folder) / "lora_config.json"
     if not meta_file.is_file():
         raise UsageError(f"{folder} is not a jaxlora adapter folder (no lora_config.json)")
-    meta = json.loads(meta_file.read_text())
-    config = LoraConfig(
-        meta["rank"], meta["alpha"], tuple(meta["targets"]), meta.get("rslora", False), meta.get("dropout", 0.0)
-    )
+    try:
+        meta = json.loads(meta_file.read_text())
+        config = LoraConfig(
+            int(meta["rank"]),
+            float(meta["alpha"]),
+            tuple(str(t) for t in meta["targets"]),
+            bool(meta.get("rslora", False)),
+            float(meta.get("dropout", 0.0)),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{meta_file} is not a valid adapter config ({type(e).__name__}: {one_line(e)})") from None
+    if config.rank < 1 or not config.targets:
+        raise UsageError(f"{meta_file} declares rank {config.rank} and targets {list(config.targets)}")
     return config, meta.get("base") or None
 
 
@@ -228,14 +292,20 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig) -> Adapters:
         raise UsageError(f"{folder} holds neither jaxlora adapters (lora_config.json) nor a PEFT adapter")
     lora_config, _ = read_adapter_meta(folder)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), adapter_shapes(lora_config, config)
-    )
-    weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
+    expected = adapter_shapes(lora_config, config)
+    # Adapters made for another model, or a rank that disagrees with the arrays, fail here by name.
+    check_stored_group(folder / "adapters", expected)
+    target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), expected)
+    try:
+        weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
+    except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
+        raise CheckpointError(f"cannot restore {folder / 'adapters'} ({type(e).__name__}: {one_line(e)})") from None
     return Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
 
 
-def adapters_to_peft(folder: str | os.PathLike, out: str | os.PathLike, base: str | None = None) -> Path:
+def adapters_to_peft(
+    folder: str | os.PathLike, out: str | os.PathLike, base: str | None = None, force: bool = False
+) -> Path:
     """`jaxlora lora export`: a jaxlora adapter folder -> a PEFT adapter folder. The base checkpoint is the one the
     adapters name, else `base`."""
     _, named = read_adapter_meta(folder)
@@ -243,10 +313,10 @@ def adapters_to_peft(folder: str | os.PathLike, out: str | os.PathLike, base: st
     if not base:
         raise UsageError("the adapters do not name their base checkpoint: pass --base CKPT")
     config, _ = read_config(base)
-    return export_peft(load_adapters(folder, config), config, out, base_model=base)
+    return export_peft(load_adapters(folder, config), config, out, base_model=base, force=force)
 
 
-def peft_to_adapters(peft_dir: str | os.PathLike, out: str | os.PathLike, base: str) -> Path:
+def peft_to_adapters(peft_dir: str | os.PathLike, out: str | os.PathLike, base: str, force: bool = False) -> Path:
     """`jaxlora lora import`: a PEFT adapter folder -> a jaxlora adapter folder for the converted `base`."""
     config, _ = read_config(base)
-    return save_adapters(import_peft(peft_dir, config), out, base)
+    return save_adapters(import_peft(peft_dir, config), out, base, force=force)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -188,14 +189,14 @@ def cmd_finetune(args) -> None:
 def cmd_lora_export(args) -> None:
     from jaxlora.checkpoint import adapters_to_peft
 
-    adapters_to_peft(args.adapters, args.out, base=args.base)
+    adapters_to_peft(args.adapters, args.out, base=args.base, force=args.force)
     _say(f"wrote PEFT adapter {args.out}")
 
 
 def cmd_lora_import(args) -> None:
     from jaxlora.checkpoint import peft_to_adapters
 
-    peft_to_adapters(args.peft_dir, args.out, args.base)
+    peft_to_adapters(args.peft_dir, args.out, args.base, force=args.force)
     _say(f"wrote jaxlora adapters {args.out}")
 
 
@@ -218,11 +219,13 @@ def cmd_eval(args) -> None:
     from jaxlora import eval as evaluation
 
     inputs = evaluation.read_inputs(args.perplexity, args.diversity, args.code_pass_at_k)
-    names = ("window", "stride", "batch_size", "samples", "max_new_tokens", "timeout", "seed")
+    names = ("window", "stride", "batch_size", "samples", "max_new_tokens", "timeout", "seed", "unsafe_no_sandbox")
     options = evaluation.EvalOptions(
         **{name: getattr(args, name) for name in names}, ks=evaluation.parse_ks(args.k), sampling=_sampling(args)
     )
     options.check(inputs)  # before the model loads
+    if inputs.problems is not None:
+        _say(f"code: {evaluation.sandbox.describe()}")
     report = evaluation.run(_load(args, _setup_devices(args)), inputs, options)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -248,7 +251,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one (0: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="HF repetition penalty (1: off)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--stop", action="append", help="stop after this text (repeatable)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
@@ -304,7 +307,7 @@ def _add_finetune_command(commands) -> None:
     tune.add_argument("--full", action="store_true", help="train every param instead of LoRA adapters")
     tune.add_argument("--remat", action="store_true", help="recompute layers in the backward pass (less memory)")
     tune.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype")
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=_seed, default=0)
     tune.add_argument("--save-every", type=int, default=50)
     tune.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -314,16 +317,32 @@ def _add_finetune_command(commands) -> None:
     tune.set_defaults(run=cmd_finetune)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one `error:` line and exit status 1, like every other bad input."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2**63 - 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jaxlora", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     convert = commands.add_parser("convert", help="convert an HF checkpoint (folder, file, GGUF or hub id)")
     convert.add_argument("src", help="HF model folder, .safetensors/.bin/.pth/.pt file, .gguf file, or hub id")
     convert.add_argument("dst", nargs="?", help="output folder (default: checkpoints/<name>)")
     convert.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     convert.add_argument("--config", help="HF config.json for a bare state-dict file")
-    convert.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    convert.add_argument("--force", action="store_true", help="replace an existing output (only jaxlora output)")
     convert.set_defaults(run=cmd_convert)
 
     gen = commands.add_parser("generate", help="generate text from a prompt (streamed) or a batch of prompts")
@@ -345,16 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_command(commands)
 
     lora = commands.add_parser("lora", help="move adapters to and from Hugging Face PEFT")
-    lora_commands = lora.add_subparsers(dest="lora_command", required=True)
+    lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=_Parser)
     export = lora_commands.add_parser("export", help="jaxlora adapters (runs/NAME/final) -> a PEFT folder")
     export.add_argument("adapters")
     export.add_argument("out")
     export.add_argument("--base", help="the base checkpoint, if the adapters do not name it")
+    export.add_argument("--force", action="store_true", help="replace an existing output (only jaxlora/PEFT output)")
     export.set_defaults(run=cmd_lora_export)
     imp = lora_commands.add_parser("import", help="a PEFT LoRA folder -> jaxlora adapters for a base checkpoint")
     imp.add_argument("peft_dir")
     imp.add_argument("out")
     imp.add_argument("--base", required=True, help="the converted base checkpoint")
+    imp.add_argument("--force", action="store_true", help="replace an existing output (only jaxlora/PEFT output)")
     imp.set_defaults(run=cmd_lora_import)
 
     info = commands.add_parser("info", help="describe a converted checkpoint")
@@ -374,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--cache-len", type=int, help="onnx --decode-step: the KV cache's slots (fixed)")
     export.add_argument("--lora", help="merge these LoRA adapters into the exported weights")
-    export.add_argument("--force", action="store_true", help="overwrite an existing output")
+    export.add_argument("--force", action="store_true", help="replace an existing output (only jaxlora output)")
     export.set_defaults(run=cmd_export)
 
     ev = commands.add_parser("eval", help="perplexity, sample diversity, and code pass@k")
@@ -388,23 +409,42 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=10, help="samples per prompt / problem")
     ev.add_argument("--k", default="1,10", help="code: the k of pass@k, comma-separated (each <= --samples)")
     ev.add_argument("--timeout", type=float, default=5.0, help="code: seconds per program run")
+    ev.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="code: where no sandbox can be built, run generated code unisolated (never the default)",
+    )
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_generation_flags(ev)
     ev.set_defaults(run=cmd_eval, temperature=0.8, max_new_tokens=128)
     return parser
 
 
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    # SIGTERM ends a run the way Ctrl-C does: the staging of a half-written output is removed on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         args.run(args)
     except JaxloraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except OSError as e:  # the file system's refusals: a read-only or full disk, a path that is a file, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print("error: out of memory (the model or input is larger than this machine's memory)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + int(signum))
 
 
 if __name__ == "__main__":

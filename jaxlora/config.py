@@ -13,6 +13,21 @@ from jaxlora.errors import ConfigError
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+# The largest sizes any config may claim, far above every released model (Llama 3.1 405B: 126 layers, hidden
+# 16384, MLP 53248; Gemma 3: a vocabulary of 262144): a hostile or mistyped config fails here, before anything
+# sized by it is built or allocated.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "num_layers": 1 << 12,
+    "num_heads": 1 << 12,
+    "num_kv_heads": 1 << 12,
+    "head_dim": 1 << 13,
+    "max_position_embeddings": 1 << 26,
+    "num_experts": 1 << 12,
+}
+
 # Param dtypes a checkpoint may be stored in or cast to (`jaxlora.checkpoint.DTYPES` maps them to numpy).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -41,6 +56,10 @@ class RopeConfig:
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ConfigError(f"rope kind must be one of {', '.join(ROPE_KINDS)}, got {self.kind!r}")
+        for name in ("theta", "factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"rope {name} must be a positive finite number, got {value!r}")
         object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
         object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
         if self.kind in ("llama3", "yarn", "longrope", "dynamic") and self.original_max_position_embeddings <= 0:
@@ -92,13 +111,17 @@ class ModelConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
+        # Sizes first: everything after (and everything built from this config) is sized by them.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, limit in SIZE_LIMITS.items():
+            if not isinstance(getattr(self, name), int) or getattr(self, name) > limit:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is past any real model's (at most {limit})")
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         self._check_choices()
         for rope in (self.rope, self.rope_local):
             if rope is not None and rope.kind == "longrope":

@@ -27,9 +27,30 @@ from jaxlora.families.table import Split, apply_transform
 from jaxlora.generate import generate
 from jaxlora.model import apply_decoder, forward, get_path
 from jaxlora.sharding import to_host
-from jaxlora.staging import staged, staged_files
+from jaxlora.staging import check_replaceable, staged, staged_files
 
 VERIFY_BATCH, VERIFY_LEN = 2, 11
+GRAPH_NAME = "jaxlora"
+
+
+def recognise_onnx(path: Path) -> str | None:
+    """An ONNX file this module wrote (its graph is named "jaxlora"), or None."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (anything unreadable as ONNX is not ours)
+        return None
+    return "jaxlora ONNX export" if model.graph.name == GRAPH_NAME else None
+
+
+def recognise_stablehlo(path: Path) -> str | None:
+    """A serialized jax.export module (what `export_stablehlo` writes), or None."""
+    try:
+        jax.export.deserialize(bytearray(path.read_bytes()))
+    except Exception:  # noqa: BLE001 (anything that does not deserialize is not ours)
+        return None
+    return "StableHLO export"
 
 
 def input_shapes(batch: int | None, seq_len: int | None) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -98,7 +119,7 @@ def to_onnx_file(fn, inputs, path: Path, input_names=None, output_names=None) ->
         to_onnx(
             fn,
             list(inputs),
-            model_name="jaxlora",
+            model_name=GRAPH_NAME,
             return_mode="file",
             output_path=str(path),
             input_names=input_names or ["input_ids", "attention_mask"][: len(inputs)],
@@ -133,10 +154,9 @@ def export_onnx(
     largest |logit| (at least 1); above `tolerance` the export is refused and nothing is written.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists (pass --force to overwrite it)")
+    check_replaceable(out, force, recognise_onnx)
     fn = forward_fn(model)
-    with staged_files(out, force) as folder:
+    with staged_files(out, force, recognise_onnx) as folder:
         # Large weights go to a sidecar `<name>.data` that the graph refers to by name: write under the final name.
         staging = folder / out.name
         to_onnx_file(fn, input_shapes(batch, seq_len), staging)
@@ -202,8 +222,7 @@ def export_onnx_step(
     vocab] and present.{i}.key/value. Batch and t are symbolic (t <= cache_len), cache_len fixed. Every layer
     keeps a full-length cache (no ring buffers). Checked by greedy decoding in onnxruntime against `generate`."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists (pass --force to overwrite it)")
+    check_replaceable(out, force, recognise_onnx)
     config = model.config
     if cache_len < 4:
         raise UsageError(f"--cache-len must be at least 4, got {cache_len}")
@@ -217,7 +236,7 @@ def export_onnx_step(
         jax.ShapeDtypeStruct((), jnp.int32),
     ] + [kv] * (2 * config.num_layers)
     inputs, outputs = step_io_names(config.num_layers)
-    with staged_files(out, force) as folder:
+    with staged_files(out, force, recognise_onnx) as folder:
         staging = folder / out.name
         to_onnx_file(step_fn(model), shapes, staging, input_names=inputs, output_names=outputs)
         import onnxruntime
@@ -238,9 +257,10 @@ def export_stablehlo(
     """Serialize the forward pass with `jax.export` (reload: `jax.export.deserialize(bytes).call(ids, mask)`),
     for the platform this process runs on. The file is checked by deserializing and calling it."""
     out = Path(out)
+    check_replaceable(out, force, recognise_stablehlo)
     fn = forward_fn(model)
     exported = jax.export.export(jax.jit(fn))(*input_shapes(batch, seq_len))
-    with staged(out, force, folder=False) as staging:
+    with staged(out, force, folder=False, recognise=recognise_stablehlo) as staging:
         staging.write_bytes(exported.serialize())
         ids, mask = verify_inputs(model.config.vocab_size, batch, seq_len)
         reloaded = jax.export.deserialize(bytearray(staging.read_bytes()))

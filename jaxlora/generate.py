@@ -198,6 +198,8 @@ def make_plan(
         raise UsageError(f"chunk_size must be at least 1, got {chunk_size}")
     if stop and tokenizer is None:
         raise UsageError("stop strings need the tokenizer to match text")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise UsageError("a stop string must be non-empty text")
     if sampling is None:
         sampling = Sampling(temperature=temperature or 0.0)
     elif temperature is not None:

@@ -44,7 +44,7 @@ def module_names(config: ModelConfig) -> dict[tuple[str, ...], str]:
 
 
 def export_peft(
-    adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "", force: bool = True
+    adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "", force: bool = False
 ) -> Path:
     """Write `adapters` as a PEFT LoRA folder (atomically: a temp folder renamed at the end)."""
     names = module_names(config)
@@ -92,6 +92,8 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{config_file} holds {type(meta).__name__}, not an adapter config")
     if meta.get("peft_type") != "LORA":
         raise UsageError(f"{folder} holds a {meta.get('peft_type')} adapter; only LORA is supported")
     for option, off in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {})):
@@ -104,7 +106,13 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
     by_module = {name: path for path, name in module_names(config).items()}
     weights: dict = {}
     targets = set()
-    rank = int(meta["r"])
+    try:
+        rank, alpha = int(meta["r"]), float(meta["lora_alpha"])
+        dropout = float(meta.get("lora_dropout") or 0.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{config_file} lacks a valid r / lora_alpha ({type(e).__name__}: {e})") from None
+    if rank < 1:
+        raise UsageError(f"{config_file} declares rank {rank}")
     for key, value in tensors.items():
         stem = key.removeprefix(PREFIX)
         if stem.endswith(".lora_A.weight"):
@@ -122,10 +130,10 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
         weights,
         LoraConfig(
             rank,
-            float(meta["lora_alpha"]),
+            alpha,
             tuple(sorted(targets)),
             bool(meta.get("use_rslora", False)),
-            float(meta.get("lora_dropout") or 0.0),
+            dropout,
         ),
     )
     expected = target_paths(config, adapters.config.targets)

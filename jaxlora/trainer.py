@@ -25,8 +25,11 @@ from jaxlora.checkpoint import DTYPES, Model, load, load_adapters, save_adapters
 from jaxlora.data import Batches, read_examples
 from jaxlora.errors import UsageError
 from jaxlora.sharding import make_mesh, replicate, shard_batch
-from jaxlora.staging import staged
+from jaxlora.staging import check_destination, staged
 from jaxlora.train import eval_loss, init_state, make_optimizer, make_train_step
+
+# orbax writes a step into "<step>.orbax-checkpoint-tmp-<time>" and renames it when complete.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 @dataclass
@@ -69,6 +72,32 @@ class RunOptions:
             raise UsageError(f"unknown --dtype {self.dtype!r}")
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """--out must be a run folder of ours, or new, or empty: a run writes run.json, checkpoints/ and final/ there."""
+    check_destination(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        ours = (run_dir / "run.json").is_file() or (run_dir / "checkpoints").is_dir()
+        if not ours:
+            raise UsageError(f"--out {run_dir} holds files that are not a jaxlora run: choose a new or empty folder")
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """The steps with a complete checkpoint in the run folder. The temporary folder of an interrupted save is ours
+    and is removed: it is not a checkpoint."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    steps = []
+    for entry in folder.iterdir():
+        if TMP_SUFFIX in entry.name:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.isdigit() and entry.is_dir():
+            steps.append(int(entry.name))
+    return sorted(steps)
+
+
 def _manager(run_dir: Path, keep: int):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
@@ -87,9 +116,15 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     if model.tokenizer is None:
         raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
     run_dir = Path(options.out)
-    manager_exists = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if manager_exists and not options.resume:
+    check_run_folder(run_dir)
+    complete = complete_steps(run_dir)
+    if complete and not options.resume:
         raise UsageError(f"{run_dir} already has checkpoints: pass --resume to continue it or choose another --out")
+    if options.resume and not complete:
+        if not (run_dir / "checkpoints").is_dir():
+            raise UsageError(f"nothing to resume: {run_dir} has no checkpoints (drop --resume to start a new run)")
+        log(f"{run_dir} has no complete checkpoint (its first save was interrupted): starting from step 0")
+    manager_exists = bool(complete)
     train = Batches(read_examples(options.data), model.tokenizer, options.seq_len, pack=options.pack, seed=options.seed)
     evals = None
     if options.eval_data:
@@ -137,29 +172,33 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     start_step = int(state.step)
     bar = tqdm(total=options.steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr)
     started, tokens_seen = time.perf_counter(), 0.0
-    for step in range(start_step, options.steps):
-        batch = place(train.batch(position, options.batch_size, options.grad_accum))
-        state, metrics = train_step(state, batch)
-        position += rows_per_step
-        loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
-        tokens_seen += tokens
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-        done = step + 1
-        if evals is not None and options.eval_every and done % options.eval_every == 0:
-            lora = None if options.full else state.trainable
-            params = state.trainable if options.full else model.params
-            result = eval_loss(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
-            log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
-        if done % options.save_every == 0 or done == options.steps:
-            manager.save(
-                done,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_as_saveable(state)), meta=ocp.args.JsonSave({"position": position})
-                ),
-            )
-            manager.wait_until_finished()
-            log(f"saved checkpoint at step {done}")
+    try:
+        for step in range(start_step, options.steps):
+            batch = place(train.batch(position, options.batch_size, options.grad_accum))
+            state, metrics = train_step(state, batch)
+            position += rows_per_step
+            loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
+            tokens_seen += tokens
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+            done = step + 1
+            if evals is not None and options.eval_every and done % options.eval_every == 0:
+                lora = None if options.full else state.trainable
+                params = state.trainable if options.full else model.params
+                result = eval_loss(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
+                log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+            if done % options.save_every == 0 or done == options.steps:
+                manager.save(
+                    done,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(_as_saveable(state)), meta=ocp.args.JsonSave({"position": position})
+                    ),
+                )
+                manager.wait_until_finished()
+                log(f"saved checkpoint at step {done}")
+    except KeyboardInterrupt:
+        manager.close()  # a save in flight completes (a whole step) instead of leaving its temp folder
+        raise
     bar.close()
     final = run_dir / "final"
     if options.full:
@@ -171,6 +210,6 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
             if model.path is not None and (model.path / "tokenizer").is_dir():
                 shutil.copytree(model.path / "tokenizer", staging / "tokenizer")
     else:
-        save_adapters(state.trainable, final, str(checkpoint))
+        save_adapters(state.trainable, final, str(checkpoint), force=True)
     log(f"wrote {final}")
     return final

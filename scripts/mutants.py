@@ -371,13 +371,28 @@ MUTANTS = [
     ),
     # The sandbox.
     Mutant(
-        "sandbox without network isolation (no namespace, no socket block)",
+        "sandbox shares the host's network and PID space (no --unshare-all)",
+        "eval/sandbox.py",
+        (('        "--unshare-all",\n', ""),),
+        ("tests/test_sandbox.py",),
+    ),
+    Mutant(
+        "sandbox shows /etc and the home folder (read-only)",
         "eval/sandbox.py",
         (
-            ('return (unshare, "-rn") if probe.returncode == 0 else ()', "return ()"),
-            ("_socket.socket = _NoSocket\n", ""),
+            (
+                "        *_system_binds(),\n",
+                '        *_system_binds(), "--ro-bind", "/etc", "/etc",\n'
+                '        "--ro-bind", os.path.expanduser("~"), os.path.expanduser("~"),\n',
+            ),
         ),
-        ("tests/test_eval.py", "-k", "sandbox"),
+        ("tests/test_sandbox.py",),
+    ),
+    Mutant(
+        "sandbox memory limit 8x too high for a sample's processes together",
+        "eval/sandbox.py",
+        (('"memory.limit_in_bytes", MEMORY_LIMIT)', '"memory.limit_in_bytes", 8 * MEMORY_LIMIT)'),),
+        ("tests/test_sandbox.py",),
     ),
 ]
 

@@ -247,3 +247,33 @@ def smollm2(smollm2_gguf, tmp_path_factory):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
     return dst, reference
+
+
+# A tiny llama that speaks SmolLM2's tokenizer (and chat template), so the CLI runs it in seconds; its sizes split
+# over 2, 4 and 8 devices.
+TINY_WITH_TOKENIZER = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=8,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(smollm2, tmp_path_factory) -> Path:
+    """A folder with `hf/` (the HF source, SmolLM2's tokenizer files included) and `jax/` (converted)."""
+    import shutil
+
+    dst, _ = smollm2
+    root = tmp_path_factory.mktemp("tiny-tokenizer")
+    save_hf(hf_model(TINY_WITH_TOKENIZER), root / "hf")
+    for file in (dst / "tokenizer").iterdir():
+        shutil.copy(file, root / "hf" / file.name)
+    jaxlora.convert(str(root / "hf"), root / "jax")
+    return root

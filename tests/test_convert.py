@@ -276,10 +276,16 @@ def test_existing_destination_needs_force(tiny, tmp_path):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="already exists"):
         jaxlora.convert(str(m.hf_dir), dst)
-    assert (dst / "keep.txt").read_text() == "mine"
-    jaxlora.convert(str(m.hf_dir), dst, force=True)
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # --force replaces only our own output: the user's folder stays as it was.
+    with pytest.raises(UsageError, match="not jaxlora output"):
+        jaxlora.convert(str(m.hf_dir), dst, force=True)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    jaxlora.convert(str(m.hf_dir), ours)
+    (ours / "stale.txt").write_text("from an earlier run")
+    jaxlora.convert(str(m.hf_dir), ours, force=True)
+    assert not (ours / "stale.txt").exists() and (ours / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 
 def test_failure_while_writing_leaves_nothing(tiny, tmp_path, monkeypatch):
@@ -324,7 +330,7 @@ def test_load_rejects_non_checkpoints(tiny, tmp_path):
         ),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx is not supported"),
         ("gptj", {"rotary_dim": None}, "invalid gptj config: .*rotary_dim"),
-        ("llama-gqa", {"num_attention_heads": "four"}, "invalid llama config: .*num_attention_heads"),
+        ("llama-gqa", {"num_attention_heads": "four"}, "num_attention_heads must be a positive integer"),
         ("gpt_neox", {"hidden_act": "relu6"}, "activation 'relu6' is not supported for gpt_neox"),
         ("gemma2", {"layer_types": ["chunked_attention"] * 3}, "unsupported layer_types"),
     ],

@@ -183,27 +183,13 @@ def test_bad_mesh_specs_are_one_line_errors():
     assert parse_mesh_spec("data=2,tensor=-1", 8) == {"data": 2, "fsdp": 1, "tensor": 4}
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(smollm2, tmp_path_factory):
-    """A tiny random llama that speaks SmolLM2's tokenizer, so the CLI can run it in seconds."""
-    import shutil
-
-    dst, _ = smollm2
-    root = tmp_path_factory.mktemp("tiny-tokenizer")
-    config = dict(EVEN, vocab_size=49152, tie_word_embeddings=True)
-    save_hf(hf_model(config), root / "hf")
-    for file in (dst / "tokenizer").iterdir():
-        shutil.copy(file, root / "hf" / file.name)
-    return jaxlora.convert(str(root / "hf"), root / "jax")
-
-
 @pytest.mark.real
 def test_cli_distributed_generates_like_one_process(tiny_with_tokenizer):
     """Two `jaxlora generate --distributed` processes (4 devices each, one 8-device mesh): process 0 prints the
     text a single process prints; process 1 prints nothing."""
     common = [
         "generate",
-        tiny_with_tokenizer,
+        tiny_with_tokenizer / "jax",
         "--prompt",
         "Hello there",
         "--max-new-tokens",

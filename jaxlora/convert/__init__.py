@@ -27,7 +27,7 @@ from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickle
 from jaxlora.errors import ConversionError, UsageError
 from jaxlora.families import canonical_name, config_from_hf, ignored_pattern, param_from_hf, tensor_plan
 from jaxlora.model import param_shapes, set_path
-from jaxlora.staging import staged
+from jaxlora.staging import check_destination, check_replaceable, staged
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -117,6 +117,8 @@ def _file_source(path: Path, config_path: str | None) -> Source:
             f"unrecognized source {path}: expected a model folder, .safetensors, .bin, .pth/.pt or .gguf"
         )
     config_file = Path(config_path) if config_path else path.parent / "config.json"
+    if config_path and not config_file.is_file():
+        raise ConversionError(f"--config {config_path}: no such file")
     if not config_file.is_file():
         raise ConversionError(f"{path.name} is a bare state dict: pass its HF config.json with --config")
     folder = path.parent
@@ -177,11 +179,30 @@ class CanonicalNames(TensorReader):
     def names(self) -> list[str]:
         return list(self._source)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.shape(self._source[name])
+
     def get(self, name: str) -> np.ndarray:
         return self._reader.get(self._source[name])
 
     def close(self) -> None:
         self._reader.close()
+
+
+def check_sizes(reader: TensorReader, config: ModelConfig) -> None:
+    """The config's layer count and embedding size against the tensors actually present (from the headers, before
+    anything is planned or read): an edited or hostile config fails here instead of allocating what it claims."""
+    layers = {int(m.group(1)) for n in reader.names() if (m := re.search(r"\.(\d+)\.", n))}
+    if layers != set(range(config.num_layers)):
+        raise ConversionError(
+            f"the config says {config.num_layers} layers but the checkpoint has tensors for {len(layers)}"
+        )
+    embedding = next(item for item in tensor_plan(config) if item.param_path == ("embed", "embedding"))
+    name = embedding.hf_names[0]
+    if name in reader.names():
+        want, got = (config.vocab_size, config.hidden_size), reader.shape(name)
+        if got != want:
+            raise ConversionError(f"tensor {name} is {got}, but the config implies (vocab, hidden) = {want}")
 
 
 def check_names(reader: TensorReader, config: ModelConfig) -> None:
@@ -206,6 +227,7 @@ def convert_groups(
     Yields (group name, subtree of numpy arrays), so the caller can write each group and let it go: memory
     holds one group, not the model.
     """
+    check_sizes(reader, config)
     check_names(reader, config)
     plan = tensor_plan(config, set(reader.names()))
     shapes = _flat_shapes(config)
@@ -257,8 +279,8 @@ def convert(
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise UsageError(f"{dst} already exists (pass --force to overwrite it)")
+    check_destination(dst)
+    check_replaceable(dst, force)  # before any heavy reading
     source = open_source(src, config_path)
     config = config_from_hf(source.hf_config)
     reader = CanonicalNames(source.open_reader(), config)

@@ -114,6 +114,9 @@ class GGUFFile(TensorReader):
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))  # GGUF lists dims innermost first
+
     def get(self, name: str) -> np.ndarray:
         import gguf
 

@@ -16,10 +16,14 @@ from jaxlora.errors import ConversionError
 
 
 class TensorReader:
-    """names(): every tensor name in the source; get(name) -> np.ndarray in its stored dtype."""
+    """names(): every tensor name in the source; shape(name): its shape, read from the file's header where it has
+    one; get(name) -> np.ndarray in its stored dtype."""
 
     def names(self) -> list[str]:
         raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.get(name).shape)
 
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -48,6 +52,9 @@ class SafetensorsReader(TensorReader):
     def names(self) -> list[str]:
         return list(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
     def get(self, name: str) -> np.ndarray:
         return self._handles[self._where[name]].get_tensor(name)
 
@@ -72,9 +79,14 @@ def _first_line(error: Exception) -> str:
 
 
 def _unpickler_reason(error: Exception) -> str:
-    """torch's weights-only refusal buries the reason after 'WeightsUnpickler error:'."""
+    """torch's weights-only refusal buries the reason after 'WeightsUnpickler error:' (and suggests retrying with
+    weights_only=False, which we never do: that part is not repeated)."""
     match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
-    return " ".join(match.group(1).split()) if match else _first_line(error)
+    if match:
+        return " ".join(match.group(1).split())
+    if "weights_only" in _first_line(error):
+        return "it holds objects other than tensors, which jaxlora never unpickles"
+    return _first_line(error)
 
 
 def _load_pickle(path: Path) -> dict:
@@ -94,7 +106,8 @@ def _load_pickle(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        needs_code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked".
+        needs_code = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(e))
         if needs_code:
             raise ConversionError(
                 f"refused to load {path.name}: unpickling it would call {needs_code.group(1)} "
@@ -122,6 +135,9 @@ class TorchPickleReader(TensorReader):
 
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
 
     def get(self, name: str) -> np.ndarray:
         return _torch_to_numpy(self._tensors[name])

@@ -14,6 +14,7 @@ import jax
 
 from jaxlora.checkpoint import Model
 from jaxlora.errors import UsageError
+from jaxlora.eval import sandbox
 from jaxlora.eval.inputs import check_ks, read_lines, read_problems, read_text
 from jaxlora.eval.perplexity import perplexity
 from jaxlora.eval.samples import code_pass_at_k, diversity
@@ -40,14 +41,20 @@ class EvalOptions:
     timeout: float = 5.0  # code: seconds per program run
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.8))
     seed: int = 0
+    unsafe_no_sandbox: bool = False  # code: run generated code unisolated where no sandbox can be built
 
     def check(self, inputs: EvalInputs) -> None:
         if self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
             raise UsageError("--batch-size, --samples and --max-new-tokens must be positive")
+        if self.window is not None and self.window < 2:
+            raise UsageError(f"--window must be at least 2 tokens, got {self.window}")
+        if self.stride is not None and self.stride < 1:
+            raise UsageError(f"--stride must be a positive number of tokens, got {self.stride}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise UsageError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if inputs.problems is not None:
             check_ks(list(self.ks), self.samples)
+            sandbox.check_available(self.unsafe_no_sandbox)
         self.sampling.per_row(1)
 
 
@@ -84,9 +91,11 @@ def run(model: Model, inputs: EvalInputs, options: EvalOptions) -> dict:
     report = {}
     if inputs.text is not None:
         tokens = model.tokenizer(inputs.text)["input_ids"]
-        # The default window fits the model and the text; the default stride follows the window.
+        # The default window fits the model and the text; the stride follows the window (and shrinks with it).
         window = options.window or min(model.config.context_length or DEFAULT_WINDOW, DEFAULT_WINDOW, len(tokens))
         stride = options.stride or max(window // 2, 1)
+        if options.window is None:
+            stride = min(stride, window)
         result = perplexity(
             model.params, model.config, tokens, window=window, stride=stride, batch_size=options.batch_size
         )
@@ -96,7 +105,13 @@ def run(model: Model, inputs: EvalInputs, options: EvalOptions) -> dict:
         report["diversity"] = diversity(model, inputs.prompts, key=key, **generation)
     if inputs.problems is not None:
         report["code"] = code_pass_at_k(
-            model, inputs.problems, ks=list(options.ks), timeout=options.timeout, key=key, **generation
+            model,
+            inputs.problems,
+            ks=list(options.ks),
+            timeout=options.timeout,
+            unsafe=options.unsafe_no_sandbox,
+            key=key,
+            **generation,
         )
     return report
 

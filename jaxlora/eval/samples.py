@@ -64,7 +64,16 @@ def diversity(model, prompts: list[str], *, samples: int, max_new_tokens: int, s
 
 
 def code_pass_at_k(
-    model, problems: list[dict], *, samples: int, ks: list[int], max_new_tokens: int, sampling, key, timeout: float
+    model,
+    problems: list[dict],
+    *,
+    samples: int,
+    ks: list[int],
+    max_new_tokens: int,
+    sampling,
+    key,
+    timeout: float,
+    unsafe: bool = False,
 ) -> dict:
     """Sample `samples` completions per problem, run each with its tests in the sandbox, estimate pass@k."""
     check_ks(ks, samples)
@@ -79,7 +88,7 @@ def code_pass_at_k(
             key=jax.random.fold_in(key, i),
             stop=CODE_STOPS,
         )
-        outcomes = [run_program(program_for(problem, truncate_at_stops(t)), timeout) for t in texts]
+        outcomes = [run_program(program_for(problem, truncate_at_stops(t)), timeout, unsafe=unsafe) for t in texts]
         correct = sum(o.passed for o in outcomes)
         results.append(
             {

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import SIZE_LIMITS, ModelConfig
 from jaxlora.errors import ConfigError
 from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3
 from jaxlora.families.table import Family, TensorPlan, WeightRule, apply_transform
@@ -40,8 +40,41 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
+# HF config keys that size a model (every family's spelling) -> the ModelConfig field whose limit applies.
+HF_SIZE_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "n_embd": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "n_inner": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "n_layer": "num_layers",
+    "num_attention_heads": "num_heads",
+    "n_head": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "n_positions": "max_position_embeddings",
+    "n_ctx": "max_position_embeddings",
+    "num_local_experts": "num_experts",
+}
+
+
+def check_hf_sizes(hf_config: dict[str, Any]) -> None:
+    """Refuse absurd sizes before transformers parses the config (it builds per-layer lists from them)."""
+    for key, field in HF_SIZE_KEYS.items():
+        value = hf_config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config {key} must be a positive integer, got {value!r}")
+        if value > SIZE_LIMITS[field]:
+            raise ConfigError(f"config {key} = {value} is past any real model's (at most {SIZE_LIMITS[field]})")
+
+
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """HF `config.json` contents -> ModelConfig, through the family's adapter."""
+    check_hf_sizes(hf_config)
     return family_for(hf_config.get("model_type")).config_from_hf(hf_config)
 
 
