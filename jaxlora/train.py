@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig
 from jaxlora.losses import next_token_logprobs
@@ -58,11 +59,12 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
     return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
 
 
-def _owned(x: jax.Array) -> jax.Array:
-    """A fresh copy of x, committed to x's devices."""
+def _owned(x: jax.Array, home: jax.sharding.Sharding) -> jax.Array:
+    """A fresh copy of x, committed: to x's own devices, or to `home` where x is not yet committed to any."""
+    where = x.sharding if x.committed else home
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.device_put(jax.random.clone(x), x.sharding)
-    return jax.device_put(jnp.copy(x), x.sharding)
+        return jax.device_put(jax.random.clone(x), where)
+    return jax.device_put(jnp.copy(x), where)
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -74,7 +76,10 @@ def init_state(trainable, optimizer: optax.GradientTransformation, key: jax.Arra
     uncommitted input would compile a second one).
     """
     state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), key)
-    return jax.tree.map(_owned, state)
+    # Scalars (the step, optimizer counters) go where the trainable arrays are: replicated over their mesh.
+    first = jax.tree.leaves(trainable)[0].sharding
+    home = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    return jax.tree.map(lambda x: _owned(x, home), state)
 
 
 def make_train_step(

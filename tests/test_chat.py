@@ -34,3 +34,31 @@ def test_second_turn_reuses_the_cache_and_matches_a_fresh_generation(smollm2):
         pad_token_id=model.tokenizer.pad_token_id,
     )
     np.testing.assert_array_equal(replies[1], fresh.tokens[0, : fresh.lengths[0]])
+
+
+def test_a_session_with_unmerged_adapters_answers_as_the_merged_model(tiny_with_tokenizer):
+    import dataclasses
+
+    import jax
+
+    from jaxlora import lora
+
+    model = jaxlora.load(tiny_with_tokenizer / "jax")
+    adapters = lora.init(model.config, jax.random.key(0), rank=4, targets=("q_proj", "v_proj", "up_proj"))
+    leaves, treedef = jax.tree.flatten(adapters.weights)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    adapters = adapters.replace(
+        weights=jax.tree.unflatten(
+            treedef, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+        )
+    )
+    merged = dataclasses.replace(model, params=lora.merge(model.params, adapters))
+    replies = []
+    for session in (ChatSession(model, max_new_tokens=12, lora=adapters), ChatSession(merged, max_new_tokens=12)):
+        turns = []
+        for text in ("Hello there.", "And again?"):
+            turns.append(sum((chunk.row(0) for chunk in session.send(text)), []))
+        replies.append(turns)
+    assert replies[0] == replies[1]
+    plain = ChatSession(model, max_new_tokens=12)
+    assert sum((chunk.row(0) for chunk in plain.send("Hello there.")), []) != replies[0][0]

@@ -158,3 +158,14 @@ def test_eval_bad_input(tiny, tmp_path, args, message):
             for a in args]  # fmt: skip
     message = message.replace("BAD", str(tmp_path / "bad.jsonl")).replace("MISSING", str(tmp_path / "missing.jsonl"))
     assert_clean_error(run_cli("eval", tiny("llama-gqa").jax_dir, *args), message)
+
+
+@pytest.mark.real
+def test_a_text_shorter_than_the_stride_shrinks_the_stride_with_the_window(tiny_with_tokenizer):
+    from jaxlora import eval as evaluation
+
+    model = jaxlora.load(tiny_with_tokenizer / "jax")
+    inputs = evaluation.EvalInputs(text="A short text of a few words.")
+    report = evaluation.run(model, inputs, evaluation.EvalOptions(stride=512))["perplexity"]
+    tokens = len(model.tokenizer(inputs.text)["input_ids"])
+    assert report["window"] == tokens and report["stride"] == tokens and report["tokens"] == tokens - 1
