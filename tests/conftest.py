@@ -249,11 +249,10 @@ def smollm2(smollm2_gguf, tmp_path_factory):
     return dst, reference
 
 
-# A tiny llama that speaks SmolLM2's tokenizer (and chat template), so the CLI runs it in seconds; its sizes split
-# over 2, 4 and 8 devices.
-TINY_WITH_TOKENIZER = dict(
+# Sizes that split over 2, 4 and 8 devices (8 heads, 8 kv heads, mlp 128, vocab 128).
+EVEN = dict(
     model_type="llama",
-    vocab_size=49152,
+    vocab_size=128,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -261,8 +260,9 @@ TINY_WITH_TOKENIZER = dict(
     num_key_value_heads=8,
     head_dim=8,
     max_position_embeddings=128,
-    tie_word_embeddings=True,
 )
+# The same, speaking SmolLM2's tokenizer (and chat template), so the CLI runs it in seconds.
+TINY_WITH_TOKENIZER = dict(EVEN, vocab_size=49152, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")

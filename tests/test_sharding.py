@@ -9,24 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hf_model, random_ids, save_hf
+from conftest import EVEN, hf_model, random_ids, save_hf
 
 import jaxlora
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 
-# Sizes that split over 2, 4 and 8 devices (8 heads, 8 kv heads, mlp 128, vocab 128) ...
-EVEN = dict(
-    model_type="llama",
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    head_dim=8,
-    max_position_embeddings=128,
-)
+# Sizes that split over 2, 4 and 8 devices: EVEN (conftest) ...
 # ... and SmolLM2's awkward head counts (9 and 3) with an mlp of 36.
 UNEVEN = dict(
     model_type="llama",

@@ -322,14 +322,11 @@ def run_program(source: str, timeout: float = 5.0, *, unsafe: bool = False) -> O
 def _run(program: str, folder: str, timeout: float, group: _Cgroup | None, sandboxed: bool) -> tuple[int | None, str]:
     """Run and wait: (exit status, the tail of stderr); status None on timeout, after killing the sample's whole
     process tree."""
-    if sandboxed:
-        command, cwd = sandbox_command(bwrap_binary(), program), folder
-    else:
-        command, cwd = [sys.executable, "-I", program], folder
+    command = sandbox_command(bwrap_binary(), program) if sandboxed else [sys.executable, "-I", program]
     env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "PYTHONHASHSEED": "0"}
     child = subprocess.Popen(
         command,
-        cwd=cwd,
+        cwd=folder,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
