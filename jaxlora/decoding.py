@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from jaxlora.cache import KVCache, init_cache
 from jaxlora.config import ModelConfig
 from jaxlora.model import apply_decoder, default_positions
-from jaxlora.sampling import Processors, SamplingArrays, sample_next
+from jaxlora.sampling import Processors, SamplingArrays, TokenScores, next_token
 from jaxlora.sharding import DecodeLayout
 
-STATIC = ("config", "processors", "stop_ids", "layout")
+STATIC = ("config", "processors", "stop_ids", "layout", "score_top")
 
 
 class DecodeState(NamedTuple):
@@ -34,6 +34,7 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [batch] bool
     keys: jax.Array  # [batch] PRNG keys
     seen: jax.Array  # [batch, vocab] bool (tokens in the sequence, for the repetition penalty) or [batch, 1]
+    scores: TokenScores | None = None  # how likely `token` was (when the call asked for scores)
 
 
 def new_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: DecodeLayout | None = None) -> KVCache:
@@ -56,7 +57,11 @@ def place_state(state: DecodeState, layout: DecodeLayout | None) -> DecodeState:
         values=tuple(constrain(v, layout.cache_kv) for v in state.cache.values),
         key_valid=constrain(state.cache.key_valid, layout.cache_valid),
     )
-    small = {f: constrain(getattr(state, f), layout.replicated) for f in DecodeState._fields if f != "cache"}
+    small = {
+        f: jax.tree.map(lambda a: constrain(a, layout.replicated), getattr(state, f))
+        for f in DecodeState._fields
+        if f != "cache"
+    }
     return DecodeState(cache=cache, **small)
 
 
@@ -86,13 +91,17 @@ def _mark_prompt_seen(seen: jax.Array, input_ids, attention_mask, processors: Pr
 
 
 def _with_first_token(
-    state: DecodeState, logits, sampling: SamplingArrays, processors: Processors, stop_ids, layout
+    state: DecodeState, logits, sampling: SamplingArrays, processors: Processors, stop_ids, layout, score_top
 ) -> DecodeState:
     """`state` (its token not yet chosen) with the first new token sampled from the last logits [batch, vocab]."""
     keys, step_keys = _split_keys(state.keys)
-    first = sample_next(logits, sampling, processors, step_keys, state.seen)
+    first, scores = next_token(logits, sampling, processors, step_keys, state.seen, score_top)
     state = state._replace(
-        token=first, done=_is_stop(first, stop_ids), keys=keys, seen=_mark_seen(state.seen, first, processors)
+        token=first,
+        done=_is_stop(first, stop_ids),
+        keys=keys,
+        seen=_mark_seen(state.seen, first, processors),
+        scores=scores,
     )
     return place_state(state, layout)
 
@@ -111,6 +120,7 @@ def prefill(
     processors: Processors,
     stop_ids: tuple[int, ...],
     layout: DecodeLayout | None = None,
+    score_top: int | None = None,
 ) -> DecodeState:
     """Run the prompt [batch, bucket] (left-padded; attention_mask 1 = token) into slots 0..bucket-1 of an empty
     `cache` and sample the first token; keys [batch] PRNG keys, one per row; lora: unmerged adapters or None."""
@@ -130,7 +140,7 @@ def prefill(
         keys=keys,
         seen=_mark_prompt_seen(seen, input_ids, attention_mask, processors),
     )
-    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout)
+    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout, score_top)
 
 
 @partial(jax.jit, static_argnames=STATIC, donate_argnames=("state",))
@@ -146,6 +156,7 @@ def extend(
     processors: Processors,
     stop_ids: tuple[int, ...],
     layout: DecodeLayout | None = None,
+    score_top: int | None = None,
 ) -> DecodeState:
     """Continue every row with `length` more tokens (input_ids [batch, bucket], right-padded) from the state's slot.
 
@@ -174,7 +185,53 @@ def extend(
         write_index=state.write_index + length,
         seen=_mark_prompt_seen(state.seen, input_ids, attention_mask, processors),
     )
-    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout)
+    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout, score_top)
+
+
+def decode_step(
+    params,
+    state: DecodeState,
+    sampling: SamplingArrays,
+    lora=None,
+    *,
+    config: ModelConfig,
+    processors: Processors,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    layout: DecodeLayout | None = None,
+    score_top: int | None = None,
+) -> DecodeState:
+    """One decode step (traced, not jitted: the body of `decode`'s scan and of `sample`'s loop): write the state's
+    token into the cache, sample the next one; rows already done get `pad_id` (and zero scores)."""
+    batch = state.token.shape[0]
+    new_slot = jnp.ones((batch, 1), bool)
+    key_valid = jax.lax.dynamic_update_slice(state.cache.key_valid, new_slot, (0, state.write_index))
+    logits, cache = apply_decoder(
+        params,
+        config,
+        state.token[:, None],
+        state.position[:, None],
+        key_valid,
+        cache=state.cache,
+        write_index=state.write_index,
+        lora=lora,
+    )
+    keys, step_keys = _split_keys(state.keys)
+    token, scores = next_token(logits[:, 0], sampling, processors, step_keys, state.seen, score_top)
+    token = jnp.where(state.done, pad_id, token)
+    if scores is not None:
+        scores = jax.tree.map(lambda a: jnp.where(state.done.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a), scores)
+    new_state = DecodeState(
+        cache=cache,
+        token=token,
+        position=state.position + 1,
+        write_index=state.write_index + 1,
+        done=state.done | _is_stop(token, stop_ids),
+        keys=keys,
+        seen=_mark_seen(state.seen, token, processors),
+        scores=scores,
+    )
+    return place_state(new_state, layout)
 
 
 @partial(jax.jit, static_argnames=(*STATIC, "pad_id", "steps"), donate_argnames=("state",))
@@ -190,38 +247,18 @@ def decode(
     pad_id: int,
     steps: int,
     layout: DecodeLayout | None = None,
-) -> tuple[DecodeState, jax.Array]:
-    """`steps` decode steps as one `lax.scan`. Returns the new state and the sampled tokens [batch, steps]; rows
-    already done get `pad_id`."""
-    batch = state.token.shape[0]
+    score_top: int | None = None,
+) -> tuple[DecodeState, jax.Array, TokenScores | None]:
+    """`steps` decode steps as one `lax.scan`. Returns the new state, the sampled tokens [batch, steps] (rows already
+    done get `pad_id`) and, when `score_top` is not None, their `TokenScores` (each field [batch, steps, ...])."""
+    options = dict(config=config, processors=processors, stop_ids=stop_ids, pad_id=pad_id, layout=layout)
 
     def step(state: DecodeState, _):
-        new_slot = jnp.ones((batch, 1), bool)
-        key_valid = jax.lax.dynamic_update_slice(state.cache.key_valid, new_slot, (0, state.write_index))
-        logits, cache = apply_decoder(
-            params,
-            config,
-            state.token[:, None],
-            state.position[:, None],
-            key_valid,
-            cache=state.cache,
-            write_index=state.write_index,
-            lora=lora,
-        )
-        keys, step_keys = _split_keys(state.keys)
-        token = sample_next(logits[:, 0], sampling, processors, step_keys, state.seen)
-        token = jnp.where(state.done, pad_id, token)
-        new_state = DecodeState(
-            cache=cache,
-            token=token,
-            position=state.position + 1,
-            write_index=state.write_index + 1,
-            done=state.done | _is_stop(token, stop_ids),
-            keys=keys,
-            seen=_mark_seen(state.seen, token, processors),
-        )
-        return place_state(new_state, layout), token
+        state = decode_step(params, state, sampling, lora, score_top=score_top, **options)
+        return state, (state.token, state.scores)
 
-    state, tokens = jax.lax.scan(step, state, None, length=steps)
-    tokens = tokens.T if layout is None else jax.lax.with_sharding_constraint(tokens.T, layout.replicated)
-    return state, tokens
+    state, (tokens, scores) = jax.lax.scan(step, state, None, length=steps)
+    step_major = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (tokens, scores))
+    if layout is not None:
+        step_major = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, layout.replicated), step_major)
+    return state, *step_major

@@ -20,7 +20,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.decoding import DecodeState, decode, new_cache, prefill
 from jaxlora.errors import UsageError
 from jaxlora.model import check_context
-from jaxlora.sampling import Processors, Sampling, SamplingArrays
+from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores
 from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
 
 MIN_PROMPT_BUCKET = 16
@@ -28,22 +28,34 @@ DEFAULT_CHUNK = 32
 
 
 class GenerateOutput(NamedTuple):
-    """tokens [batch, max_new_tokens] int32 (new tokens only, pad after a row's end); lengths [batch] int32."""
+    """tokens [batch, max_new_tokens] int32 (new tokens only, pad after a row's end); lengths [batch] int32.
+
+    With `return_logprobs=True`: logprobs [batch, max_new_tokens] float32, each token's log-probability under the
+    processed distribution it was drawn from (transformers' `compute_transition_scores(..., normalize_logits=True)`);
+    raw_logprobs, the same under the model's own distribution; top_ids / top_logprobs [batch, max_new_tokens, k]
+    (k = `top_logprobs`), the model's own most likely tokens at each step. 0 past a row's end.
+    """
 
     tokens: np.ndarray
     lengths: np.ndarray
+    logprobs: np.ndarray | None = None
+    raw_logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 class StreamChunk(NamedTuple):
     """New tokens from one step of `stream`.
 
     tokens [batch, n] int32 (pad past a row's end); start: index of tokens[:, 0] among the new tokens;
-    lengths [batch]: a row's final length once it has ended, 0 while it runs.
+    lengths [batch]: a row's final length once it has ended, 0 while it runs; scores: with `return_logprobs`, the
+    tokens' `TokenScores` as numpy arrays [batch, n, ...] (0 past a row's end).
     """
 
     tokens: np.ndarray
     start: int
     lengths: np.ndarray
+    scores: TokenScores | None = None
 
     def row(self, r: int) -> list[int]:
         """Row r's real tokens in this chunk (none past its end)."""
@@ -123,8 +135,9 @@ class _Ends:
             for prompt, history, length in zip(prompts, self.history, self.lengths, strict=True)
         ]
 
-    def add(self, new: np.ndarray) -> StreamChunk:
-        """Append a chunk [batch, n]; returns it with everything past each row's end set to the pad id."""
+    def add(self, new: np.ndarray, scores: TokenScores | None = None) -> StreamChunk:
+        """Append a chunk [batch, n] (and its scores); returns it with everything past each row's end set to the pad
+        id (scores to 0)."""
         start = self.history.shape[1]
         self.history = np.concatenate([self.history, new], axis=1)
         for row in np.flatnonzero(self.lengths == 0):
@@ -140,7 +153,13 @@ class _Ends:
                 self.history[row, end:] = self.pad_id
         if self.history.shape[1] >= self.max_new_tokens:  # the last chunk: rows still running end here
             self.lengths[self.lengths == 0] = self.max_new_tokens
-        return StreamChunk(self.history[:, start:].copy(), start, self.lengths.copy())
+        if scores is not None:
+            ended = self.lengths > 0
+            past_end = ended[:, None] & (start + np.arange(new.shape[1]) >= self.lengths[:, None])
+            scores = TokenScores(
+                *(np.where(past_end.reshape(past_end.shape + (1,) * (a.ndim - 2)), 0, a) for a in scores)
+            )
+        return StreamChunk(self.history[:, start:].copy(), start, self.lengths.copy(), scores)
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,7 @@ class DecodePlan:
     chunks: int  # calls needed for max_new_tokens - 1 steps
     layout: DecodeLayout | None = None  # where arrays live when the params are on a mesh
     lora: object = None  # unmerged `jaxlora.lora.Adapters` every call applies, or None
+    score_top: int | None = None  # None: no scores; k: each token's log-probs and the top k alternatives
 
     @property
     def decode_slots(self) -> int:
@@ -167,7 +187,13 @@ class DecodePlan:
 
     @property
     def static(self) -> dict:
-        return dict(config=self.config, processors=self.processors, stop_ids=self.stop_ids, layout=self.layout)
+        return dict(
+            config=self.config,
+            processors=self.processors,
+            stop_ids=self.stop_ids,
+            layout=self.layout,
+            score_top=self.score_top,
+        )
 
     def to_device(self, value, batch_split: bool = False) -> jax.Array:
         """A host value as an input of the compiled functions (on a mesh: a global array)."""
@@ -191,11 +217,17 @@ def make_plan(
     chunk_size: int = DEFAULT_CHUNK,
     mesh=None,
     lora=None,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> DecodePlan:
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if chunk_size < 1:
         raise UsageError(f"chunk_size must be at least 1, got {chunk_size}")
+    if not 0 <= top_logprobs <= config.vocab_size:
+        raise UsageError(f"top_logprobs must be in [0, {config.vocab_size}], got {top_logprobs}")
+    if top_logprobs and not return_logprobs:
+        raise UsageError("top_logprobs needs return_logprobs=True")
     if stop and tokenizer is None:
         raise UsageError("stop strings need the tokenizer to match text")
     if any(not isinstance(s, str) or not s for s in stop):
@@ -225,6 +257,7 @@ def make_plan(
         chunks=-(-steps // chunk),
         layout=layout,
         lora=lora,
+        score_top=int(top_logprobs) if return_logprobs else None,
     )
 
 
@@ -238,7 +271,7 @@ def decode_chunks(
     """
     batch = state.token.shape[0]
     ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id, plan.max_new_tokens)
-    yield ends.add(to_host(state.token)[:, None])
+    yield ends.add(to_host(state.token)[:, None], _first_scores(state))
     emitted = 1
     refill_at = _reprefill_step(plan.config, prompts)
     while not ends.all_done and emitted < plan.max_new_tokens:
@@ -246,20 +279,27 @@ def decode_chunks(
         if done_steps == refill_at:
             rows = [list(p) + [int(t) for t in h] for p, h in zip(prompts, ends.history, strict=True)]
             state = _prefill_rows(params, plan, rows, state.keys, plan.max_new_tokens - emitted)
-            new = to_host(state.token)[:, None]
+            new, scores = to_host(state.token)[:, None], _first_scores(state)
         else:
             steps = (
                 plan.chunk if refill_at is None or refill_at < done_steps else min(plan.chunk, refill_at - done_steps)
             )
             # Rows ended by a stop string are news to the loop: from now on it pads them.
             state = state._replace(done=plan.to_device(ends.lengths > 0))
-            state, tokens = decode(
+            state, tokens, scores = decode(
                 params, state, plan.arrays, plan.lora, pad_id=plan.pad_id, steps=steps, **plan.static
             )
-            new = to_host(tokens)[:, : plan.max_new_tokens - emitted]
+            keep = plan.max_new_tokens - emitted
+            new = to_host(tokens)[:, :keep]
+            scores = None if scores is None else TokenScores(*(to_host(a)[:, :keep] for a in scores))
         emitted += new.shape[1]
-        yield ends.add(new)
+        yield ends.add(new, scores)
     return state
+
+
+def _first_scores(state: DecodeState) -> TokenScores | None:
+    """The scores of the state's token as a one-step chunk [batch, 1, ...] on the host."""
+    return None if state.scores is None else TokenScores(*(to_host(a)[:, None] for a in state.scores))
 
 
 def _reprefill_step(config: ModelConfig, prompts) -> int | None:
@@ -303,6 +343,8 @@ def stream(
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
     lora=None,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> Iterator[StreamChunk]:
     """Generate like `generate` (the same arguments), yielding new tokens as they come: `StreamChunk`s of up to
     `chunk_size` tokens.
@@ -321,6 +363,8 @@ def stream(
         pad_token_id=pad_token_id,
         chunk_size=chunk_size,
         lora=lora,
+        return_logprobs=return_logprobs,
+        top_logprobs=top_logprobs,
     )
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
@@ -363,6 +407,8 @@ def generate(
     pad_token_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
     lora=None,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` after each prompt.
 
@@ -373,7 +419,9 @@ def generate(
     `stop_token_ids`, or the token completing one of the `stop` strings (needs `tokenizer`); later slots hold
     `pad_token_id`. `chunk_size`: decode steps per jitted call (between two, the host checks stop strings and
     whether every row is done). lora: unmerged `jaxlora.lora.Adapters` applied at every step (swap adapters without
-    re-merging the base). Returns tokens [batch, max_new_tokens] int32 and lengths [batch] int32.
+    re-merging the base). return_logprobs: also each token's log-probabilities, processed and raw, and with
+    `top_logprobs=k` the model's k most likely tokens at each step (see `GenerateOutput`). Returns tokens
+    [batch, max_new_tokens] int32 and lengths [batch] int32 (and the scores).
     """
     chunks = list(
         stream(
@@ -392,9 +440,20 @@ def generate(
             pad_token_id=pad_token_id,
             chunk_size=chunk_size,
             lora=lora,
+            return_logprobs=return_logprobs,
+            top_logprobs=top_logprobs,
         )
     )
     produced = np.concatenate([c.tokens for c in chunks], axis=1)
     tokens = np.full((produced.shape[0], max_new_tokens), pad_token_id, np.int32)
     tokens[:, : produced.shape[1]] = produced
-    return GenerateOutput(tokens, chunks[-1].lengths.astype(np.int32))
+    lengths = chunks[-1].lengths.astype(np.int32)
+    if not return_logprobs:
+        return GenerateOutput(tokens, lengths)
+    scores = []
+    for field in TokenScores._fields:
+        done = np.concatenate([getattr(c.scores, field) for c in chunks], axis=1)
+        full = np.zeros((done.shape[0], max_new_tokens, *done.shape[2:]), done.dtype)
+        full[:, : done.shape[1]] = done
+        scores.append(full)
+    return GenerateOutput(tokens, lengths, *scores)

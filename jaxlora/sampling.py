@@ -143,6 +143,16 @@ def process_logits(
     return logits
 
 
+def choose_token(processed: jax.Array, params: SamplingArrays, processors: Processors, keys: jax.Array) -> jax.Array:
+    """Processed logits [batch, vocab] -> the next token [batch] int32: drawn for rows with temperature > 0, the
+    argmax for the others."""
+    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    if not processors.sample:
+        return greedy
+    sampled = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+    return jnp.where(params.temperature > 0, sampled, greedy)
+
+
 def sample_next(
     logits: jax.Array,
     params: SamplingArrays,
@@ -151,9 +161,49 @@ def sample_next(
     seen: jax.Array | None = None,
 ) -> jax.Array:
     """logits [batch, vocab] float32, one PRNG key per row [batch] -> next tokens [batch] int32."""
-    logits = process_logits(logits, params, processors, seen)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if not processors.sample:
-        return greedy
-    sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
-    return jnp.where(params.temperature > 0, sampled, greedy)
+    return choose_token(process_logits(logits, params, processors, seen), params, processors, keys)
+
+
+class TokenScores(NamedTuple):
+    """How likely each chosen token was, and the model's alternatives, for one step.
+
+    logprob [batch]: the chosen token under the processed distribution it was drawn from (repetition penalty,
+    temperature, top-k/p, min-p applied: transformers' `compute_transition_scores(..., normalize_logits=True)`);
+    raw_logprob [batch]: under the model's own distribution (log-softmax of the logits); top_ids / top_logprobs
+    [batch, k]: the model's own k most likely tokens, most likely first. All float32 / int32.
+    """
+
+    logprob: jax.Array
+    raw_logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def score_choice(logits: jax.Array, processed: jax.Array, token: jax.Array, top: int) -> TokenScores:
+    """logits / processed [batch, vocab], the chosen token [batch] -> its `TokenScores` with `top` alternatives."""
+    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = token[:, None]
+    if top:
+        top_logprobs, top_ids = jax.lax.top_k(raw, top)
+    else:
+        top_logprobs, top_ids = jnp.zeros((raw.shape[0], 0), jnp.float32), jnp.zeros((raw.shape[0], 0), jnp.int32)
+    return TokenScores(
+        logprob=jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), chosen, axis=-1)[:, 0],
+        raw_logprob=jnp.take_along_axis(raw, chosen, axis=-1)[:, 0],
+        top_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_logprobs,
+    )
+
+
+def next_token(
+    logits: jax.Array,
+    params: SamplingArrays,
+    processors: Processors,
+    keys: jax.Array,
+    seen: jax.Array | None = None,
+    top: int | None = None,
+) -> tuple[jax.Array, TokenScores | None]:
+    """`sample_next`, plus the chosen tokens' `TokenScores` with `top` alternatives when `top` is not None."""
+    processed = process_logits(logits, params, processors, seen)
+    token = choose_token(processed, params, processors, keys)
+    return token, None if top is None else score_choice(logits, processed, token, top)

@@ -162,7 +162,7 @@ def run_cache(model, ids, mask, ring: bool, steps: int = 40):
     keys = jax.random.split(jax.random.key(0), ids.shape[0])
     state = prefill(model.params, cache, jnp.asarray(ids), jnp.asarray(mask), keys, plan.arrays, **plan.static)
     first = np.asarray(state.token)
-    state, tokens = decode(model.params, state, plan.arrays, pad_id=0, steps=plan.decode_slots, **plan.static)
+    state, tokens, _ = decode(model.params, state, plan.arrays, pad_id=0, steps=plan.decode_slots, **plan.static)
     return np.concatenate([first[:, None], np.asarray(tokens)], axis=1), state.cache
 
 
@@ -200,14 +200,14 @@ def test_a_chat_turn_through_extend_equals_a_fresh_generation(tiny, name):
             model.params, cache, jnp.asarray(ids), jnp.ones((1, 16), bool), keys, plan.arrays, **plan.static
         )
         first = np.asarray(state.token)
-        state, decoded = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
+        state, decoded, _ = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
         # The cache now holds the prompt, the first token and 7 decoded ones; the 8th (state.token) is dropped.
         written = np.concatenate([ids, first[:, None], np.asarray(decoded)[:, :7]], axis=1)
         padded = np.zeros((1, 16), np.int32)
         padded[0, :11] = turn[0]
         state = extend(model.params, state, jnp.asarray(padded), jnp.int32(11), plan.arrays, **plan.static)
         reply_first = np.asarray(state.token)
-        state, reply = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
+        state, reply, _ = decode(model.params, state, plan.arrays, pad_id=0, steps=8, **plan.static)
         replies.append(np.concatenate([reply_first[:, None], np.asarray(reply)], axis=1))
     fresh = jaxlora.generate(model.params, model.config, np.concatenate([written, turn], axis=1), max_new_tokens=9)
     np.testing.assert_array_equal(replies[0], fresh.tokens)

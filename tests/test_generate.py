@@ -119,7 +119,7 @@ def test_decode_pads_rows_after_their_stop_token_inside_the_loop(tiny):
     keys = jax.random.split(jax.random.key(0), 2)
     padded, mask = jaxlora.left_pad(ids, 0, 16)  # the prompt bucket, as generate pads it
     state = prefill(model.params, cache, padded, mask, keys, plan.arrays, **plan.static)
-    state, tokens = decode(model.params, state, plan.arrays, pad_id=-1, steps=16, **plan.static)
+    state, tokens, _ = decode(model.params, state, plan.arrays, pad_id=-1, steps=16, **plan.static)
     tokens = np.asarray(tokens)  # steps 1..16 of the 17 new tokens
     first = int(np.argmax(free[0] == stop))
     assert 1 <= first < 15
@@ -175,6 +175,26 @@ def test_stream_yields_the_generate_tokens_in_chunks_and_stops_early(tiny):
         assert sum((c.row(r) for c in stopped), [])[-1] == eos[r]
 
 
+def test_logprobs_stop_at_each_rows_end_and_stream_with_the_tokens(tiny):
+    model = tiny("qwen2").load()
+    ids = random_ids((2, 6), model.config.vocab_size, seed=14)
+    free = jaxlora.generate(model.params, model.config, ids, max_new_tokens=20, return_logprobs=True, top_logprobs=2)
+    assert free.logprobs.shape == (2, 20) and free.top_ids.shape == free.top_logprobs.shape == (2, 20, 2)
+    assert (free.logprobs < 0).all() and (free.top_logprobs[..., 0] >= free.logprobs).all()
+    eos = int(free.tokens[0, 5])
+    kwargs = dict(max_new_tokens=20, eos_token_ids=[eos], return_logprobs=True, top_logprobs=2, chunk_size=8)
+    out = jaxlora.generate(model.params, model.config, ids, **kwargs)
+    end = int(out.lengths[0])
+    assert end <= 6
+    np.testing.assert_array_equal(out.logprobs[0, :end], free.logprobs[0, :end])
+    assert (out.logprobs[0, end:] == 0).all() and (out.top_logprobs[0, end:] == 0).all()
+    chunks = list(jaxlora.stream(model.params, model.config, ids, **kwargs))
+    for field in ("logprob", "raw_logprob", "top_ids", "top_logprobs"):
+        streamed = np.concatenate([getattr(c.scores, field) for c in chunks], axis=1)
+        whole = getattr(out, field if field.startswith("top") else field + "s")
+        np.testing.assert_array_equal(streamed, whole[:, : streamed.shape[1]])
+
+
 def test_prompt_plus_new_tokens_beyond_context_is_refused(tiny):
     model = tiny("llama-gqa").load()
     ids = random_ids((1, 250), model.config.vocab_size)
@@ -189,6 +209,8 @@ def test_prompt_plus_new_tokens_beyond_context_is_refused(tiny):
         (dict(max_new_tokens=4, temperature=1.0), "needs a PRNG key"),
         (dict(max_new_tokens=4, stop=["x"]), "stop strings need the tokenizer"),
         (dict(max_new_tokens=4, sampling=jaxlora.Sampling(top_p=2.0)), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=4, top_logprobs=2), "top_logprobs needs return_logprobs=True"),
+        (dict(max_new_tokens=4, return_logprobs=True, top_logprobs=-1), r"top_logprobs must be in \[0, 97\]"),
     ],
 )
 def test_bad_arguments(tiny, kwargs, message):

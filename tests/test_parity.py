@@ -91,6 +91,81 @@ def test_repetition_penalty_inside_generate_matches_transformers(tiny, name):
     assert (plain != out.tokens).sum() >= 4, "the penalty changed too little here to be tested"
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
+def test_greedy_logprobs_match_compute_transition_scores(tiny, name):
+    m = tiny(name)
+    model = m.load()
+    ids = random_ids((2, 7), model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        ref = m.torch_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        chosen = m.torch_model.compute_transition_scores(ref.sequences, ref.scores, normalize_logits=True).numpy()
+        raw = torch.log_softmax(torch.stack(ref.logits, 1).float(), -1).numpy()
+    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12, return_logprobs=True, top_logprobs=3)
+    np.testing.assert_array_equal(out.tokens, ref.sequences[:, ids.shape[1] :].numpy())
+    np.testing.assert_allclose(out.logprobs, chosen, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(out.raw_logprobs, chosen, rtol=0, atol=ATOL)  # greedy: nothing processed
+    top = np.sort(raw, axis=-1)[..., ::-1][..., :3]
+    np.testing.assert_allclose(out.top_logprobs, top, rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(out.top_ids[..., 0], out.tokens)
+    assert (out.top_logprobs[..., 0] - out.top_logprobs[..., 1]).min() > 0
+
+
+def test_sampled_logprobs_match_transformers_processors(tiny):
+    """Sampled rows: each token's log-prob under the processed distribution equals transformers' processors
+    (repetition penalty, temperature, top-k, top-p) applied to the torch model's logits over the same sequence."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    m = tiny("llama-gqa")
+    model = m.load()
+    ids = random_ids((2, 7), model.config.vocab_size, seed=5)
+    sampling = jaxlora.Sampling(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2)
+    out = jaxlora.generate(
+        model.params,
+        model.config,
+        ids,
+        max_new_tokens=10,
+        sampling=sampling,
+        key=jax.random.key(7),
+        return_logprobs=True,
+    )
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.2),
+            TemperatureLogitsWarper(0.8),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.9),
+        ]
+    )
+    sequences = torch.tensor(np.concatenate([ids, out.tokens], axis=1), dtype=torch.long)
+    with torch.no_grad():
+        logits = m.torch_model(sequences).logits.float()
+    width = ids.shape[1]
+    for step in range(out.tokens.shape[1]):
+        step_logits = logits[:, width + step - 1]
+        processed = processors(sequences[:, : width + step], step_logits.clone())
+        chosen = sequences[:, width + step, None]
+        expected = torch.log_softmax(processed, -1).gather(1, chosen)[:, 0].numpy()
+        raw = torch.log_softmax(step_logits, -1).gather(1, chosen)[:, 0].numpy()
+        np.testing.assert_allclose(out.logprobs[:, step], expected, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(out.raw_logprobs[:, step], raw, rtol=0, atol=ATOL)
+    assert np.abs(out.logprobs - out.raw_logprobs).min() > 1e-3, "the processors changed nothing here"
+
+
 @pytest.mark.parametrize("fmt", ["sharded", "bin", "sharded-bin", "pth"])
 def test_every_source_format_converts_to_the_same_logits(tmp_path, fmt):
     torch_model = hf_model(TINY_CONFIGS["llama-gqa"], seed=5)
