@@ -3,6 +3,7 @@
 from jaxlora.checkpoint import Model, load
 from jaxlora.config import ModelConfig
 from jaxlora.convert import convert
+from jaxlora.decoding import SampleOutput, sample
 from jaxlora.errors import JaxloraError
 from jaxlora.generate import GenerateOutput, StreamChunk, generate, left_pad, stream
 from jaxlora.hooks import hook_points
@@ -16,6 +17,7 @@ __all__ = [
     "JaxloraError",
     "Model",
     "ModelConfig",
+    "SampleOutput",
     "Sampling",
     "StreamChunk",
     "convert",
@@ -25,6 +27,7 @@ __all__ = [
     "hook_points",
     "left_pad",
     "load",
+    "sample",
     "score",
     "stream",
 ]

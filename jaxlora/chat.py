@@ -16,9 +16,9 @@ import numpy as np
 from jaxlora.checkpoint import Model
 from jaxlora.decoding import DecodeState, extend, new_cache, prefill
 from jaxlora.errors import UsageError
-from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prompt_bucket, row_keys
+from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prompt_bucket
 from jaxlora.model import check_context
-from jaxlora.sampling import Sampling
+from jaxlora.sampling import Sampling, row_keys
 from jaxlora.sharding import params_mesh, to_host
 from jaxlora.text import chat_ids, has_chat_template, pad_id
 

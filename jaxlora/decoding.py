@@ -9,6 +9,7 @@ code. Which sampling processors run, the stop ids and the mesh layout are static
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 
 from jaxlora.cache import KVCache, init_cache
 from jaxlora.config import ModelConfig
-from jaxlora.model import apply_decoder, default_positions
-from jaxlora.sampling import Processors, SamplingArrays, TokenScores, next_token
+from jaxlora.errors import UsageError
+from jaxlora.model import apply_decoder, check_context, default_positions
+from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys
 from jaxlora.sharding import DecodeLayout
 
 STATIC = ("config", "processors", "stop_ids", "layout", "score_top")
@@ -35,6 +37,27 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # [batch] PRNG keys
     seen: jax.Array  # [batch, vocab] bool (tokens in the sequence, for the repetition penalty) or [batch, 1]
     scores: TokenScores | None = None  # how likely `token` was (when the call asked for scores)
+
+
+@partial(jax.jit, static_argnames=("config",))
+def forward_cached(
+    params, config: ModelConfig, cache: KVCache, input_ids, write_index, attention_mask=None, lora=None
+) -> tuple[jax.Array, KVCache]:
+    """Run input_ids [batch, t] int32 into `cache` from slot `write_index` on, attending to what the cache holds:
+    logits [batch, t, vocab] float32 and the updated cache (a new one: `cache` is not donated, so one prefix can be
+    continued many ways).
+
+    Prompt caching: `init_cache(config, batch, max_len)`, run the shared prefix at write_index 0, then each suffix at
+    write_index = the prefix's width; its logits equal a full `forward` over prefix + suffix. attention_mask [batch,
+    t] (1 = token) marks left padding of a first call; positions continue from the cache's real tokens.
+    """
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    before = jnp.sum(cache.key_valid, axis=1, keepdims=True, dtype=jnp.int32)
+    positions = before + default_positions(mask)
+    key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, write_index))
+    return apply_decoder(
+        params, config, input_ids, positions, key_valid, cache=cache, write_index=write_index, lora=lora
+    )
 
 
 def new_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: DecodeLayout | None = None) -> KVCache:
@@ -262,3 +285,82 @@ def decode(
     if layout is not None:
         step_major = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, layout.replicated), step_major)
     return state, *step_major
+
+
+class SampleOutput(NamedTuple):
+    """tokens [batch, max_new_tokens] int32 (pad after a row's end); lengths [batch] int32. Device arrays."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+
+
+def sample(
+    params,
+    config: ModelConfig,
+    input_ids,
+    *,
+    key: jax.Array | None = None,
+    max_new_tokens: int,
+    attention_mask=None,
+    sampling: Sampling | None = None,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    lora=None,
+) -> SampleOutput:
+    """Generate on device, start to end: prefill and the whole decode loop (a `lax.while_loop` that stops once every
+    row is done) in one compiled function, so it can sit inside a caller's `jax.jit` (an RL or eval step) and under
+    `jax.vmap` (over keys, prompts or perturbed params).
+
+    input_ids [batch, prompt_len] int32, left-padded when prompts differ (attention_mask [batch, prompt_len], 1 =
+    token); pad prompts to a few fixed widths yourself to share compiles (`generate` does it for you). key: one PRNG
+    key (row r uses fold_in(key, r), as in `generate`) or one per row. Static (hashable): config, max_new_tokens,
+    sampling (a `Sampling` of numbers or tuples), eos_token_ids, pad_token_id. Greedy and sampled tokens equal
+    `generate`'s for the same key. No stop strings or streaming: use `generate` / `stream` for those.
+    """
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2 or 0 in ids.shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise UsageError(f"input_ids must be integer ids [batch, prompt_len], got {ids.dtype} {ids.shape}")
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise UsageError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    check_context(config, ids.shape[1], max_new_tokens)
+    sampling = Sampling() if sampling is None else sampling
+    keys = row_keys(key, ids.shape[0], sampling.compile(ids.shape[0])[0].sample)
+    return _sample(
+        params,
+        ids.astype(jnp.int32),
+        mask,
+        keys,
+        lora,
+        config=config,
+        max_new_tokens=int(max_new_tokens),
+        sampling=sampling,
+        stop_ids=tuple(sorted({int(t) for t in eos_token_ids})),
+        pad_id=int(pad_token_id),
+    )
+
+
+@partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
+def _sample(params, input_ids, attention_mask, keys, lora, *, config, max_new_tokens, sampling, stop_ids, pad_id):
+    batch, width = input_ids.shape
+    processors, arrays = sampling.compile(batch)
+    static = dict(config=config, processors=processors, stop_ids=stop_ids)
+    cache = init_cache(config, batch, width + max_new_tokens - 1, params["embed"]["embedding"].dtype)
+    state = prefill(params, cache, input_ids, attention_mask, keys, arrays, lora, **static)
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(state.token)
+
+    def running(carry):
+        produced, state, _ = carry
+        return (produced < max_new_tokens) & ~state.done.all()
+
+    def step(carry):
+        produced, state, tokens = carry
+        state = decode_step(params, state, arrays, lora, pad_id=pad_id, **static)
+        return produced + 1, state, jax.lax.dynamic_update_slice(tokens, state.token[:, None], (0, produced))
+
+    _, _, tokens = jax.lax.while_loop(running, step, (jnp.int32(1), state, tokens))
+    stops = _is_stop(tokens, stop_ids)
+    lengths = jnp.where(stops.any(axis=1), jnp.argmax(stops, axis=1) + 1, max_new_tokens).astype(jnp.int32)
+    return SampleOutput(tokens, lengths)

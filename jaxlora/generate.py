@@ -20,7 +20,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.decoding import DecodeState, decode, new_cache, prefill
 from jaxlora.errors import UsageError
 from jaxlora.model import check_context
-from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores
+from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, row_keys
 from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
 
 MIN_PROMPT_BUCKET = 16
@@ -85,21 +85,6 @@ def left_pad(
         ids[row, width - len(prompt) :] = prompt
         mask[row, width - len(prompt) :] = True if masks is None else masks[row]
     return ids, mask
-
-
-def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
-    if key is None:
-        if sampling:
-            raise UsageError("sampling with temperature > 0 needs a PRNG key")
-        key = jax.random.key(0)
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)  # a raw uint32 key from jax.random.PRNGKey
-    if key.shape == (batch,):
-        return key
-    if key.shape != ():
-        raise UsageError(f"key must be one PRNG key or one per row ({batch}), got shape {key.shape}")
-    # Row r's randomness depends on (key, r) only, not on the rest of the batch.
-    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
 
 
 def _stop_string_length(tokenizer, tokens: np.ndarray, stop: Sequence[str]) -> int | None:

@@ -207,3 +207,20 @@ def next_token(
     processed = process_logits(logits, params, processors, seen)
     token = choose_token(processed, params, processors, keys)
     return token, None if top is None else score_choice(logits, processed, token, top)
+
+
+def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
+    """One PRNG key per row [batch] from one key (row r gets fold_in(key, r)) or one per row; None is fine for
+    greedy decoding (`sampling` False)."""
+    if key is None:
+        if sampling:
+            raise UsageError("sampling with temperature > 0 needs a PRNG key")
+        key = jax.random.key(0)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32 key from jax.random.PRNGKey
+    if key.shape == (batch,):
+        return key
+    if key.shape != ():
+        raise UsageError(f"key must be one PRNG key or one per row ({batch}), got shape {key.shape}")
+    # Row r's randomness depends on (key, r) only, not on the rest of the batch.
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))

@@ -195,6 +195,79 @@ def test_logprobs_stop_at_each_rows_end_and_stream_with_the_tokens(tiny):
         np.testing.assert_array_equal(streamed, whole[:, : streamed.shape[1]])
 
 
+def test_sample_runs_on_device_and_equals_generate(tiny):
+    """`sample` is one compiled function: inside a caller's jit, prompts of one padded width share one compile,
+    and its greedy and sampled tokens (and ends at EOS) equal `generate`'s."""
+    from jaxlora.decoding import _sample
+
+    model = tiny("qwen2").load()
+    config = model.config
+
+    @jax.jit
+    def rollout(params, ids, mask, key):
+        return jaxlora.sample(params, config, ids, attention_mask=mask, key=key, max_new_tokens=14, sampling=hot)
+
+    hot = jaxlora.Sampling(temperature=0.9, top_k=30)
+    before = _sample._cache_size()
+    for n, seed in ((9, 1), (13, 2)):
+        prompts = [
+            list(random_ids((n,), config.vocab_size, seed=seed)),
+            list(random_ids((5,), config.vocab_size, seed=seed + 9)),
+        ]
+        ids, mask = jaxlora.left_pad(prompts, width=16)
+        key = jax.random.key(seed)
+        out = rollout(model.params, ids, mask, key)
+        expected = jaxlora.generate(
+            model.params, config, ids, attention_mask=mask, key=key, max_new_tokens=14, sampling=hot
+        )
+        np.testing.assert_array_equal(np.asarray(out.tokens), expected.tokens)
+        greedy = jaxlora.sample(model.params, config, ids, attention_mask=mask, max_new_tokens=14)
+        expected = jaxlora.generate(model.params, config, ids, attention_mask=mask, max_new_tokens=14)
+        np.testing.assert_array_equal(np.asarray(greedy.tokens), expected.tokens)
+    assert rollout._cache_size() == 1 and _sample._cache_size() == before + 1  # the direct greedy call
+
+    eos = int(expected.tokens[0, 3])
+    stopped = jaxlora.sample(model.params, config, ids, attention_mask=mask, max_new_tokens=14, eos_token_ids=[eos])
+    reference = jaxlora.generate(model.params, config, ids, attention_mask=mask, max_new_tokens=14, eos_token_ids=[eos])
+    np.testing.assert_array_equal(np.asarray(stopped.tokens), reference.tokens)
+    np.testing.assert_array_equal(np.asarray(stopped.lengths), reference.lengths)
+
+
+def test_vmap_sample_over_keys_equals_separate_calls(tiny):
+    model = tiny("llama-gqa").load()
+    ids = random_ids((2, 6), model.config.vocab_size, seed=3)
+    hot = jaxlora.Sampling(temperature=1.0)
+    keys = jax.random.split(jax.random.key(5), 4)
+    draw = lambda key: jaxlora.sample(model.params, model.config, ids, key=key, max_new_tokens=10, sampling=hot)
+    batched = np.asarray(jax.vmap(lambda key: draw(key).tokens)(keys))
+    separate = np.stack([np.asarray(draw(key).tokens) for key in keys])
+    np.testing.assert_array_equal(batched, separate)
+    assert len({row.tobytes() for row in batched}) == 4, "four keys drew the same tokens"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_a_cached_prefix_continues_many_suffixes_like_a_full_forward(tiny, name):
+    """Prompt caching: one (left-padded) prefix run once into the cache, three suffixes continued from it; each
+    suffix's logits equal a forward over prefix + suffix (past mistral-window's sliding window: a ring buffer)."""
+    from jaxlora.decoding import forward_cached
+
+    model = tiny(name).load()
+    vocab = model.config.vocab_size
+    prefix, mask = jaxlora.left_pad([list(random_ids((9,), vocab, seed=1)), list(random_ids((6,), vocab, seed=2))])
+    cache = init_cache(model.config, 2, 9 + 7)
+    _, prefix_cache = forward_cached(model.params, model.config, cache, prefix, 0, attention_mask=mask)
+    for seed in range(3):
+        suffix = random_ids((2, 7), vocab, seed=10 + seed)
+        logits, _ = forward_cached(model.params, model.config, prefix_cache, suffix, 9)
+        whole = jaxlora.forward(
+            model.params,
+            model.config,
+            np.concatenate([prefix, suffix], axis=1),
+            attention_mask=np.concatenate([mask, np.ones_like(suffix, bool)], axis=1),
+        )
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(whole)[:, 9:], rtol=0, atol=1e-4)
+
+
 def test_prompt_plus_new_tokens_beyond_context_is_refused(tiny):
     model = tiny("llama-gqa").load()
     ids = random_ids((1, 250), model.config.vocab_size)

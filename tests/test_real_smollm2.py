@@ -74,6 +74,17 @@ def test_greedy_generation_matches_transformers(smollm2):
         assert out.lengths[row] == len(ref)
         np.testing.assert_array_equal(out.tokens[row, : len(ref)], ref)
     assert out.lengths.max() == 64, "every answer ended early: the comparison covered too little"
+    on_device = jaxlora.sample(
+        model.params,
+        model.config,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=64,
+        eos_token_ids=model.eos_token_ids,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )
+    np.testing.assert_array_equal(np.asarray(on_device.tokens), out.tokens)
+    np.testing.assert_array_equal(np.asarray(on_device.lengths), out.lengths)
 
 
 def test_repetition_penalty_matches_transformers(smollm2):
