@@ -1,5 +1,6 @@
 """jaxlora: Hugging Face causal language models as pure JAX functions."""
 
+from jaxlora.beam import BeamSearchOutput, beam_search
 from jaxlora.checkpoint import Model, load
 from jaxlora.config import ModelConfig
 from jaxlora.convert import convert
@@ -12,6 +13,7 @@ from jaxlora.model import ForwardOutput, embed, forward
 from jaxlora.sampling import Sampling
 
 __all__ = [
+    "BeamSearchOutput",
     "ForwardOutput",
     "GenerateOutput",
     "JaxloraError",
@@ -20,6 +22,7 @@ __all__ = [
     "SampleOutput",
     "Sampling",
     "StreamChunk",
+    "beam_search",
     "convert",
     "embed",
     "forward",

@@ -166,6 +166,69 @@ def test_sampled_logprobs_match_transformers_processors(tiny):
     assert np.abs(out.logprobs - out.raw_logprobs).min() > 1e-3, "the processors changed nothing here"
 
 
+def transformers_beams(torch_model, ids, mask=None, **options):
+    """transformers' beam search: (tokens after the prompt, lengths, scores), each [batch, beams, ...]."""
+    beams = options["num_beams"]
+    kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask, dtype=torch.long)}
+    with torch.no_grad():
+        out = torch_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            do_sample=False,
+            num_return_sequences=beams,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **kwargs,
+            **options,
+        )
+    lengths = (out.beam_indices >= 0).sum(-1).numpy().reshape(len(ids), beams)
+    tokens = out.sequences[:, ids.shape[1] :].numpy().reshape(len(ids), beams, -1)
+    return tokens, lengths, out.sequences_scores.numpy().reshape(len(ids), beams)
+
+
+BEAM_CASES = {
+    "plain": dict(),
+    "eos, length penalty 0.7": dict(eos=True, length_penalty=0.7),
+    "eos, early stopping": dict(eos=True, early_stopping=True),
+    "eos, never, length penalty 1.5": dict(eos=True, early_stopping="never", length_penalty=1.5),
+}
+
+
+@pytest.mark.parametrize(
+    "name, case", [("llama-gqa", c) for c in BEAM_CASES] + [("gemma2", "eos, length penalty 0.7"), ("gpt2", "plain")]
+)
+def test_beam_search_matches_transformers(tiny, name, case):
+    m = tiny(name)
+    model = m.load()
+    options = dict(BEAM_CASES[case])
+    prompts = [list(random_ids((n,), model.config.vocab_size, seed=30 + n)) for n in (7, 4)]
+    ids, mask = jaxlora.left_pad(prompts)
+    eos = ()
+    if options.pop("eos", False):  # a token the greedy answers use early, so hypotheses finish at different steps
+        greedy = jaxlora.generate(model.params, model.config, ids, attention_mask=mask, max_new_tokens=6).tokens
+        eos = (int(greedy[0, 2]), int(greedy[1, 4]))
+    ref_tokens, ref_lengths, ref_scores = transformers_beams(
+        m.torch_model, ids, mask, num_beams=3, max_new_tokens=12, eos_token_id=list(eos) or None, **options
+    )
+    out = jaxlora.beam_search(
+        model.params,
+        model.config,
+        ids,
+        attention_mask=mask,
+        num_beams=3,
+        max_new_tokens=12,
+        eos_token_ids=eos,
+        **options,
+    )
+    lengths = np.asarray(out.lengths)
+    np.testing.assert_array_equal(lengths, ref_lengths)
+    for b, k in np.ndindex(lengths.shape):
+        np.testing.assert_array_equal(np.asarray(out.tokens)[b, k, : lengths[b, k]], ref_tokens[b, k, : lengths[b, k]])
+    np.testing.assert_allclose(np.asarray(out.scores), ref_scores, rtol=0, atol=ATOL)
+    if eos and options.get("length_penalty", 1.0) <= 1:  # a penalty above 1 favours the longest hypotheses
+        assert lengths.min() < 12, "no hypothesis ended at an EOS: the finished-beam logic went untested"
+
+
 @pytest.mark.parametrize("fmt", ["sharded", "bin", "sharded-bin", "pth"])
 def test_every_source_format_converts_to_the_same_logits(tmp_path, fmt):
     torch_model = hf_model(TINY_CONFIGS["llama-gqa"], seed=5)

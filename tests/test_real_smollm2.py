@@ -87,6 +87,38 @@ def test_greedy_generation_matches_transformers(smollm2):
     np.testing.assert_array_equal(np.asarray(on_device.lengths), out.lengths)
 
 
+def test_beam_search_matches_transformers(smollm2):
+    """3 beams, 16 new tokens: the same hypotheses in the same order, lengths and scores as transformers."""
+    dst, reference = smollm2
+    model = jaxlora.load(dst)
+    prompts = [chat_ids(model.tokenizer, text) for text in ("What is 2 plus 2?", PROMPTS[1])]
+    ids, mask = jaxlora.left_pad(prompts, model.tokenizer.pad_token_id)
+    options = dict(num_beams=3, max_new_tokens=16)
+    out = jaxlora.beam_search(
+        model.params, model.config, ids, attention_mask=mask, eos_token_ids=model.eos_token_ids, **options
+    )
+    with torch.no_grad():
+        ref = reference.generate(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False,
+            num_return_sequences=3,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.tokenizer.pad_token_id,
+            **options,
+        )
+    ref_lengths = (ref.beam_indices >= 0).sum(-1).numpy().reshape(2, 3)
+    ref_tokens = ref.sequences[:, ids.shape[1] :].numpy().reshape(2, 3, -1)
+    np.testing.assert_array_equal(np.asarray(out.lengths), ref_lengths)
+    for b, k in np.ndindex(ref_lengths.shape):
+        np.testing.assert_array_equal(
+            np.asarray(out.tokens)[b, k, : ref_lengths[b, k]], ref_tokens[b, k, : ref_lengths[b, k]]
+        )
+    np.testing.assert_allclose(np.asarray(out.scores), ref.sequences_scores.numpy().reshape(2, 3), rtol=1e-4)
+    assert ref_lengths.min() < 16, "no hypothesis reached EOS: the finished-beam logic went untested here"
+
+
 def test_repetition_penalty_matches_transformers(smollm2):
     """Greedy with a repetition penalty: every prompt token and every generated token is penalized, as in
     transformers' generate(repetition_penalty=..., do_sample=False)."""
