@@ -160,7 +160,7 @@ def test_dropout_acts_in_training_only(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
-def test_generate_and_score_with_unmerged_adapters_equal_the_merged_model(tiny, name):
+def test_generation_and_score_with_unmerged_adapters_equal_the_merged_model(tiny, name):
     model = tiny(name).load()
     c = model.config
     adapters = nonzero(lora.init(c, jax.random.key(4), rank=4, targets=("q_proj", "v_proj", "down_proj")), seed=4)
@@ -172,6 +172,13 @@ def test_generate_and_score_with_unmerged_adapters_equal_the_merged_model(tiny, 
     np.testing.assert_array_equal(ours.tokens, reference.tokens)
     base = jaxlora.generate(model.params, c, ids, **kwargs)
     assert not np.array_equal(base.tokens, reference.tokens)  # the adapters matter to the tokens
+    on_device = jaxlora.sample(model.params, c, ids, attention_mask=mask, max_new_tokens=12, lora=adapters)
+    np.testing.assert_array_equal(np.asarray(on_device.tokens), reference.tokens)
+    beams = dict(attention_mask=mask, num_beams=2, max_new_tokens=6)
+    np.testing.assert_array_equal(
+        np.asarray(jaxlora.beam_search(model.params, c, ids, lora=adapters, **beams).tokens),
+        np.asarray(jaxlora.beam_search(merged, c, ids, **beams).tokens),
+    )
     np.testing.assert_allclose(
         np.asarray(jaxlora.score(model.params, c, ids, mask, lora=adapters)),
         np.asarray(jaxlora.score(merged, c, ids, mask)),
