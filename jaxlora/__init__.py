@@ -1,16 +1,37 @@
-"""jaxlora: Hugging Face causal language models as pure JAX functions."""
+"""jaxlora: Hugging Face causal language models as pure JAX functions.
 
-from jaxlora.beam import BeamSearchOutput, beam_search
-from jaxlora.checkpoint import Model, load
-from jaxlora.config import ModelConfig
-from jaxlora.convert import convert
-from jaxlora.decoding import SampleOutput, sample
-from jaxlora.errors import JaxloraError
-from jaxlora.generate import GenerateOutput, StreamChunk, generate, left_pad, stream
-from jaxlora.hooks import hook_points
-from jaxlora.losses import score
-from jaxlora.model import ForwardOutput, embed, forward
-from jaxlora.sampling import Sampling
+The public names below load their module on first use (PEP 562), so `import jaxlora` and the CLI's argument
+errors answer before JAX, transformers and orbax are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "BeamSearchOutput": "jaxlora.beam",
+    "beam_search": "jaxlora.beam",
+    "Model": "jaxlora.checkpoint",
+    "load": "jaxlora.checkpoint",
+    "ModelConfig": "jaxlora.config",
+    "convert": "jaxlora.convert",
+    "SampleOutput": "jaxlora.decoding",
+    "sample": "jaxlora.decoding",
+    "JaxloraError": "jaxlora.errors",
+    "GenerateOutput": "jaxlora.generate",
+    "StreamChunk": "jaxlora.generate",
+    "generate": "jaxlora.generate",
+    "left_pad": "jaxlora.generate",
+    "stream": "jaxlora.generate",
+    "hook_points": "jaxlora.hooks",
+    "score": "jaxlora.losses",
+    "ForwardOutput": "jaxlora.model",
+    "embed": "jaxlora.model",
+    "forward": "jaxlora.model",
+    "Sampling": "jaxlora.sampling",
+}
 
 __all__ = [
     "BeamSearchOutput",
@@ -35,3 +56,28 @@ __all__ = [
     "stream",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from jaxlora.beam import BeamSearchOutput, beam_search
+    from jaxlora.checkpoint import Model, load
+    from jaxlora.config import ModelConfig
+    from jaxlora.convert import convert
+    from jaxlora.decoding import SampleOutput, sample
+    from jaxlora.errors import JaxloraError
+    from jaxlora.generate import GenerateOutput, StreamChunk, generate, left_pad, stream
+    from jaxlora.hooks import hook_points
+    from jaxlora.losses import score
+    from jaxlora.model import ForwardOutput, embed, forward
+    from jaxlora.sampling import Sampling
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

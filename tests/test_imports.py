@@ -84,3 +84,19 @@ def test_no_import_cycles():
 def test_library_modules_import_each_other_at_the_top():
     _, nested = import_graph()
     assert [n for n in nested if n.split()[0] not in LAZY_IMPORTERS] == []
+
+
+def test_importing_the_package_loads_no_heavy_library_until_a_name_is_used():
+    """`import jaxlora` (and so the CLI's argument errors) costs no JAX/transformers/orbax start-up; the first use
+    of a public name loads its module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxlora\n"
+        "heavy = [m for m in ('jax', 'transformers', 'orbax', 'torch') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(jaxlora.forward) and 'jax' in sys.modules\n"
+        "assert set(jaxlora.__all__) <= set(dir(jaxlora))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
