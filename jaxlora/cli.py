@@ -108,10 +108,11 @@ def cmd_convert(args) -> None:
 def cmd_generate(args) -> None:
     import jax
 
-    from jaxlora.generate import left_pad, stream
+    from jaxlora.generate import check_stop_strings, left_pad, stream
     from jaxlora.text import TextStream, pad_id, prompt_ids, read_prompts
 
     prompts = read_prompts(args.prompt, args.prompt_file, args.batch_file)
+    check_stop_strings(args.stop or ())  # before the model loads
     model, sampling = _start_generation(args)
     tokenizer = model.tokenizer
     ids, mask = left_pad([prompt_ids(tokenizer, text, args.chat) for text in prompts], pad_id(tokenizer))
@@ -210,6 +211,7 @@ def cmd_export(args) -> None:
     from jaxlora import export
 
     seq_len = export.parse_seq_len(args.seq_len)
+    export.check_out(args.format, args.out, args.force)
     model = _load(args)
     options = dict(batch=args.batch, decode_step=args.decode_step, cache_len=args.cache_len, force=args.force)
     _say(export.run(args.format, model, args.out, seq_len=seq_len, **options))

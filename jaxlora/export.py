@@ -27,7 +27,7 @@ from jaxlora.families.table import Split, apply_transform
 from jaxlora.generate import generate
 from jaxlora.model import apply_decoder, forward, get_path
 from jaxlora.sharding import to_host
-from jaxlora.staging import check_replaceable, staged, staged_files
+from jaxlora.staging import check_destination, check_replaceable, staged, staged_files
 
 VERIFY_BATCH, VERIFY_LEN = 2, 11
 GRAPH_NAME = "jaxlora"
@@ -365,6 +365,17 @@ def parse_seq_len(value: str) -> int | None:
     if number < 1:
         raise UsageError(f"--seq-len must be at least 1, got {number}")
     return number
+
+
+RECOGNISERS = {"onnx": recognise_onnx, "stablehlo": recognise_stablehlo, "hf": None}
+
+
+def check_out(fmt: str, out: str | Path, force: bool = False) -> None:
+    """Refuse a format or an output path before anything is loaded (the same checks the writers repeat)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_destination(Path(out))
+    check_replaceable(Path(out), force, RECOGNISERS[fmt])
 
 
 def run(

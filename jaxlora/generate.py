@@ -187,6 +187,11 @@ class DecodePlan:
         return put(value, self.layout.batch if batch_split else self.layout.replicated)
 
 
+def check_stop_strings(stop: Sequence[str]) -> None:
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise UsageError("a stop string must be non-empty text")
+
+
 def make_plan(
     config: ModelConfig,
     batch: int,
@@ -215,8 +220,7 @@ def make_plan(
         raise UsageError("top_logprobs needs return_logprobs=True")
     if stop and tokenizer is None:
         raise UsageError("stop strings need the tokenizer to match text")
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise UsageError("a stop string must be non-empty text")
+    check_stop_strings(stop)
     if sampling is None:
         sampling = Sampling(temperature=temperature or 0.0)
     elif temperature is not None:

@@ -11,6 +11,7 @@ the next write to the same destination removes them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import uuid
@@ -55,10 +56,18 @@ def recognised_folder(path: Path) -> str | None:
 
 
 def check_destination(dst: Path) -> None:
-    """Refuse the current folder, a parent of it, or the filesystem root as a destination."""
+    """Refuse the current folder, a parent of it, or the filesystem root as a destination, and a destination
+    whose nearest existing folder is a file or not writable (cheap: callers check before any heavy work)."""
     resolved, here = dst.resolve(), Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
         raise UsageError(f"refusing to write to {dst}: it is the current folder or one of its parents")
+    existing = resolved.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {dst}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {dst}: {existing} is not writable")
 
 
 def clean_leftovers(dst: Path) -> None:

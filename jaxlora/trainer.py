@@ -111,10 +111,7 @@ def _as_saveable(state):
 def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     """Train; returns the final folder."""
     options.check()
-    mesh = make_mesh(options.mesh) if options.mesh else None
-    model: Model = load(checkpoint, mesh=mesh, attention=options.attention)
-    if model.tokenizer is None:
-        raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
+    # Everything that can be refused without the model is checked before loading it (seconds on a large one).
     run_dir = Path(options.out)
     check_run_folder(run_dir)
     complete = complete_steps(run_dir)
@@ -125,10 +122,17 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
             raise UsageError(f"nothing to resume: {run_dir} has no checkpoints (drop --resume to start a new run)")
         log(f"{run_dir} has no complete checkpoint (its first save was interrupted): starting from step 0")
     manager_exists = bool(complete)
-    train = Batches(read_examples(options.data), model.tokenizer, options.seq_len, pack=options.pack, seed=options.seed)
+    examples = read_examples(options.data)
+    eval_examples = read_examples(options.eval_data) if options.eval_data else None
+
+    mesh = make_mesh(options.mesh) if options.mesh else None
+    model: Model = load(checkpoint, mesh=mesh, attention=options.attention)
+    if model.tokenizer is None:
+        raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
+    train = Batches(examples, model.tokenizer, options.seq_len, pack=options.pack, seed=options.seed)
     evals = None
-    if options.eval_data:
-        evals = Batches(read_examples(options.eval_data), model.tokenizer, options.seq_len, pack=options.pack)
+    if eval_examples is not None:
+        evals = Batches(eval_examples, model.tokenizer, options.seq_len, pack=options.pack)
 
     key = jax.random.key(options.seed)
     if options.full:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 torch.set_num_threads(2)
+
+# One persistent XLA compile cache for the session, this process and every CLI it starts: tests that build the
+# same programs (the same tiny model generating in several CLI runs, forward under several jit wrappers) compile
+# them once. It lives in a temporary folder, so the user's own cache is never written by the tests.
+SESSION_CACHE_HOME = Path(tempfile.mkdtemp(prefix="jaxlora-tests-cache-"))
+os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE_HOME)
+jaxlora.compile_cache.enable(min_compile_seconds=0.2)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHE_HOME, ignore_errors=True)
+
 
 # Prime-ish, mismatched sizes so a transposed or mis-split weight cannot pass by shape alone.
 BASE = dict(

@@ -97,6 +97,6 @@ def test_importing_the_package_loads_no_heavy_library_until_a_name_is_used():
         "heavy = [m for m in ('jax', 'transformers', 'orbax', 'torch') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert callable(jaxlora.forward) and 'jax' in sys.modules\n"
-        "assert set(jaxlora.__all__) <= set(dir(jaxlora))\n"
+        "assert set(jaxlora.__all__) <= set(dir(jaxlora)) and callable(jaxlora.decoding.prefill)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
