@@ -100,3 +100,18 @@ def test_importing_the_package_loads_no_heavy_library_until_a_name_is_used():
         "assert set(jaxlora.__all__) <= set(dir(jaxlora)) and callable(jaxlora.decoding.prefill)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_public_functions_named_like_their_module_stay_functions():
+    """`jaxlora.generate` and `jaxlora.convert` are functions even after their modules are imported directly."""
+    import subprocess
+    import sys
+
+    code = (
+        "from jaxlora.generate import make_plan\n"
+        "from jaxlora.convert import default_dst\n"
+        "import jaxlora, types\n"
+        "assert callable(jaxlora.generate) and not isinstance(jaxlora.generate, types.ModuleType)\n"
+        "assert callable(jaxlora.convert) and not isinstance(jaxlora.convert, types.ModuleType)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
