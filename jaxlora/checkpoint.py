@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora.attention import check_impl
+from jaxlora.compile_cache import enable_by_default as enable_compile_cache
 from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 from jaxlora.lora import Adapters, adapter_shapes, merge
@@ -219,7 +220,12 @@ def load_tokenizer(path: Path):
 
 
 def load(
-    path: str | os.PathLike, dtype: str | None = None, mesh=None, attention: str = "auto", lora: str | None = None
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    mesh=None,
+    attention: str = "auto",
+    lora: str | None = None,
+    compile_cache: bool = True,
 ) -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
@@ -227,6 +233,8 @@ def load(
     shardings, each device reading only its own shard. attention: the attention implementation the returned
     config selects ("auto", "xla", "chunked", "cudnn", "splash"; see `jaxlora.attention`). lora: a jaxlora or
     PEFT adapter folder merged into the params once (generation then runs at the base model's speed).
+    compile_cache: turn on the persistent XLA compile cache (`jaxlora.compile_cache`), so a later process skips the
+    compiles this one does; also off with JAXLORA_COMPILE_CACHE=off.
     """
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -234,6 +242,8 @@ def load(
     path = Path(path)
     config, meta = read_config(path)
     config = config.with_attention(attention)
+    if compile_cache:
+        enable_compile_cache()
     params = restore_params(path, config, meta["dtype"], dtype, mesh)
     if lora is not None:
         params = merge(params, load_adapters(lora, config))

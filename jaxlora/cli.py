@@ -66,6 +66,7 @@ def _load(args, mesh=None):
         mesh=mesh,
         attention=getattr(args, "attention", "auto"),
         lora=args.lora,
+        compile_cache=not getattr(args, "no_compile_cache", False),
     )
     seconds = time.perf_counter() - start
     _say(f"loaded {model.config.family} ({num_params(model.config) / 1e6:.1f}M params) in {seconds:.1f}s")
@@ -86,11 +87,7 @@ def _start_generation(args):
     sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.no_compile_cache:
-        from jaxlora import compile_cache
-
-        compile_cache.enable()
-    model = _load(args, _setup_devices(args))
+    model = _load(args, _setup_devices(args))  # turns the persistent compile cache on unless --no-compile-cache
     if model.tokenizer is None:
         raise UsageError(f"{args.checkpoint} has no tokenizer; use the Python API with token ids")
     return model, sampling

@@ -344,6 +344,39 @@ def test_dynamic_ntk_scaling_has_no_context_limit(tiny):
     assert jaxlora.generate(model.params, model.config, ids, max_new_tokens=8).tokens.shape == (1, 8)
 
 
+CACHE_FOLDER_IN_USE = """
+import sys, jax, jaxlora
+if sys.argv[2] == "own":
+    jax.config.update("jax_compilation_cache_dir", "/tmp/the-programs-own-choice")
+jaxlora.load(sys.argv[1], compile_cache=sys.argv[2] != "argument-off")
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_load_turns_the_persistent_compile_cache_on_unless_told_not_to(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def folder_in_use(mode: str, **env) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "JAXLORA_COMPILE_CACHE"} | env
+        result = subprocess.run(
+            [sys.executable, "-c", CACHE_FOLDER_IN_USE, str(tiny("llama-gqa").jax_dir), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**env, "XDG_CACHE_HOME": str(tmp_path)},
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip()
+
+    assert folder_in_use("default") == str(tmp_path / "jaxlora" / "xla")
+    assert folder_in_use("default", JAXLORA_COMPILE_CACHE=str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+    assert folder_in_use("default", JAXLORA_COMPILE_CACHE="off") in ("", "None")
+    assert folder_in_use("argument-off") in ("", "None")
+    assert folder_in_use("own") == "/tmp/the-programs-own-choice"
+
+
 COMPILE_COUNTER = """
 import sys
 import jax, numpy as np
