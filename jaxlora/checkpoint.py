@@ -24,8 +24,8 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlora import compile_cache as xla_cache
 from jaxlora.attention import check_impl
-from jaxlora.compile_cache import enable_by_default as enable_compile_cache
 from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 from jaxlora.lora import Adapters, adapter_shapes, merge
@@ -225,7 +225,7 @@ def load(
     mesh=None,
     attention: str = "auto",
     lora: str | None = None,
-    compile_cache: bool = True,
+    compile_cache: bool | None = None,
 ) -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
@@ -233,8 +233,8 @@ def load(
     shardings, each device reading only its own shard. attention: the attention implementation the returned
     config selects ("auto", "xla", "chunked", "cudnn", "splash"; see `jaxlora.attention`). lora: a jaxlora or
     PEFT adapter folder merged into the params once (generation then runs at the base model's speed).
-    compile_cache: turn on the persistent XLA compile cache (`jaxlora.compile_cache`), so a later process skips the
-    compiles this one does; also off with JAXLORA_COMPILE_CACHE=off.
+    compile_cache: True turns on the persistent XLA compile cache (`jaxlora.compile_cache`), so a later process
+    skips the compiles this one does; None (the default) follows JAXLORA_COMPILE_CACHE (on, a folder, or unset).
     """
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -243,7 +243,9 @@ def load(
     config, meta = read_config(path)
     config = config.with_attention(attention)
     if compile_cache:
-        enable_compile_cache()
+        xla_cache.enable_unless_chosen()
+    elif compile_cache is None:
+        xla_cache.enable_from_environment()
     params = restore_params(path, config, meta["dtype"], dtype, mesh)
     if lora is not None:
         params = merge(params, load_adapters(lora, config))

@@ -66,7 +66,8 @@ def _load(args, mesh=None):
         mesh=mesh,
         attention=getattr(args, "attention", "auto"),
         lora=args.lora,
-        compile_cache=not getattr(args, "no_compile_cache", False),
+        # generate and chat: on unless --no-compile-cache; other commands: as JAXLORA_COMPILE_CACHE says
+        compile_cache=(not args.no_compile_cache) if hasattr(args, "no_compile_cache") else None,
     )
     seconds = time.perf_counter() - start
     _say(f"loaded {model.config.family} ({num_params(model.config) / 1e6:.1f}M params) in {seconds:.1f}s")
@@ -87,7 +88,7 @@ def _start_generation(args):
     sampling = _sampling(args)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model = _load(args, _setup_devices(args))  # turns the persistent compile cache on unless --no-compile-cache
+    model = _load(args, _setup_devices(args))  # the persistent compile cache on, unless --no-compile-cache
     if model.tokenizer is None:
         raise UsageError(f"{args.checkpoint} has no tokenizer; use the Python API with token ids")
     return model, sampling

@@ -1,8 +1,10 @@
 """The persistent XLA compile cache: a second process compiling the same shapes reads the executables from disk.
 
-`jaxlora.load` turns it on by default (the CLI too), in $XDG_CACHE_HOME/jaxlora/xla; JAXLORA_COMPILE_CACHE=off
-(or `load(..., compile_cache=False)`, or the CLI's --no-compile-cache) keeps it off, JAXLORA_COMPILE_CACHE=FOLDER
-moves it, and a cache folder the program chose itself (jax_compilation_cache_dir) is left as it is.
+The CLI's generate and chat turn it on (in $XDG_CACHE_HOME/jaxlora/xla; --no-compile-cache keeps it off). In the
+Python API it is opt-in: `jaxlora.load(..., compile_cache=True)`, `enable()`, or JAXLORA_COMPILE_CACHE=on|FOLDER.
+Not on by default there: in a long test session (hundreds of programs in one process) JAX's CPU executable
+serialization once aborted the whole process while writing an entry, so a library does not switch it on behind
+a program's back.
 """
 
 from __future__ import annotations
@@ -30,16 +32,20 @@ def enable(folder: str | os.PathLike | None = None, min_compile_seconds: float =
     return folder
 
 
-OFF = {"0", "off", "false", "no"}
+ON = {"1", "on", "true", "yes"}
 
 
-def enable_by_default() -> Path | None:
-    """What `jaxlora.load` does: turn the cache on unless JAXLORA_COMPILE_CACHE says off or the process already
-    has a cache folder of its own. Returns the folder in use (None: off)."""
+def enable_from_environment() -> Path | None:
+    """What `jaxlora.load` does by default: JAXLORA_COMPILE_CACHE=on turns the cache on in the default folder,
+    =FOLDER in that folder; unset or off leaves the process as it is. Returns the folder turned on (None: none)."""
     setting = os.environ.get("JAXLORA_COMPILE_CACHE", "").strip()
-    if setting.lower() in OFF:
+    if not setting or setting.lower() in {"0", "off", "false", "no"}:
         return None
-    chosen = jax.config.jax_compilation_cache_dir
-    if chosen:
-        return Path(chosen)
-    return enable(setting or None)
+    return enable_unless_chosen(None if setting.lower() in ON else setting)
+
+
+def enable_unless_chosen(folder: str | os.PathLike | None = None) -> Path:
+    """`enable`, unless the program already chose a cache folder itself (that one stays). Returns the folder."""
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    return enable(folder)

