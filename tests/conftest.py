@@ -33,6 +33,26 @@ def pytest_unconfigure(config):
     shutil.rmtree(SESSION_CACHE_HOME, ignore_errors=True)
 
 
+# Every XLA:CPU executable keeps a few memory mappings; a whole session compiles thousands of programs, and past
+# the kernel's vm.max_map_count (65530 here) the next compile or cache write crashes the process. Dropping JAX's
+# caches (the executables with them) once the count grows keeps the session far below it.
+MAX_MAPPINGS = 20_000
+
+
+@pytest.fixture(autouse=True)
+def release_compiled_programs():
+    yield
+    with open("/proc/self/maps") as maps:
+        count = sum(1 for _ in maps)
+    if count > MAX_MAPPINGS:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+
+
 # Prime-ish, mismatched sizes so a transposed or mis-split weight cannot pass by shape alone.
 BASE = dict(
     vocab_size=97,
