@@ -21,8 +21,9 @@ import numpy as np
 
 from jaxlora.cache import init_cache
 from jaxlora.config import ModelConfig
+from jaxlora.decoding import checked_prompt
 from jaxlora.errors import UsageError
-from jaxlora.model import apply_decoder, check_context, default_positions
+from jaxlora.model import apply_decoder, default_positions
 
 # transformers' sentinel for "cannot be chosen"; its float32 rounding is part of the semantics being matched.
 EXCLUDED = -1.0e9
@@ -59,20 +60,14 @@ def beam_search(
     "never". Pure and compiled once per shape: works inside a caller's `jax.jit`; config, num_beams,
     max_new_tokens, length_penalty, early_stopping, eos_token_ids and pad_token_id are static.
     """
-    ids = jnp.asarray(input_ids)
-    if ids.ndim != 2 or 0 in ids.shape or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise UsageError(f"input_ids must be integer ids [batch, prompt_len], got {ids.dtype} {ids.shape}")
-    if num_beams < 1 or max_new_tokens < 1:
-        raise UsageError(f"num_beams and max_new_tokens must be at least 1, got {num_beams} and {max_new_tokens}")
+    if num_beams < 1:
+        raise UsageError(f"num_beams must be at least 1, got {num_beams}")
     if early_stopping not in (True, False, "never"):
         raise UsageError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    if mask.shape != ids.shape:
-        raise UsageError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    check_context(config, ids.shape[1], max_new_tokens)
+    ids, mask = checked_prompt(config, input_ids, attention_mask, max_new_tokens)
     return _beam_search(
         params,
-        ids.astype(jnp.int32),
+        ids,
         mask,
         lora,
         config=config,

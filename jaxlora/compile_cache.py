@@ -33,13 +33,14 @@ def enable(folder: str | os.PathLike | None = None, min_compile_seconds: float =
 
 
 ON = {"1", "on", "true", "yes"}
+OFF = {"0", "off", "false", "no"}
 
 
 def enable_from_environment() -> Path | None:
     """What `jaxlora.load` does by default: JAXLORA_COMPILE_CACHE=on turns the cache on in the default folder,
     =FOLDER in that folder; unset or off leaves the process as it is. Returns the folder turned on (None: none)."""
     setting = os.environ.get("JAXLORA_COMPILE_CACHE", "").strip()
-    if not setting or setting.lower() in {"0", "off", "false", "no"}:
+    if not setting or setting.lower() in OFF:
         return None
     return enable_unless_chosen(None if setting.lower() in ON else setting)
 

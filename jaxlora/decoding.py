@@ -287,6 +287,21 @@ def decode(
     return state, *step_major
 
 
+def checked_prompt(config: ModelConfig, input_ids, attention_mask, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The prompt of an on-device generation (`sample`, `beam_search`) as ids [batch, prompt_len] int32 and mask
+    bool, refused in one line when its shapes, dtype or length cannot work."""
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2 or 0 in ids.shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise UsageError(f"input_ids must be integer ids [batch, prompt_len], got {ids.dtype} {ids.shape}")
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise UsageError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    check_context(config, ids.shape[1], max_new_tokens)
+    return ids.astype(jnp.int32), mask
+
+
 class SampleOutput(NamedTuple):
     """tokens [batch, max_new_tokens] int32 (pad after a row's end); lengths [batch] int32. Device arrays."""
 
@@ -317,20 +332,12 @@ def sample(
     sampling (a `Sampling` of numbers or tuples), eos_token_ids, pad_token_id. Greedy and sampled tokens equal
     `generate`'s for the same key. No stop strings or streaming: use `generate` / `stream` for those.
     """
-    ids = jnp.asarray(input_ids)
-    if ids.ndim != 2 or 0 in ids.shape or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise UsageError(f"input_ids must be integer ids [batch, prompt_len], got {ids.dtype} {ids.shape}")
-    if max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    if mask.shape != ids.shape:
-        raise UsageError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    check_context(config, ids.shape[1], max_new_tokens)
+    ids, mask = checked_prompt(config, input_ids, attention_mask, max_new_tokens)
     sampling = Sampling() if sampling is None else sampling
     keys = row_keys(key, ids.shape[0], sampling.compile(ids.shape[0])[0].sample)
     return _sample(
         params,
-        ids.astype(jnp.int32),
+        ids,
         mask,
         keys,
         lora,

@@ -67,11 +67,8 @@ def matmul_gflops(rows: int, inner: int, cols: int, repeat: int = 7) -> float:
     return 2 * rows * inner * cols / median_of(lambda: dot(a, b).block_until_ready(), repeat) / 1e9
 
 
-def measure_limits(checkpoint: Path, prefill_len: int) -> dict:
-    """The machine's read bandwidth and matmul rate, and the model's bytes and FLOPs (run in a fresh process)."""
-    import jaxlora
-
-    config = jaxlora.load(checkpoint).config
+def measure_limits(config, prefill_len: int) -> dict:
+    """The machine's read bandwidth and matmul rate at the model's prefill shape (run in a fresh process)."""
     return {
         "bandwidth_gbs": read_bandwidth_gbs(),
         "matmul_gflops": matmul_gflops(prefill_len, config.hidden_size, config.intermediate_size),
@@ -79,13 +76,10 @@ def measure_limits(checkpoint: Path, prefill_len: int) -> dict:
     }
 
 
-def model_costs(checkpoint: Path) -> dict:
+def model_costs(model) -> dict:
     """Bytes of weights a decode step reads, FLOPs per token by the weights, and the KV/attention sizes."""
     import jax
 
-    import jaxlora
-
-    model = jaxlora.load(checkpoint)
     config, params = model.config, model.params
     leaves = jax.tree.leaves(params)
     weight_bytes = sum(x.nbytes for x in leaves)
@@ -232,10 +226,10 @@ def run_side(args) -> dict:
     for name in SIDE_IMPORTS.get(args.side, ()):
         importlib.import_module(name)
     if args.side == "limits":
-        return {
-            "limits": measure_limits(Path(args.checkpoint), args.prefill_len),
-            "costs": model_costs(Path(args.checkpoint)),
-        }
+        import jaxlora
+
+        model = jaxlora.load(args.checkpoint)
+        return {"limits": measure_limits(model.config, args.prefill_len), "costs": model_costs(model)}
     return bench_jax(args) if args.side == "jaxlora" else bench_torch(args)
 
 

@@ -241,6 +241,27 @@ def save_hf(model, folder: Path, fmt: str = "safetensors") -> Path:
     return folder
 
 
+def transformers_beams(torch_model, ids, mask=None, pad_token_id=0, **options):
+    """transformers' beam search, every hypothesis returned: (tokens after the prompt, lengths, sequences_scores),
+    each [batch, beams, ...]."""
+    beams = options["num_beams"]
+    kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask, dtype=torch.long)}
+    with torch.no_grad():
+        out = torch_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            do_sample=False,
+            num_return_sequences=beams,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad_token_id,
+            **kwargs,
+            **options,
+        )
+    lengths = (out.beam_indices >= 0).sum(-1).numpy().reshape(len(ids), beams)
+    tokens = out.sequences[:, ids.shape[1] :].numpy().reshape(len(ids), beams, -1)
+    return tokens, lengths, out.sequences_scores.numpy().reshape(len(ids), beams)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(name) -> TinyModel, converted once per session."""

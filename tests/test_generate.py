@@ -233,6 +233,26 @@ def test_sample_runs_on_device_and_equals_generate(tiny):
     np.testing.assert_array_equal(np.asarray(stopped.lengths), reference.lengths)
 
 
+@pytest.mark.parametrize(
+    "call, edits, message",
+    [
+        ("sample", dict(input_ids=[1, 2, 3]), r"input_ids must be integer ids \[batch, prompt_len\]"),
+        ("sample", dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        ("sample", dict(attention_mask=np.ones((1, 2), bool)), "attention_mask shape"),
+        ("beam_search", dict(num_beams=0), "num_beams must be at least 1"),
+        ("beam_search", dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
+        ("beam_search", dict(input_ids=np.ones((1, 3), np.float32)), "input_ids must be integer ids"),
+    ],
+)
+def test_on_device_generation_refuses_bad_arguments(tiny, call, edits, message):
+    model = tiny("llama-gqa").load()
+    kwargs = dict(input_ids=random_ids((1, 3), 97), max_new_tokens=4) | (
+        {"num_beams": 2} if call == "beam_search" else {}
+    )
+    with pytest.raises(UsageError, match=message):
+        getattr(jaxlora, call)(model.params, model.config, **(kwargs | edits))
+
+
 def test_vmap_sample_over_keys_equals_separate_calls(tiny):
     model = tiny("llama-gqa").load()
     ids = random_ids((2, 6), model.config.vocab_size, seed=3)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS, hf_model, random_ids, save_hf
+from conftest import TINY_CONFIGS, hf_model, random_ids, save_hf, transformers_beams
 
 import jaxlora
 
@@ -164,26 +164,6 @@ def test_sampled_logprobs_match_transformers_processors(tiny):
         np.testing.assert_allclose(out.logprobs[:, step], expected, rtol=0, atol=ATOL)
         np.testing.assert_allclose(out.raw_logprobs[:, step], raw, rtol=0, atol=ATOL)
     assert np.abs(out.logprobs - out.raw_logprobs).min() > 1e-3, "the processors changed nothing here"
-
-
-def transformers_beams(torch_model, ids, mask=None, **options):
-    """transformers' beam search: (tokens after the prompt, lengths, scores), each [batch, beams, ...]."""
-    beams = options["num_beams"]
-    kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask, dtype=torch.long)}
-    with torch.no_grad():
-        out = torch_model.generate(
-            torch.tensor(ids, dtype=torch.long),
-            do_sample=False,
-            num_return_sequences=beams,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-            **kwargs,
-            **options,
-        )
-    lengths = (out.beam_indices >= 0).sum(-1).numpy().reshape(len(ids), beams)
-    tokens = out.sequences[:, ids.shape[1] :].numpy().reshape(len(ids), beams, -1)
-    return tokens, lengths, out.sequences_scores.numpy().reshape(len(ids), beams)
 
 
 BEAM_CASES = {

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import transformers_beams
 
 import jaxlora
 
@@ -97,25 +98,15 @@ def test_beam_search_matches_transformers(smollm2):
     out = jaxlora.beam_search(
         model.params, model.config, ids, attention_mask=mask, eos_token_ids=model.eos_token_ids, **options
     )
-    with torch.no_grad():
-        ref = reference.generate(
-            torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            do_sample=False,
-            num_return_sequences=3,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=model.tokenizer.pad_token_id,
-            **options,
-        )
-    ref_lengths = (ref.beam_indices >= 0).sum(-1).numpy().reshape(2, 3)
-    ref_tokens = ref.sequences[:, ids.shape[1] :].numpy().reshape(2, 3, -1)
+    ref_tokens, ref_lengths, ref_scores = transformers_beams(
+        reference, ids, mask, pad_token_id=model.tokenizer.pad_token_id, **options
+    )
     np.testing.assert_array_equal(np.asarray(out.lengths), ref_lengths)
     for b, k in np.ndindex(ref_lengths.shape):
         np.testing.assert_array_equal(
             np.asarray(out.tokens)[b, k, : ref_lengths[b, k]], ref_tokens[b, k, : ref_lengths[b, k]]
         )
-    np.testing.assert_allclose(np.asarray(out.scores), ref.sequences_scores.numpy().reshape(2, 3), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.scores), ref_scores, rtol=1e-4)
     assert ref_lengths.min() < 16, "no hypothesis reached EOS: the finished-beam logic went untested here"
 
 
