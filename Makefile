@@ -25,8 +25,9 @@ demo: install
 	@test -f $(DEMO_CKPT)/config.json || $(BIN)/jaxlora convert "$$($(BIN)/python scripts/demo_model.py)" $(DEMO_CKPT)
 	$(BIN)/jaxlora generate $(DEMO_CKPT) --chat --max-new-tokens 96 --prompt "$(DEMO_PROMPT)"
 
+# One pytest worker per core (at most 4), each test file on one worker so its module fixtures are built once.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench: install
 	$(BIN)/python scripts/bench.py

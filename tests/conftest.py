@@ -293,17 +293,34 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def shared_between_workers(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run sees (each worker's own temp folder sits inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
-def smollm2(smollm2_gguf, tmp_path_factory):
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 converted by jaxlora, once per test run: the first worker to ask converts, the others wait for it."""
+    from filelock import FileLock
+
+    root = shared_between_workers(tmp_path_factory)
+    dst = root / "smollm2" / "jax"
+    with FileLock(str(root / "smollm2.lock")):
+        if not (dst / "config.json").exists():  # convert stages its output: a finished folder or none
+            jaxlora.convert(str(smollm2_gguf), dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_checkpoint, smollm2_gguf):
     """(jaxlora checkpoint dir, transformers model loaded from the same GGUF)."""
     from transformers import AutoModelForCausalLM
 
-    dst = tmp_path_factory.mktemp("smollm2") / "jax"
-    jaxlora.convert(str(smollm2_gguf), dst)
     reference = AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
-    return dst, reference
+    return smollm2_checkpoint, reference
 
 
 # Sizes that split over 2, 4 and 8 devices (8 heads, 8 kv heads, mlp 128, vocab 128).
@@ -323,11 +340,11 @@ TINY_WITH_TOKENIZER = dict(EVEN, vocab_size=49152, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_with_tokenizer(smollm2, tmp_path_factory) -> Path:
+def tiny_with_tokenizer(smollm2_checkpoint, tmp_path_factory) -> Path:
     """A folder with `hf/` (the HF source, SmolLM2's tokenizer files included) and `jax/` (converted)."""
     import shutil
 
-    dst, _ = smollm2
+    dst = smollm2_checkpoint
     root = tmp_path_factory.mktemp("tiny-tokenizer")
     save_hf(hf_model(TINY_WITH_TOKENIZER), root / "hf")
     for file in (dst / "tokenizer").iterdir():

@@ -1,9 +1,10 @@
 """A corpus of bad input across the whole CLI, as a hostile-but-realistic user would give it.
 
-Every case runs `jaxlora ...` in a subprocess under an address-space limit (an allocation bomb fails the case,
-not the machine), in a folder of its own that also holds files of the user's. Each must end with exit status 1,
-exactly one `error:` line saying what is wrong, no traceback, and that folder exactly as it was (nothing new,
-nothing half-written, nothing of the user's touched). The shared inputs (checkpoints, adapters) are checked
+Every case runs `jaxlora ...` in a process of its own under an address-space limit (an allocation bomb fails the
+case, not the machine), in a folder of its own that also holds files of the user's; the process is forked from a
+server that has imported the libraries once (forked_cli.py). Each must end with exit status 1, exactly one
+`error:` line saying what is wrong, no traceback, and that folder exactly as it was (nothing new, nothing
+half-written, nothing of the user's touched). The shared inputs (checkpoints, adapters) are checked
 unchanged at the end. The cases run a few at a time in a module fixture; each is reported as its own test.
 """
 
@@ -15,12 +16,12 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import forked_cli
 import jax
 import pytest
 import torch
@@ -32,12 +33,6 @@ from jaxlora.checkpoint import adapters_to_peft, save_adapters
 
 MEMORY_LIMIT = 6 << 30  # bytes of address space for each case's process (JAX on CPU needs about 2 GiB)
 WORKERS = 3
-# The runner: the CLI's own entry point, after capping the address space.
-LIMITED = (
-    "import resource, runpy, sys; "
-    f"resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT})); "
-    "sys.argv[0] = 'jaxlora'; runpy.run_module('jaxlora', run_name='__main__', alter_sys=True)"
-)
 
 
 @dataclass(frozen=True)
@@ -580,10 +575,8 @@ def run_case(item: Case, folder: Path, shared: dict) -> Result:
     args = [arg.format(**names) if "{" in arg else arg for arg in item.args]
     before = fingerprint(folder)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(folder.parent / "cache")}
-    process = subprocess.run(
-        [sys.executable, "-c", LIMITED, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=300
-    )
-    return Result(process, before, fingerprint(folder))
+    code, out, err = forked_cli.run(args, folder, env, folder.parent / f"{item.name}.log", MEMORY_LIMIT, timeout=300)
+    return Result(subprocess.CompletedProcess(["jaxlora", *args], code, out, err), before, fingerprint(folder))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from jaxlora.chat import ChatSession
 pytestmark = pytest.mark.real
 
 
-def test_second_turn_reuses_the_cache_and_matches_a_fresh_generation(smollm2):
-    dst, _ = smollm2
+def test_second_turn_reuses_the_cache_and_matches_a_fresh_generation(smollm2_checkpoint):
+    dst = smollm2_checkpoint
     model = jaxlora.load(dst)
     session = ChatSession(model, max_new_tokens=40)
     replies = []

@@ -104,16 +104,16 @@ def test_empty_batch_file(tmp_path):
 
 
 @pytest.mark.real
-def test_prompt_longer_than_the_context(smollm2, tmp_path):
-    dst, _ = smollm2
+def test_prompt_longer_than_the_context(smollm2_checkpoint, tmp_path):
+    dst = smollm2_checkpoint
     (tmp_path / "long.txt").write_text("word " * 8200)
     result = run_cli("generate", dst, "--prompt-file", tmp_path / "long.txt", "--max-new-tokens", "4")
     assert_clean_error(result, "exceeds the model's context of 8192 tokens")
 
 
 @pytest.mark.real
-def test_batch_file_prints_one_json_line_per_prompt(smollm2, tmp_path):
-    dst, _ = smollm2
+def test_batch_file_prints_one_json_line_per_prompt(smollm2_checkpoint, tmp_path):
+    dst = smollm2_checkpoint
     (tmp_path / "prompts.txt").write_text("What is the capital of France?\n\nWhat is 2 + 2?\n")
     result = run_cli(
         "generate",
@@ -135,8 +135,8 @@ def test_batch_file_prints_one_json_line_per_prompt(smollm2, tmp_path):
 
 
 @pytest.mark.real
-def test_chat_command_answers_each_line(smollm2):
-    dst, _ = smollm2
+def test_chat_command_answers_each_line(smollm2_checkpoint):
+    dst = smollm2_checkpoint
     result = subprocess.run(
         [sys.executable, "-m", "jaxlora", "chat", str(dst), "--max-new-tokens", "32"],
         input="What is the capital of France?\nAnd of Italy?\n",
@@ -149,10 +149,10 @@ def test_chat_command_answers_each_line(smollm2):
 
 
 @pytest.mark.real
-def test_generate_uses_a_persistent_compile_cache_unless_told_not_to(smollm2, tmp_path):
+def test_generate_uses_a_persistent_compile_cache_unless_told_not_to(smollm2_checkpoint, tmp_path):
     import os
 
-    dst, _ = smollm2
+    dst = smollm2_checkpoint
     for flags, cache_home in (([], tmp_path / "on"), (["--no-compile-cache"], tmp_path / "off")):
         result = subprocess.run(
             [sys.executable, "-m", "jaxlora", "generate", str(dst), "--prompt", "Hi", "--max-new-tokens", "4", *flags],
@@ -167,8 +167,8 @@ def test_generate_uses_a_persistent_compile_cache_unless_told_not_to(smollm2, tm
 
 
 @pytest.mark.real
-def test_info_and_chat_generate_on_smollm2(smollm2):
-    dst, _ = smollm2
+def test_info_and_chat_generate_on_smollm2(smollm2_checkpoint):
+    dst = smollm2_checkpoint
     info = run_cli("info", dst)
     assert info.returncode == 0, info.stderr
     assert "134,515,008" in info.stdout and "llama" in info.stdout

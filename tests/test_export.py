@@ -192,11 +192,11 @@ def test_onnx_weights_sidecar_keeps_the_final_name(tmp_path):
 
 
 @pytest.mark.real
-def test_hf_export_of_the_gguf_converted_smollm2(smollm2, tmp_path):
+def test_hf_export_of_the_gguf_converted_smollm2(smollm2_checkpoint, tmp_path):
     """GGUF -> jaxlora -> HF safetensors: transformers loads the folder, tokenizer included, with our logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dst, _ = smollm2
+    dst = smollm2_checkpoint
     model = jaxlora.load(dst)
     export_hf(model, tmp_path / "hf")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

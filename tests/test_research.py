@@ -58,8 +58,8 @@ def readme_snippets(section: str) -> list[str]:
 
 
 @pytest.mark.real
-def test_readme_research_snippets_run_as_written(smollm2, monkeypatch, tmp_path):
-    dst, _ = smollm2
+def test_readme_research_snippets_run_as_written(smollm2_checkpoint, monkeypatch, tmp_path):
+    dst = smollm2_checkpoint
     snippets = readme_snippets("### Research")
     assert len(snippets) >= 6
     (tmp_path / "checkpoints").mkdir()

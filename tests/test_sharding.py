@@ -141,8 +141,8 @@ def run_cli(args, devices):
 
 
 @pytest.mark.real
-def test_cli_generate_and_chat_on_a_mesh_match_one_device(smollm2):
-    dst, _ = smollm2
+def test_cli_generate_and_chat_on_a_mesh_match_one_device(smollm2_checkpoint):
+    dst = smollm2_checkpoint
     common = ["--max-new-tokens", "24", "--no-compile-cache"]
     prompt = ["--chat", "--prompt", "What is the capital of France?"]
     alone = run_cli(["generate", dst, *prompt, *common], devices=1)

@@ -36,9 +36,9 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def tiny_chat(smollm2, tmp_path_factory):
+def tiny_chat(smollm2_checkpoint, tmp_path_factory):
     """A tiny random llama that speaks SmolLM2's tokenizer (and chat template), converted, plus its torch twin."""
-    dst, _ = smollm2
+    dst = smollm2_checkpoint
     root = tmp_path_factory.mktemp("tiny-chat")
     torch_model = hf_model(TINY, seed=3)
     save_hf(torch_model, root / "hf")
