@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -29,3 +31,115 @@ def score(params, config: ModelConfig, input_ids, attention_mask=None, lora=None
     mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     logits = forward(params, config, ids, attention_mask=mask, lora=lora)
     return jnp.where(mask[:, :-1] & mask[:, 1:], next_token_logprobs(logits, ids), 0.0)
+
+
+# Rows of the vocabulary projection computed at once by `head_cross_entropy`: about 8M logits (32 MB float32).
+HEAD_CHUNK_LOGITS = 1 << 23
+
+
+def _chunk_logits(hidden, weight, bias, vocab_major: bool, softcap: float | None):
+    """float32 logits of one chunk of rows [rows, hidden] and, with a soft-cap, its tanh (for the derivative)."""
+    contract = (1,) if vocab_major else (0,)
+    z = jax.lax.dot_general(hidden, weight.astype(hidden.dtype), (((1,), contract), ((), ())))
+    if bias is not None:
+        z = z + bias.astype(z.dtype)
+    z = z.astype(jnp.float32)
+    if softcap is None:
+        return z, None
+    tanh = jnp.tanh(z / softcap)
+    return softcap * tanh, tanh
+
+
+def _chunk_loss_and_dlogits(hidden, weight, bias, targets, weights, vocab_major, softcap):
+    """One chunk's summed weighted cross-entropy and its gradient with respect to the pre-cap logits."""
+    z, tanh = _chunk_logits(hidden, weight, bias, vocab_major, softcap)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+    loss = jnp.sum(weights * (lse - picked))
+    dz = (jnp.exp(z - lse[:, None]) - jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype)) * weights[:, None]
+    return loss, dz if tanh is None else dz * (1 - tanh * tanh)
+
+
+def _in_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _head_loss(hidden, weight, bias, targets, weights, vocab_major, softcap, chunk):
+    def body(total, rows):
+        h, t, w = rows
+        z, _ = _chunk_logits(h, weight, bias, vocab_major, softcap)
+        picked = jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        return total + jnp.sum(w * (jax.nn.logsumexp(z, axis=-1) - picked)), None
+
+    rows = (_in_chunks(hidden, chunk), _in_chunks(targets, chunk), _in_chunks(weights, chunk))
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), rows)[0]
+
+
+def _head_loss_fwd(hidden, weight, bias, targets, weights, vocab_major, softcap, chunk):
+    # The gradient with respect to the hidden states is computed here, chunk by chunk, as the loss is: the
+    # backward pass then only scales it, and no [rows, vocab] array outlives its chunk.
+    contract = (0,) if vocab_major else (1,)
+
+    def body(total, rows):
+        h, t, w = rows
+        loss, dlogits = _chunk_loss_and_dlogits(h, weight, bias, t, w, vocab_major, softcap)
+        dh = jax.lax.dot_general(dlogits.astype(h.dtype), weight.astype(h.dtype), (((1,), contract), ((), ())))
+        return total + loss, dh
+
+    rows = (_in_chunks(hidden, chunk), _in_chunks(targets, chunk), _in_chunks(weights, chunk))
+    total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), rows)
+    return total, (dh.reshape(hidden.shape), hidden, weight, bias, targets, weights)
+
+
+def _head_loss_bwd(vocab_major, softcap, chunk, residuals, g):
+    dh, hidden, weight, bias, targets, weights = residuals
+
+    # The head's own gradient, recomputed chunk by chunk; when the head is frozen nothing uses it and XLA drops
+    # this loop.
+    def body(sums, rows):
+        h, t, w = rows
+        _, dlogits = _chunk_loss_and_dlogits(h, weight, bias, t, w, vocab_major, softcap)
+        dlogits = dlogits.astype(h.dtype)
+        if vocab_major:  # weight [vocab, hidden]
+            dw = jax.lax.dot_general(dlogits, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:  # kernel [hidden, vocab]
+            dw = jax.lax.dot_general(h, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return (sums[0] + dw, sums[1] + dlogits.sum(0, dtype=jnp.float32)), None
+
+    rows = (_in_chunks(hidden, chunk), _in_chunks(targets, chunk), _in_chunks(weights, chunk))
+    start = (jnp.zeros(weight.shape, jnp.float32), jnp.zeros(weight.shape[0 if vocab_major else 1], jnp.float32))
+    (dw, dbias), _ = jax.lax.scan(body, start, rows)
+    return (
+        (g * dh).astype(hidden.dtype),
+        (g * dw).astype(weight.dtype),
+        None if bias is None else (g * dbias).astype(bias.dtype),
+        None,
+        None,
+    )
+
+
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
+
+
+def head_cross_entropy(
+    hidden, weight, bias, targets, weights, *, vocab_major: bool, softcap: float | None = None
+) -> jax.Array:
+    """sum(weights * -log softmax(logits)[targets]) where logits = hidden @ head (+ bias, then the soft-cap), without
+    ever holding the [rows, vocab] logits: the rows go through the vocabulary projection a chunk at a time.
+
+    hidden [rows, hidden] (the final norm's output); weight: the tied embedding [vocab, hidden] (vocab_major) or an
+    lm_head kernel [hidden, vocab]; bias [vocab] or None; targets [rows] int32; weights [rows] float32. The same
+    value and gradients as computing the full logits and `next_token_logprobs`, with the same FLOPs: under
+    differentiation the forward pass also computes the gradient with respect to `hidden` (the projection the
+    backward pass would otherwise do), and the head's own gradient is computed only where something uses it.
+    """
+    rows = hidden.shape[0]
+    vocab = weight.shape[0 if vocab_major else 1]
+    chunk = min(max(16, HEAD_CHUNK_LOGITS // vocab), rows)
+    padded = -(-rows // chunk) * chunk
+    if padded != rows:  # padding rows weigh 0: no loss, no gradient
+        hidden = jnp.pad(hidden, ((0, padded - rows), (0, 0)))
+        targets = jnp.pad(targets, (0, padded - rows))
+        weights = jnp.pad(weights, (0, padded - rows))
+    return _head_loss(hidden, weight, bias, targets, weights, vocab_major, softcap, chunk)

@@ -297,12 +297,14 @@ class Decoder(nn.Module):
         write_index=0,
         logits_at=None,
         inputs_embeds=None,
+        project: bool = True,
     ):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache);
         inputs_embeds [batch, seq, hidden] in place of input_ids (see `embed`).
 
         Returns logits [batch, seq, vocab] float32, or [batch, 1, vocab] at sequence index `logits_at` (which skips
-        the vocab projection everywhere else), and the updated cache (None without a cache).
+        the vocab projection everywhere else), and the updated cache (None without a cache). project=False returns
+        the final norm's output [batch, seq, hidden] in place of the logits (a loss can then project it in chunks).
         """
         c = self.config
         embedding = self.embed.embedding
@@ -327,13 +329,15 @@ class Decoder(nn.Module):
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         x = at_site(self, self.sites, "ln_final.hook_normalized", self.final_norm(x))
+        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
+        if not project:
+            return x, new_cache
         if c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.T.astype(x.dtype))
         else:
             logits = self.lm_head(x)
         if c.final_softcap is not None:
             logits = c.final_softcap * jnp.tanh(logits.astype(jnp.float32) / c.final_softcap)
-        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
         return logits.astype(jnp.float32), new_cache
 
 
@@ -370,6 +374,7 @@ def run_decoder(
     remat: bool = False,
     inputs_embeds=None,
     sites: Sites | None = None,
+    project: bool = True,
 ) -> tuple[jax.Array, KVCache | None, dict]:
     """Run the decoder: the one way every caller (forward, generation, training, export) does.
 
@@ -378,14 +383,14 @@ def run_decoder(
     project to logits alone ([batch, 1, vocab]); lora: `jaxlora.lora.Adapters` (unmerged); dropout_key: a PRNG key
     that turns LoRA dropout on (training); remat: recompute each layer in the backward pass; inputs_embeds
     [batch, seq, hidden]: embedding rows in place of input_ids (pass None for input_ids); sites: hook points to
-    edit or capture (`jaxlora.hooks.make_sites`).
+    edit or capture (`jaxlora.hooks.make_sites`); project=False: the final norm's output in place of the logits.
     Returns logits [batch, seq or 1, vocab] float32, the updated cache (None without one) and {site: activation}
     for the captured hook points.
     """
     model = Decoder(config, None if lora is None else lora.config, remat, sites)
     variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    args = (input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds)
+    args = (input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds, project)
     if sites is None or not sites.capture:
         logits, new_cache = model.apply(variables, *args, rngs=rngs)
         return logits, new_cache, {}

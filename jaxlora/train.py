@@ -19,8 +19,8 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig
-from jaxlora.losses import next_token_logprobs
-from jaxlora.model import apply_decoder, default_positions
+from jaxlora.losses import head_cross_entropy, next_token_logprobs
+from jaxlora.model import apply_decoder, default_positions, run_decoder
 
 
 @struct.dataclass
@@ -50,13 +50,27 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
         params = jax.tree.map(lambda p: p.astype(dtype), params)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].astype(bool)
-    logits, _ = apply_decoder(
-        params, config, ids, default_positions(mask), mask, lora=lora, dropout_key=key, remat=remat
-    )
     # Position t predicts token t + 1; count only targets that are real and asked for, predicted from a real token
     # (in a left-padded row the last padding slot would otherwise "predict" the first real token).
     weight = (batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
+    options = dict(lora=lora, dropout_key=key, remat=remat)
+    if lora is not None and "lm_head" in lora.config.targets:  # an adapted head: project it as the model does
+        logits, _ = apply_decoder(params, config, ids, default_positions(mask), mask, **options)
+        return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
+    hidden, _, _ = run_decoder(params, config, ids, default_positions(mask), mask, project=False, **options)
+    tied = config.tie_word_embeddings
+    head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
+    bias = None if tied else params["lm_head"].get("bias")
+    total = head_cross_entropy(
+        hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+        head,
+        bias,
+        ids[:, 1:].reshape(-1),
+        weight.reshape(-1),
+        vocab_major=tied,
+        softcap=config.final_softcap,
+    )
+    return total, weight.sum()
 
 
 def _owned(x: jax.Array, home: jax.sharding.Sharding) -> jax.Array:

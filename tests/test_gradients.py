@@ -17,6 +17,7 @@ from jaxlora.checkpoint import Model
 from jaxlora.export import hf_tensors
 from jaxlora.losses import next_token_logprobs
 from jaxlora.peft import export_peft
+from jaxlora.train import token_loss
 
 RTOL = 1e-4
 
@@ -28,11 +29,12 @@ def batch(vocab: int, seed: int = 0) -> dict:
 
 
 def jax_loss(params, config, data, lora_weights=None, inputs_embeds=None):
-    """Summed next-token negative log-likelihood over the targets whose loss_mask is 1."""
+    """Summed next-token negative log-likelihood over the targets whose loss_mask is 1: the training loss (which
+    projects the vocabulary in chunks, with its own gradient), or from `forward`'s logits for inputs_embeds."""
     ids = jnp.asarray(data["input_ids"])
-    logits = jaxlora.forward(
-        params, config, None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds, lora=lora_weights
-    )
+    if inputs_embeds is None:
+        return token_loss(params, config, {**data, "attention_mask": np.ones_like(data["input_ids"])}, lora_weights)[0]
+    logits = jaxlora.forward(params, config, None, inputs_embeds=inputs_embeds, lora=lora_weights)
     return -(next_token_logprobs(logits, ids) * data["loss_mask"][:, 1:]).sum()
 
 
@@ -51,7 +53,9 @@ def assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
     assert err <= RTOL, f"{name}: gradients differ by {err:.2e} of their scale"
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-mha", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa", "llama-tied-mha", "gemma2", "phi3", "gpt2", "gptj", "gpt_neox", "mixtral"]
+)
 def test_param_gradients_match_torch(tiny, name):
     """Every param, fused tensors included: our gradient tree goes back to transformers' names through the family
     table, as `export hf` takes params (the table's maps are linear, so they carry gradients too)."""
@@ -131,8 +135,6 @@ def test_input_embedding_gradients_match_torch(tiny, name):
 def test_token_loss_equals_torch_cross_entropy(tiny):
     """The training loss: next-token cross-entropy over the targets whose loss_mask is 1, that are real tokens and
     that a real token predicts (a left-padded row's first token is not a target), summed, with its token count."""
-    from jaxlora.train import token_loss
-
     m = tiny("llama-gqa")
     model = m.load()
     data = batch(model.config.vocab_size, seed=3)
@@ -146,3 +148,39 @@ def test_token_loss_equals_torch_cross_entropy(tiny):
     weight = data["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]
     assert float(count) == weight.sum() > 0
     assert float(total) == pytest.approx(float((nll * weight).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "vocab_major, softcap, use_bias", [(True, None, False), (False, None, True), (True, 3.0, False), (False, 3.0, True)]
+)
+def test_chunked_head_loss_equals_the_full_logits(monkeypatch, vocab_major, softcap, use_bias):
+    """The training loss's vocabulary projection in chunks (with a ragged last chunk): its value and its gradients
+    with respect to the hidden states, the head and its bias equal those of the whole [rows, vocab] logits."""
+    from jaxlora import losses
+
+    rows, width, vocab = 37, 24, 50
+    monkeypatch.setattr(losses, "HEAD_CHUNK_LOGITS", 16 * vocab)  # chunks of 16 rows: 37 = 16 + 16 + 5
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (rows, width))
+    weight = jax.random.normal(keys[1], (vocab, width) if vocab_major else (width, vocab))
+    bias = jax.random.normal(keys[2], (vocab,)) if use_bias else None
+    targets = jnp.asarray(random_ids((rows,), vocab, seed=4))
+    weights = jnp.asarray(np.random.default_rng(5).integers(0, 2, rows), jnp.float32)
+
+    def full(h, w, b):
+        logits = h @ (w.T if vocab_major else w) + (0.0 if b is None else b)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=-1)[:, 0]
+        return -(weights * picked).sum()
+
+    def chunked(h, w, b):
+        return losses.head_cross_entropy(h, w, b, targets, weights, vocab_major=vocab_major, softcap=softcap)
+
+    argnums = (0, 1, 2) if use_bias else (0, 1)
+    want_value, want_grads = jax.value_and_grad(full, argnums)(hidden, weight, bias)
+    got_value, got_grads = jax.value_and_grad(chunked, argnums)(hidden, weight, bias)
+    assert abs(float(got_value) - float(want_value)) <= 1e-5 * abs(float(want_value))
+    for name, got, want in zip(("hidden", "head", "bias"), got_grads, want_grads, strict=False):
+        assert_close(np.asarray(got), np.asarray(want), name)
+    assert float(jax.jit(chunked)(hidden, weight, bias)) == pytest.approx(float(want_value), rel=1e-5)
