@@ -295,6 +295,24 @@ MUTANTS = [
         "-k",
         "accumulation",
     ),
+    m(
+        "chunked head loss drops the soft-cap's derivative",
+        "losses.py",
+        "return loss, dz if tanh is None else dz * (1 - tanh * tanh)",
+        "return loss, dz",
+        "tests/test_gradients.py",
+        "-k",
+        "chunked_head or param_gradients",
+    ),
+    m(
+        "chunked head loss gives the head no gradient",
+        "losses.py",
+        "(g * dw).astype(weight.dtype),",
+        "jnp.zeros_like(weight),",
+        "tests/test_gradients.py",
+        "-k",
+        "chunked_head or param_gradients",
+    ),
     # Stop strings, EOS, cache write offsets, chat-turn positions.
     m(
         "stop string ends one token late",
