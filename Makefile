@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_CKPT := checkpoints/smollm2-135m-instruct
 DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 
-.PHONY: demo test lint bench bench-longctx mutants install
+.PHONY: demo test lint bench bench-longctx bench-finetune mutants install
 
 install: $(BIN)/.installed
 
@@ -34,6 +34,9 @@ bench: install
 
 bench-longctx: install
 	$(BIN)/python scripts/bench_longctx.py
+
+bench-finetune: install
+	$(BIN)/python scripts/bench_finetune.py
 
 # Not part of `make test` (it runs the relevant tests once per mutant): see README, "What is tested, where".
 mutants: install
