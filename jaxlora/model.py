@@ -48,8 +48,35 @@ class Linear(nn.Module):
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
             if self.lora.dropout > 0 and self.has_rng("dropout"):
                 x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
-            y = y + self.lora.scale * jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
+            y = y + low_rank_update(x, a.astype(x.dtype), b.astype(x.dtype), self.lora.scale)
         return y
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank_update(x, a, b, scale: float):
+    """scale * (x @ a) @ b for x [..., in], a [in, rank], b [rank, out]: a LoRA adapter's output."""
+    return scale * jnp.dot(jnp.dot(x, a), b)
+
+
+def _low_rank_update_fwd(x, a, b, scale):
+    xa = jnp.dot(x, a)
+    return scale * jnp.dot(xa, b), (x, a, b, xa)
+
+
+def _low_rank_update_bwd(scale, residuals, dy):
+    # The adapters' weight gradients contract over the tokens. Written as (rank-sized)^T @ (token-major), the
+    # small operand is the one transposed: autodiff's x^T @ g would copy every layer input [tokens, in] transposed.
+    x, a, b, xa = residuals
+    rows = (((0,), (0,)), ((), ()))
+    x2, xa2, dy2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dxa = scale * jnp.dot(dy2, b.T)
+    db = scale * jax.lax.dot_general(xa2, dy2, rows)
+    da = jax.lax.dot_general(dxa, x2, rows).T
+    dx = jnp.dot(dxa, a.T).reshape(x.shape)
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank_update.defvjp(_low_rank_update_fwd, _low_rank_update_bwd)
 
 
 ACTIVATIONS = {
