@@ -50,18 +50,24 @@ def _chunk_logits(hidden, weight, bias, vocab_major: bool, softcap: float | None
     return softcap * tanh, tanh
 
 
+def _chunk_loss(z, targets, weights):
+    """One chunk's summed weighted cross-entropy from its logits z [rows, vocab], and the rows' logsumexp."""
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(weights * (lse - picked)), lse
+
+
 def _chunk_loss_and_dlogits(hidden, weight, bias, targets, weights, vocab_major, softcap):
     """One chunk's summed weighted cross-entropy and its gradient with respect to the pre-cap logits."""
     z, tanh = _chunk_logits(hidden, weight, bias, vocab_major, softcap)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
-    loss = jnp.sum(weights * (lse - picked))
+    loss, lse = _chunk_loss(z, targets, weights)
     dz = (jnp.exp(z - lse[:, None]) - jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype)) * weights[:, None]
     return loss, dz if tanh is None else dz * (1 - tanh * tanh)
 
 
-def _in_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+def _row_chunks(hidden, targets, weights, chunk: int) -> tuple[jax.Array, ...]:
+    """The rows' arrays as [chunks, chunk, ...], what each loop below scans over."""
+    return tuple(x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:]) for x in (hidden, targets, weights))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -69,10 +75,9 @@ def _head_loss(hidden, weight, bias, targets, weights, vocab_major, softcap, chu
     def body(total, rows):
         h, t, w = rows
         z, _ = _chunk_logits(h, weight, bias, vocab_major, softcap)
-        picked = jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(w * (jax.nn.logsumexp(z, axis=-1) - picked)), None
+        return total + _chunk_loss(z, t, w)[0], None
 
-    rows = (_in_chunks(hidden, chunk), _in_chunks(targets, chunk), _in_chunks(weights, chunk))
+    rows = _row_chunks(hidden, targets, weights, chunk)
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), rows)[0]
 
 
@@ -87,7 +92,7 @@ def _head_loss_fwd(hidden, weight, bias, targets, weights, vocab_major, softcap,
         dh = jax.lax.dot_general(dlogits.astype(h.dtype), weight.astype(h.dtype), (((1,), contract), ((), ())))
         return total + loss, dh
 
-    rows = (_in_chunks(hidden, chunk), _in_chunks(targets, chunk), _in_chunks(weights, chunk))
+    rows = _row_chunks(hidden, targets, weights, chunk)
     total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), rows)
     return total, (dh.reshape(hidden.shape), hidden, weight, bias, targets, weights)
 
@@ -107,7 +112,7 @@ def _head_loss_bwd(vocab_major, softcap, chunk, residuals, g):
             dw = jax.lax.dot_general(h, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (sums[0] + dw, sums[1] + dlogits.sum(0, dtype=jnp.float32)), None
 
-    rows = (_in_chunks(hidden, chunk), _in_chunks(targets, chunk), _in_chunks(weights, chunk))
+    rows = _row_chunks(hidden, targets, weights, chunk)
     start = (jnp.zeros(weight.shape, jnp.float32), jnp.zeros(weight.shape[0 if vocab_major else 1], jnp.float32))
     (dw, dbias), _ = jax.lax.scan(body, start, rows)
     return (

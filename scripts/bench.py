@@ -29,12 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
-    demo_model_or_exit,
     in_fresh_process,
     load_torch,
     markdown_table,
     matmul_gflops,
     median_of,
+    model_sources,
     read_bandwidth_gbs,
     vm_hwm_mb,
 )
@@ -271,13 +271,7 @@ def main():
         print(json.dumps(run_side(args)))
         return
 
-    hf = Path(args.hf) if args.hf else demo_model_or_exit()
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        import jaxlora
-
-        checkpoint = Path(tempfile.mkdtemp()) / "jax"
-        jaxlora.convert(str(hf), checkpoint)
+    hf, checkpoint = model_sources(args.hf, args.checkpoint)
     argv = [
         *("--checkpoint", str(checkpoint), "--hf", str(hf), "--prompt-len", str(args.prompt_len)),
         *("--new-tokens", str(args.new_tokens), "--batches", args.batches, "--prefill-len", str(args.prefill_len)),

@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import demo_model_or_exit, in_fresh_process, load_torch, markdown_table, matmul_gflops, vm_hwm_mb  # noqa: E402
+from benchlib import in_fresh_process, load_torch, markdown_table, matmul_gflops, model_sources, vm_hwm_mb  # noqa: E402
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROWS = {
@@ -210,13 +209,7 @@ def main():
         print(json.dumps(run_side(args)))
         return
 
-    hf = Path(args.hf) if args.hf else demo_model_or_exit()
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        import jaxlora
-
-        checkpoint = Path(tempfile.mkdtemp()) / "jax"
-        jaxlora.convert(str(hf), checkpoint)
+    hf, checkpoint = model_sources(args.hf, args.checkpoint)
     argv = [
         *("--checkpoint", str(checkpoint), "--hf", str(hf), "--rows", args.rows),
         *("--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)),

