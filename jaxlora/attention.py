@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.config import ATTENTION_IMPLS
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, UsageError
 
 # Online softmax floor: finite, so a block with every key masked leaves the running max finite and exp() at 0.
 _FLOOR = float(jnp.finfo(jnp.float32).min)
@@ -53,14 +53,25 @@ class AttentionSpec(NamedTuple):
     contiguous_keys: bool = True  # key slots are 0..k_len-1, so blocks can be skipped by slot
 
 
-def attention_mask(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array, window: int | None) -> jax.Array:
-    """Which keys each query may see: [batch, q_len, k_len] bool (causal, windowed, real keys only)."""
+def attention_mask(
+    query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array, window: int | None, segments=None
+) -> jax.Array:
+    """Which keys each query may see: [batch, q_len, k_len] bool (causal, windowed, real keys only, and with
+    segments [batch, seq] only keys of the query's own segment)."""
     # expand_dims rather than [:, None]: slicing a symbolic dimension trips up ONNX export.
     queries, keys = jnp.expand_dims(query_slots, 1), jnp.expand_dims(key_slots, 0)
     visible = keys <= queries
     if window is not None:
         visible &= queries - keys < window
-    return jnp.expand_dims(visible, 0) & jnp.expand_dims(key_valid, 1)
+    mask = jnp.expand_dims(visible, 0) & jnp.expand_dims(key_valid, 1)
+    if segments is not None:
+        mask &= same_segment(segments, segments)
+    return mask
+
+
+def same_segment(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """[batch, q] and [batch, k] segment ids -> [batch, q, k] bool: the query and the key are in one document."""
+    return jnp.expand_dims(query_segments, 2) == jnp.expand_dims(key_segments, 1)
 
 
 def dot_product_attention(
@@ -135,9 +146,9 @@ def _layout(spec: AttentionSpec, t: int, s: int) -> _Layout:
     return _Layout(qb, nq, kb, nk)
 
 
-def _key_block(spec, layout, j, k, v, k_slots, key_valid):
-    """Key block j in the cache's own layout: k/v [b, kb, kvh, d], its slots, and which columns to count
-    (valid, and not already seen in block j - 1 when this ragged last block was pulled back)."""
+def _key_block(spec, layout, j, k, v, k_slots, key_valid, segments):
+    """Key block j in the cache's own layout: k/v [b, kb, kvh, d], its slots, which columns to count (valid, and
+    not already seen in block j - 1 when this ragged last block was pulled back) and their segments (or None)."""
     start = _block_start(j, layout.kb, k.shape[1])
     fresh = start + jnp.arange(layout.kb) >= j * layout.kb
     valid = jax.lax.dynamic_slice_in_dim(key_valid, start, layout.kb, axis=1) & fresh[None]
@@ -147,10 +158,11 @@ def _key_block(spec, layout, j, k, v, k_slots, key_valid):
         jax.lax.dynamic_slice_in_dim(v, start, layout.kb, axis=1),
         jax.lax.dynamic_slice_in_dim(k_slots, start, layout.kb),
         valid,
+        None if segments is None else jax.lax.dynamic_slice_in_dim(segments, start, layout.kb, axis=1),
     )
 
 
-def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, key_valid):
+def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, key_valid, q_segments=None, k_segments=None):
     """Scores and mask of one block pair: [b, kvh, g, qb, kb] float32 (capped, masked to the floor) and bool; also
     tanh of the uncapped scores (for the backward pass) or None."""
     raw = jnp.einsum("bkgqd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * spec.scale
@@ -161,7 +173,10 @@ def _block_scores(spec: AttentionSpec, q_blk, k_blk, q_slots, k_slots, key_valid
     visible = k_slots[None, :] <= q_slots[:, None]
     if spec.window is not None:
         visible &= q_slots[:, None] - k_slots[None, :] < spec.window
-    mask = (visible[None] & key_valid[:, None, :])[:, None, None]  # [b, 1, 1, qb, kb]
+    mask = visible[None] & key_valid[:, None, :]  # [b, qb, kb]
+    if q_segments is not None:
+        mask &= same_segment(q_segments, k_segments)
+    mask = mask[:, None, None]  # [b, 1, 1, qb, kb]
     return jnp.where(mask, raw, _FLOOR), mask, tanh
 
 
@@ -172,7 +187,7 @@ def _head_major(x: jax.Array, kv_heads: int, dtype=None) -> jax.Array:
     return x if dtype is None else x.astype(dtype)
 
 
-def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec: AttentionSpec):
+def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec: AttentionSpec):
     """-> out [b, t, h, d] in q's dtype and the logsumexp [b, kvh, g, t] float32 of every query row."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -184,11 +199,14 @@ def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec: AttentionSpec):
         q_start = _block_start(i, layout.qb, t)
         q_blk = jax.lax.dynamic_slice_in_dim(qh, q_start, layout.qb, axis=3)
         slots = jax.lax.dynamic_slice_in_dim(q_slots, q_start, layout.qb)
+        q_seg = _query_segments(segments, q_start, layout.qb)
 
         def key_block(j, carry):
             o, m, total = carry
-            _, k_blk, v_blk, blk_slots, block_valid = _key_block(spec, layout, j, k, v, k_slots, key_valid)
-            scores, mask, _ = _block_scores(spec, q_blk, k_blk, slots, blk_slots, block_valid)
+            _, k_blk, v_blk, blk_slots, block_valid, k_seg = _key_block(
+                spec, layout, j, k, v, k_slots, key_valid, segments
+            )
+            scores, mask, _ = _block_scores(spec, q_blk, k_blk, slots, blk_slots, block_valid, q_seg, k_seg)
             m_new = jnp.maximum(m, scores.max(axis=-1))
             p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
             rescale = jnp.exp(m - m_new)
@@ -212,13 +230,17 @@ def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec: AttentionSpec):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), lse
 
 
+def _query_segments(segments, start, size: int):
+    return None if segments is None else jax.lax.dynamic_slice_in_dim(segments, start, size, axis=1)
+
+
 def _add_at(acc: jax.Array, start, block: jax.Array, axis: int) -> jax.Array:
     current = jax.lax.dynamic_slice_in_dim(acc, start, block.shape[axis], axis=axis)
     return jax.lax.dynamic_update_slice_in_dim(acc, current + block, start, axis=axis)
 
 
 def _chunked_backward(spec: AttentionSpec, residuals, d_out):
-    q, k, v, q_slots, k_slots, key_valid, out, lse = residuals
+    q, k, v, q_slots, k_slots, key_valid, segments, out, lse = residuals
     b, t, h, d = q.shape
     kvh = k.shape[2]
     layout = _layout(spec, t, k.shape[1])
@@ -237,11 +259,14 @@ def _chunked_backward(spec: AttentionSpec, residuals, d_out):
         lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, layout.qb, axis=3)
         delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, layout.qb, axis=3)
         slots = jax.lax.dynamic_slice_in_dim(q_slots, q_start, layout.qb)
+        q_seg = _query_segments(segments, q_start, layout.qb)
 
         def key_block(j, carry):
             dq_blk, dk, dv = carry
-            k_start, k_blk, v_blk, blk_slots, block_valid = _key_block(spec, layout, j, k, v, k_slots, key_valid)
-            scores, mask, tanh = _block_scores(spec, q_blk, k_blk, slots, blk_slots, block_valid)
+            k_start, k_blk, v_blk, blk_slots, block_valid, k_seg = _key_block(
+                spec, layout, j, k, v, k_slots, key_valid, segments
+            )
+            scores, mask, tanh = _block_scores(spec, q_blk, k_blk, slots, blk_slots, block_valid, q_seg, k_seg)
             p = jnp.where(mask & fresh, jnp.exp(scores - lse_blk[..., None]), 0.0)
             dv_blk = jnp.einsum("bkgqs,bkgqd->bskd", p, do_blk)
             dp = jnp.einsum("bkgqd,bskd->bkgqs", do_blk, v_blk.astype(jnp.float32))
@@ -260,29 +285,33 @@ def _chunked_backward(spec: AttentionSpec, residuals, d_out):
     grads = (jnp.zeros(qh.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dq, dk, dv = jax.lax.fori_loop(0, layout.nq, query_block, grads)
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked(q, k, v, q_slots, k_slots, key_valid, spec):
-    return _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _chunked(q, k, v, q_slots, k_slots, key_valid, segments, spec):
+    return _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec)[0]
 
 
-def _chunked_fwd(q, k, v, q_slots, k_slots, key_valid, spec):
-    out, lse = _chunked_forward(q, k, v, q_slots, k_slots, key_valid, spec)
-    return out, (q, k, v, q_slots, k_slots, key_valid, out, lse)
+def _chunked_fwd(q, k, v, q_slots, k_slots, key_valid, segments, spec):
+    out, lse = _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec)
+    return out, (q, k, v, q_slots, k_slots, key_valid, segments, out, lse)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_backward)
 
 
-def chunked_attention(q, k, v, query_slots, key_valid, key_slots=None, *, spec: AttentionSpec) -> jax.Array:
-    """Flash-style attention: shapes as in `dot_product_attention`, memory O(q_block * k_block) per head."""
+def chunked_attention(
+    q, k, v, query_slots, key_valid, key_slots=None, segments=None, *, spec: AttentionSpec
+) -> jax.Array:
+    """Flash-style attention: shapes as in `dot_product_attention`, memory O(q_block * k_block) per head;
+    segments [batch, seq] int32 for self-attention (queries = keys) keeps each query in its own segment."""
     if key_slots is None:
         key_slots = jnp.arange(k.shape[1], dtype=jnp.int32)
     else:
         spec = spec._replace(contiguous_keys=False)
-    return _chunked(q, k, v, query_slots.astype(jnp.int32), key_slots.astype(jnp.int32), key_valid, spec)
+    segments = None if segments is None else jnp.asarray(segments, jnp.int32)
+    return _chunked(q, k, v, query_slots.astype(jnp.int32), key_slots.astype(jnp.int32), key_valid, segments, spec)
 
 
 def _cudnn_attention(q, k, v, mask, spec: AttentionSpec) -> jax.Array:
@@ -294,11 +323,12 @@ def _cudnn_attention(q, k, v, mask, spec: AttentionSpec) -> jax.Array:
     return out * jnp.any(mask, axis=-1)[:, :, None, None].astype(out.dtype)
 
 
-def _splash_attention(q, k, v, query_slots, key_valid, spec: AttentionSpec) -> jax.Array:
+def _splash_attention(q, k, v, query_slots, key_valid, segments, spec: AttentionSpec) -> jax.Array:
     """TPU splash attention for a full causal (or windowed) self-attention over one sequence per row.
 
-    Padding is expressed with segment ids (padding keys in segment 0, real tokens in 1); a padding query then
-    sees only padding keys, and its output is zeroed like every implementation's.
+    Padding is expressed with segment ids (padding keys in segment 0, real tokens in 1, or in their document's
+    segment + 1 when rows are packed); a padding query then sees only padding keys, and its output is zeroed like
+    every implementation's.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -311,7 +341,8 @@ def _splash_attention(q, k, v, query_slots, key_valid, spec: AttentionSpec) -> j
         masks.MultiHeadMask([head_mask] * h), head_shards=1, q_seq_shards=1, attn_logits_soft_cap=spec.softcap
     )
     groups = h // k.shape[2]
-    segments = kernel.SegmentIds(q=key_valid.astype(jnp.int32), kv=key_valid.astype(jnp.int32))
+    ids = key_valid.astype(jnp.int32) if segments is None else jnp.where(key_valid, segments.astype(jnp.int32) + 1, 0)
+    segments = kernel.SegmentIds(q=ids, kv=ids)
     qh = (q * spec.scale).transpose(0, 2, 1, 3)
     kh = jnp.repeat(k, groups, axis=2).transpose(0, 2, 1, 3)
     vh = jnp.repeat(v, groups, axis=2).transpose(0, 2, 1, 3)
@@ -363,11 +394,14 @@ def attend(
     softcap: float | None = None,
     impl: str = "auto",
     on_pattern=None,
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Causal (optionally windowed, soft-capped) grouped-query attention with the chosen implementation.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; query_slots [q_len] int32;
     key_valid [batch, k_len] bool; key_slots [k_len] int32 (default 0..k_len-1). -> [batch, q_len, heads, head_dim].
+    segments [batch, seq] int32, self-attention only (queries = keys, no cache): a query sees only keys of its own
+    segment (documents packed into one row).
     on_pattern: read or edit the probabilities (see `dot_product_attention`): only "xla" materializes them, so
     "auto" picks it and the other implementations refuse.
     """
@@ -380,13 +414,15 @@ def attend(
     chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, spec)
     if chosen == "splash" and (key_slots is not None or q.shape[1] != k.shape[1]):
         chosen = "chunked"  # splash covers self-attention over one sequence; cached calls go chunked
+    if segments is not None and (key_slots is not None or q.shape[1] != k.shape[1]):
+        raise UsageError("segment ids cover self-attention over one packed row, not a call with a KV cache")
     if chosen == "chunked":
-        return chunked_attention(q, k, v, query_slots, key_valid, key_slots, spec=spec)
+        return chunked_attention(q, k, v, query_slots, key_valid, key_slots, segments, spec=spec)
     if chosen == "splash" and key_slots is None:
-        return _splash_attention(q, k, v, query_slots, key_valid, spec)
+        return _splash_attention(q, k, v, query_slots, key_valid, segments, spec)
     if key_slots is None:
         key_slots = jax.lax.iota(jnp.int32, k.shape[1])
-    mask = attention_mask(query_slots, key_slots, key_valid, window)
+    mask = attention_mask(query_slots, key_slots, key_valid, window, segments)
     if chosen == "cudnn":
         return _cudnn_attention(q, k, v, mask, spec)
     return dot_product_attention(q, k, v, mask, scale, softcap, on_pattern)

@@ -2,13 +2,14 @@
 
 Formats: a plain text file (one stream, loss everywhere); JSONL lines of {"text": ...} (loss everywhere),
 {"prompt": ..., "completion": ...} (loss on the completion only) or {"messages": [...]} (the chat template;
-loss on the assistant turns only). Examples are packed into `seq_len` windows (documents may share a window,
-without cross-document masking) or padded one per row. Batches come in a fixed order from a seed, so a run
+loss on the assistant turns only). Examples are packed whole into `seq_len` rows (several documents may share a
+row, each attending only to itself) or padded one per row. Batches come in a fixed order from a seed, so a run
 resumed at a `position` sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,8 +86,36 @@ def tokenize(example: dict, tokenizer) -> tuple[list[int], list[int]]:
     return ids, [1] * len(ids)
 
 
+def pack_documents(lengths: list[int], seq_len: int) -> list[list[tuple[int, int, int]]]:
+    """Rows of whole documents: each row a list of (document, start, stop) pieces whose lengths sum to at most
+    `seq_len`. A document longer than a row is cut into seq_len-long pieces (each then a document of its own);
+    pieces go longest first into the row they fill best (best-fit decreasing), deterministically."""
+    pieces = [(d, start, min(start + seq_len, n)) for d, n in enumerate(lengths) for start in range(0, n, seq_len)]
+    pieces.sort(key=lambda p: p[1] - p[2])  # longest first; sort is stable, so ties keep document order
+    rows: list[list[tuple[int, int, int]]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for piece in pieces:
+        size = piece[2] - piece[1]
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            rows.append([piece])
+            room, row = seq_len - size, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(piece)
+            room -= size
+        if room:
+            bisect.insort(free, (room, row))
+    return rows
+
+
 class Batches:
-    """Rows of `seq_len` tokens, batched [grad_accum, batch_size, seq_len]; an epoch is reshuffled by seed."""
+    """Rows of `seq_len` tokens, batched [grad_accum, batch_size, seq_len]; an epoch is reshuffled by seed.
+
+    pack=True puts several whole documents in a row, each with its own segment id (1, 2, ... along the row; 0 is
+    padding): the model attends within a document only and restarts its positions there, so a packed document
+    learns exactly what it would alone. pack=False gives each document a row of its own, cut at seq_len.
+    """
 
     def __init__(self, examples: list[dict], tokenizer, seq_len: int, *, pack: bool = True, seed: int = 0):
         if seq_len < 2:
@@ -95,23 +124,38 @@ class Batches:
         encoded = [tokenize(e, tokenizer) for e in examples]
         rows = []
         if pack:
-            ids = np.concatenate([np.asarray(i, np.int32) for i, _ in encoded])
-            mask = np.concatenate([np.asarray(m, np.int32) for _, m in encoded])
-            for start in range(0, len(ids) - 1, seq_len):
-                piece, piece_mask = ids[start : start + seq_len], mask[start : start + seq_len]
-                rows.append(self._pad(piece, piece_mask, seq_len, pad))
+            for pieces in pack_documents([len(ids) for ids, _ in encoded], seq_len):
+                ids = np.concatenate([np.asarray(encoded[d][0][a:b], np.int32) for d, a, b in pieces])
+                mask = np.concatenate([np.asarray(encoded[d][1][a:b], np.int32) for d, a, b in pieces])
+                segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), [b - a for _, a, b in pieces])
+                rows.append((*self._pad(ids, mask, seq_len, pad), self._padded(segments, seq_len)))
         else:
             rows = [
                 self._pad(np.asarray(i[:seq_len], np.int32), np.asarray(m[:seq_len], np.int32), seq_len, pad)
                 for i, m in encoded
             ]
-        rows = [r for r in rows if r[2][1:].sum() > 0]  # a row with no target teaches nothing
+        rows = [r for r in rows if self._has_target(r)]  # a row with no target teaches nothing
         if not rows:
             raise UsageError("the data has no tokens to learn from at this --seq-len")
         self.input_ids = np.stack([r[0] for r in rows])
         self.attention_mask = np.stack([r[1] for r in rows])
         self.loss_mask = np.stack([r[2] for r in rows])
+        self.segment_ids = np.stack([r[3] for r in rows]) if pack else None
         self.seed = seed
+
+    @staticmethod
+    def _has_target(row) -> bool:
+        """A token to predict: asked for, and (packed) preceded by a token of its own document."""
+        targets = row[2][1:].astype(bool)
+        if len(row) > 3:
+            targets &= row[3][1:] == row[3][:-1]
+        return bool(targets.any())
+
+    @staticmethod
+    def _padded(values, seq_len):
+        out = np.zeros(seq_len, np.int32)
+        out[: len(values)] = values
+        return out
 
     @staticmethod
     def _pad(ids, mask, seq_len, pad):
@@ -133,11 +177,14 @@ class Batches:
             epoch, index = divmod(position, len(self))
             picked.append(self._order(epoch)[index])
         picked = np.asarray(picked)
-        return {
+        rows = {
             "input_ids": self.input_ids[picked],
             "attention_mask": self.attention_mask[picked],
             "loss_mask": self.loss_mask[picked],
         }
+        if self.segment_ids is not None:
+            rows["segment_ids"] = self.segment_ids[picked]
+        return rows
 
     def batch(self, position: int, batch_size: int, grad_accum: int) -> dict:
         """The step's batch [grad_accum, batch_size, seq] starting at row `position`."""

@@ -122,6 +122,7 @@ class AttentionInputs(NamedTuple):
     query_slots: jax.Array  # [seq] int32: the cache slot of each query
     key_valid: jax.Array  # [batch, k_len] bool: keys that hold a real token (k_len: seq, or the cache's slots)
     write_index: jax.Array | int  # the cache slot this call's first token is written to
+    segments: jax.Array | None = None  # [batch, seq] int32: packed documents' ids (no cache); None: one per row
 
 
 class Attention(nn.Module):
@@ -134,7 +135,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, inputs: AttentionInputs, cache_kv):
         c, here = self.config, f"blocks.{self.index}.attn."
-        cos, sin, query_slots, key_valid, write_index = inputs
+        cos, sin, query_slots, key_valid, write_index, segments = inputs
         b, t, _ = x.shape
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora=self.lora)(x)
         k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj", lora=self.lora)(x)
@@ -163,7 +164,7 @@ class Attention(nn.Module):
             on_pattern=on_pattern,
         )
         if cache_kv is None:
-            out, new_kv = core(q, k, v, query_slots, key_valid), (k, v)
+            out, new_kv = core(q, k, v, query_slots, key_valid, segments=segments), (k, v)
         elif cache_kv[0].shape[1] == key_valid.shape[1]:
             # A buffer with every slot: write this call's keys/values and attend over it.
             cached_k, cached_v = cache_kv
@@ -325,9 +326,11 @@ class Decoder(nn.Module):
         logits_at=None,
         inputs_embeds=None,
         project: bool = True,
+        segment_ids=None,
     ):
         """input_ids/positions [batch, seq] int32; key_valid [batch, seq] (no cache) or [batch, max_len] (cache);
-        inputs_embeds [batch, seq, hidden] in place of input_ids (see `embed`).
+        inputs_embeds [batch, seq, hidden] in place of input_ids (see `embed`); segment_ids [batch, seq] int32
+        (no cache): tokens attend only within their own segment.
 
         Returns logits [batch, seq, vocab] float32, or [batch, 1, vocab] at sequence index `logits_at` (which skips
         the vocab projection everywhere else), and the updated cache (None without a cache). project=False returns
@@ -342,7 +345,7 @@ class Decoder(nn.Module):
             x = x + at_site(self, self.sites, "hook_pos_embed", position_rows)
         # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
         query_slots = write_index + jax.lax.iota(jnp.int32, x.shape[1])
-        inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index)
+        inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index, segment_ids)
         local_inputs = inputs
         if c.rope_local is not None:
             cos, sin = rope_cos_sin(positions, c, c.rope_local)
@@ -386,6 +389,19 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segment_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Positions that restart at each segment (documents packed into a row, each a contiguous run of one id):
+    [batch, seq] int32, counting the segment's real tokens, floored at 0 like `default_positions`."""
+    real = attention_mask.astype(jnp.int32)
+    seen = jnp.cumsum(real, axis=-1)  # real tokens up to and including t
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+    )
+    # Real tokens before each segment's first slot: nondecreasing along the row, so a running max carries it.
+    before = jax.lax.cummax(jnp.where(starts, seen - real, 0), axis=1)
+    return jnp.maximum(seen - before - 1, 0)
+
+
 def run_decoder(
     params,
     config: ModelConfig,
@@ -402,6 +418,7 @@ def run_decoder(
     inputs_embeds=None,
     sites: Sites | None = None,
     project: bool = True,
+    segment_ids=None,
 ) -> tuple[jax.Array, KVCache | None, dict]:
     """Run the decoder: the one way every caller (forward, generation, training, export) does.
 
@@ -410,14 +427,17 @@ def run_decoder(
     project to logits alone ([batch, 1, vocab]); lora: `jaxlora.lora.Adapters` (unmerged); dropout_key: a PRNG key
     that turns LoRA dropout on (training); remat: recompute each layer in the backward pass; inputs_embeds
     [batch, seq, hidden]: embedding rows in place of input_ids (pass None for input_ids); sites: hook points to
-    edit or capture (`jaxlora.hooks.make_sites`); project=False: the final norm's output in place of the logits.
+    edit or capture (`jaxlora.hooks.make_sites`); project=False: the final norm's output in place of the logits;
+    segment_ids [batch, seq] int32 (no cache): documents packed into one row, each attending only to itself.
     Returns logits [batch, seq or 1, vocab] float32, the updated cache (None without one) and {site: activation}
     for the captured hook points.
     """
     model = Decoder(config, None if lora is None else lora.config, remat, sites)
     variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    args = (input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds, project)
+    if segment_ids is not None and cache is not None:
+        raise UsageError("segment_ids cover a packed row without a KV cache")
+    args = (input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds, project, segment_ids)
     if sites is None or not sites.capture:
         logits, new_cache = model.apply(variables, *args, rngs=rngs)
         return logits, new_cache, {}
@@ -475,6 +495,7 @@ def forward(
     inputs_embeds=None,
     attention_mask=None,
     positions=None,
+    segment_ids=None,
     lora=None,
     output_hidden_states: bool = False,
     output_attentions: bool = False,
@@ -486,7 +507,9 @@ def forward(
     params: the nested dict from `jaxlora.load(...).params`; input_ids [batch, seq] int32, or inputs_embeds
     [batch, seq, hidden] (exactly one of the two; see `embed`: a gradient with respect to inputs_embeds is a
     per-position saliency); attention_mask [batch, seq] (1 = real token, 0 = padding; default all ones);
-    positions [batch, seq] int32 (default: derived from the mask); lora: `jaxlora.lora.Adapters` or None.
+    positions [batch, seq] int32 (default: derived from the mask, restarting at each segment); segment_ids
+    [batch, seq] int32: documents packed into one row (each a contiguous run of one id) attend only within
+    themselves, as if each were run alone; lora: `jaxlora.lora.Adapters` or None.
     hooks: {hook point: fn(x) -> x} to read or edit activations (see `jaxlora.hook_points(config)`);
     capture: hook points whose values to return.
 
@@ -508,9 +531,15 @@ def forward(
     attention_mask = jnp.asarray(attention_mask).astype(bool)
     if attention_mask.shape != shape:
         raise UsageError(f"attention_mask must have the ids' shape {shape}, got {attention_mask.shape}")
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != shape:
+            raise UsageError(f"segment_ids must have the ids' shape {shape}, got {segment_ids.shape}")
     if positions is None:
         check_context(config, shape[1])
-        positions = default_positions(attention_mask)
+        positions = (
+            default_positions(attention_mask) if segment_ids is None else segment_positions(segment_ids, attention_mask)
+        )
     layers = range(config.num_layers)
     hidden_sites = ["blocks.0.hook_resid_pre", *(f"blocks.{i}.hook_resid_post" for i in layers[:-1])]
     hidden_sites.append("ln_final.hook_normalized")
@@ -521,7 +550,15 @@ def forward(
     needed |= set(attention_sites) if output_attentions else set()
     sites = make_sites(config, hooks, needed)
     logits, _, captured = run_decoder(
-        params, config, input_ids, positions, attention_mask, lora=lora, inputs_embeds=inputs_embeds, sites=sites
+        params,
+        config,
+        input_ids,
+        positions,
+        attention_mask,
+        lora=lora,
+        inputs_embeds=inputs_embeds,
+        sites=sites,
+        segment_ids=segment_ids,
     )
     if not (output_hidden_states or output_attentions or capture):
         return logits

@@ -1,7 +1,9 @@
 """Fine-tuning: one jitted pure step, `train_step(state, batch) -> (state, metrics)`, over LoRA adapters (the
 base params stay frozen and out of the optimizer) or over all params (`full=True`).
 
-A batch is {"input_ids", "attention_mask", "loss_mask"} int32 [grad_accum, micro_batch, seq]: the step scans
+A batch is {"input_ids", "attention_mask", "loss_mask"} int32 [grad_accum, micro_batch, seq], and for packed rows
+"segment_ids" (each document its own id: it attends only to itself, its positions restart at 0, and its first
+token is no target of the document before it): the step scans
 over the leading axis summing gradients, then applies one optax AdamW update (warmup + cosine decay, global-norm
 clipping). The loss is next-token cross-entropy on the tokens whose loss_mask is 1.
 """
@@ -20,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig
 from jaxlora.losses import head_cross_entropy, next_token_logprobs
-from jaxlora.model import apply_decoder, default_positions, run_decoder
+from jaxlora.model import apply_decoder, default_positions, run_decoder, segment_positions
 
 
 @struct.dataclass
@@ -52,12 +54,19 @@ def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool 
     mask = batch["attention_mask"].astype(bool)
     # Position t predicts token t + 1; count only targets that are real and asked for, predicted from a real token
     # (in a left-padded row the last padding slot would otherwise "predict" the first real token).
-    weight = (batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    options = dict(lora=lora, dropout_key=key, remat=remat)
+    weight = batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]
+    segments = batch.get("segment_ids")
+    if segments is None:
+        positions = default_positions(mask)
+    else:  # packed documents: none attends to or predicts across its neighbour, positions restart at each
+        positions = segment_positions(segments, mask)
+        weight = weight * (segments[:, 1:] == segments[:, :-1])
+    weight = weight.astype(jnp.float32)
+    options = dict(lora=lora, dropout_key=key, remat=remat, segment_ids=segments)
     if lora is not None and "lm_head" in lora.config.targets:  # an adapted head: project it as the model does
-        logits, _ = apply_decoder(params, config, ids, default_positions(mask), mask, **options)
+        logits, _ = apply_decoder(params, config, ids, positions, mask, **options)
         return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
-    hidden, _, _ = run_decoder(params, config, ids, default_positions(mask), mask, project=False, **options)
+    hidden, _, _ = run_decoder(params, config, ids, positions, mask, project=False, **options)
     tied = config.tie_word_embeddings
     head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
     bias = None if tied else params["lm_head"].get("bias")

@@ -91,6 +91,40 @@ def test_malformed_data_lines(tmp_path, content, message):
         read_examples(tmp_path / "train.jsonl")
 
 
+def test_packed_batches_hold_whole_documents_and_lose_nothing(tiny_chat):
+    """Each example's tokens and loss mask land exactly once, in order, as one segment of a row (the examples here
+    are shorter than a row); the loss over all packed rows is the sum of each example's loss alone."""
+    root, _ = tiny_chat
+    model = jaxlora.load(root / "jax")
+    examples = read_examples(root / "train.jsonl")
+    packed = Batches(examples, model.tokenizer, seq_len=48, seed=0)
+    encoded = [tokenize(e, model.tokenizer) for e in examples]
+    found = []
+    for ids, mask, loss_mask, segments in zip(
+        packed.input_ids, packed.attention_mask, packed.loss_mask, packed.segment_ids, strict=True
+    ):
+        assert np.array_equal(mask, segments > 0)
+        for s in range(1, segments.max() + 1):
+            where = segments == s
+            assert np.all(np.diff(np.flatnonzero(where)) == 1)  # contiguous
+            found.append((ids[where].tolist(), loss_mask[where].tolist()))
+    assert sorted(found) == sorted((list(i), list(m)) for i, m in encoded)
+    assert len(packed) < len(examples)  # several examples share a row
+    everything = packed.rows(0, len(packed))
+    total, count = token_loss(model.params, model.config, everything)
+    want_total, want_count = 0.0, 0.0
+    for ids, mask in encoded:
+        alone = {
+            "input_ids": np.asarray([ids]),
+            "attention_mask": np.ones((1, len(ids))),
+            "loss_mask": np.asarray([mask]),
+        }
+        t, c = token_loss(model.params, model.config, alone)
+        want_total, want_count = want_total + float(t), want_count + float(c)
+    assert float(count) == want_count
+    assert float(total) == pytest.approx(want_total, rel=1e-5)
+
+
 def test_train_step_changes_only_the_adapters_and_learns(tiny_chat):
     root, _ = tiny_chat
     model = jaxlora.load(root / "jax")
