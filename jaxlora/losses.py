@@ -50,75 +50,79 @@ def _chunk_logits(hidden, weight, bias, vocab_major: bool, softcap: float | None
     return softcap * tanh, tanh
 
 
-def _chunk_loss(z, targets, weights):
-    """One chunk's summed weighted cross-entropy from its logits z [rows, vocab], and the rows' logsumexp."""
+def _chunk_loss(z, targets, weights, groups, num_groups: int):
+    """One chunk's weighted cross-entropy summed per group [num_groups] from its logits z [rows, vocab], and the
+    rows' logsumexp."""
     lse = jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
-    return jnp.sum(weights * (lse - picked)), lse
+    return jax.ops.segment_sum(weights * (lse - picked), groups, num_groups), lse
 
 
-def _chunk_loss_and_dlogits(hidden, weight, bias, targets, weights, vocab_major, softcap):
-    """One chunk's summed weighted cross-entropy and its gradient with respect to the pre-cap logits."""
+def _chunk_loss_and_dlogits(hidden, weight, bias, targets, weights, groups, num_groups, vocab_major, softcap):
+    """One chunk's weighted cross-entropy per group and each row's gradient with respect to its pre-cap logits."""
     z, tanh = _chunk_logits(hidden, weight, bias, vocab_major, softcap)
-    loss, lse = _chunk_loss(z, targets, weights)
+    loss, lse = _chunk_loss(z, targets, weights, groups, num_groups)
     dz = (jnp.exp(z - lse[:, None]) - jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype)) * weights[:, None]
     return loss, dz if tanh is None else dz * (1 - tanh * tanh)
 
 
-def _row_chunks(hidden, targets, weights, chunk: int) -> tuple[jax.Array, ...]:
+def _row_chunks(chunk: int, *arrays) -> tuple[jax.Array, ...]:
     """The rows' arrays as [chunks, chunk, ...], what each loop below scans over."""
-    return tuple(x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:]) for x in (hidden, targets, weights))
+    return tuple(x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:]) for x in arrays)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _head_loss(hidden, weight, bias, targets, weights, vocab_major, softcap, chunk):
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _head_loss(hidden, weight, bias, targets, weights, groups, num_groups, vocab_major, softcap, chunk):
     def body(total, rows):
-        h, t, w = rows
+        h, t, w, s = rows
         z, _ = _chunk_logits(h, weight, bias, vocab_major, softcap)
-        return total + _chunk_loss(z, t, w)[0], None
+        return total + _chunk_loss(z, t, w, s, num_groups)[0], None
 
-    rows = _row_chunks(hidden, targets, weights, chunk)
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), rows)[0]
+    rows = _row_chunks(chunk, hidden, targets, weights, groups)
+    return jax.lax.scan(body, jnp.zeros(num_groups, jnp.float32), rows)[0]
 
 
-def _head_loss_fwd(hidden, weight, bias, targets, weights, vocab_major, softcap, chunk):
+def _head_loss_fwd(hidden, weight, bias, targets, weights, groups, num_groups, vocab_major, softcap, chunk):
     # The gradient with respect to the hidden states is computed here, chunk by chunk, as the loss is: the
-    # backward pass then only scales it, and no [rows, vocab] array outlives its chunk.
+    # backward pass then only scales each row by its group's cotangent, and no [rows, vocab] array outlives its
+    # chunk.
     contract = (0,) if vocab_major else (1,)
 
     def body(total, rows):
-        h, t, w = rows
-        loss, dlogits = _chunk_loss_and_dlogits(h, weight, bias, t, w, vocab_major, softcap)
+        h, t, w, s = rows
+        loss, dlogits = _chunk_loss_and_dlogits(h, weight, bias, t, w, s, num_groups, vocab_major, softcap)
         dh = jax.lax.dot_general(dlogits.astype(h.dtype), weight.astype(h.dtype), (((1,), contract), ((), ())))
         return total + loss, dh
 
-    rows = _row_chunks(hidden, targets, weights, chunk)
-    total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), rows)
-    return total, (dh.reshape(hidden.shape), hidden, weight, bias, targets, weights)
+    rows = _row_chunks(chunk, hidden, targets, weights, groups)
+    total, dh = jax.lax.scan(body, jnp.zeros(num_groups, jnp.float32), rows)
+    return total, (dh.reshape(hidden.shape), hidden, weight, bias, targets, weights, groups)
 
 
-def _head_loss_bwd(vocab_major, softcap, chunk, residuals, g):
-    dh, hidden, weight, bias, targets, weights = residuals
+def _head_loss_bwd(num_groups, vocab_major, softcap, chunk, residuals, g):
+    dh, hidden, weight, bias, targets, weights, groups = residuals
+    row_g = g[groups]  # [rows]: each row's cotangent, its group's
 
     # The head's own gradient, recomputed chunk by chunk; when the head is frozen nothing uses it and XLA drops
     # this loop.
     def body(sums, rows):
-        h, t, w = rows
-        _, dlogits = _chunk_loss_and_dlogits(h, weight, bias, t, w, vocab_major, softcap)
-        dlogits = dlogits.astype(h.dtype)
+        h, t, w, s, gs = rows
+        _, dlogits = _chunk_loss_and_dlogits(h, weight, bias, t, w, s, num_groups, vocab_major, softcap)
+        dlogits = (dlogits * gs[:, None]).astype(h.dtype)
         if vocab_major:  # weight [vocab, hidden]
             dw = jax.lax.dot_general(dlogits, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         else:  # kernel [hidden, vocab]
             dw = jax.lax.dot_general(h, dlogits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (sums[0] + dw, sums[1] + dlogits.sum(0, dtype=jnp.float32)), None
 
-    rows = _row_chunks(hidden, targets, weights, chunk)
+    rows = _row_chunks(chunk, hidden, targets, weights, groups, row_g)
     start = (jnp.zeros(weight.shape, jnp.float32), jnp.zeros(weight.shape[0 if vocab_major else 1], jnp.float32))
     (dw, dbias), _ = jax.lax.scan(body, start, rows)
     return (
-        (g * dh).astype(hidden.dtype),
-        (g * dw).astype(weight.dtype),
-        None if bias is None else (g * dbias).astype(bias.dtype),
+        (row_g[:, None] * dh).astype(hidden.dtype),
+        dw.astype(weight.dtype),
+        None if bias is None else dbias.astype(bias.dtype),
+        None,
         None,
         None,
     )
@@ -128,23 +132,37 @@ _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def head_cross_entropy(
-    hidden, weight, bias, targets, weights, *, vocab_major: bool, softcap: float | None = None
+    hidden,
+    weight,
+    bias,
+    targets,
+    weights,
+    *,
+    vocab_major: bool,
+    softcap: float | None = None,
+    groups=None,
+    num_groups: int | None = None,
 ) -> jax.Array:
     """sum(weights * -log softmax(logits)[targets]) where logits = hidden @ head (+ bias, then the soft-cap), without
     ever holding the [rows, vocab] logits: the rows go through the vocabulary projection a chunk at a time.
 
     hidden [rows, hidden] (the final norm's output); weight: the tied embedding [vocab, hidden] (vocab_major) or an
-    lm_head kernel [hidden, vocab]; bias [vocab] or None; targets [rows] int32; weights [rows] float32. The same
-    value and gradients as computing the full logits and `next_token_logprobs`, with the same FLOPs: under
-    differentiation the forward pass also computes the gradient with respect to `hidden` (the projection the
-    backward pass would otherwise do), and the head's own gradient is computed only where something uses it.
+    lm_head kernel [hidden, vocab]; bias [vocab] or None; targets [rows] int32; weights [rows] float32. groups
+    [rows] int32 in [0, num_groups): the sum per group, [num_groups] (a sequence's log-likelihood per row of a
+    batch); without them one scalar. The same value and gradients as computing the full logits and
+    `next_token_logprobs`, with the same FLOPs: under differentiation the forward pass also computes the gradient
+    with respect to `hidden` (the projection the backward pass would otherwise do), and the head's own gradient is
+    computed only where something uses it.
     """
     rows = hidden.shape[0]
+    scalar = groups is None
+    groups = jnp.zeros(rows, jnp.int32) if scalar else jnp.asarray(groups, jnp.int32)
+    num_groups = 1 if scalar else num_groups
     vocab = weight.shape[0 if vocab_major else 1]
     chunk = min(max(16, HEAD_CHUNK_LOGITS // vocab), rows)
     padded = -(-rows // chunk) * chunk
     if padded != rows:  # padding rows weigh 0: no loss, no gradient
         hidden = jnp.pad(hidden, ((0, padded - rows), (0, 0)))
-        targets = jnp.pad(targets, (0, padded - rows))
-        weights = jnp.pad(weights, (0, padded - rows))
-    return _head_loss(hidden, weight, bias, targets, weights, vocab_major, softcap, chunk)
+        targets, weights, groups = (jnp.pad(x, (0, padded - rows)) for x in (targets, weights, groups))
+    total = _head_loss(hidden, weight, bias, targets, weights, groups, num_groups, vocab_major, softcap, chunk)
+    return total[0] if scalar else total

@@ -298,8 +298,8 @@ MUTANTS = [
     m(
         "loss mask shifted by one token",
         "train.py",
-        'weight = (batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1])',
-        'weight = (batch["loss_mask"][:, :-1] * mask[:, 1:] * mask[:, :-1])',
+        'weight = batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]',
+        'weight = batch["loss_mask"][:, :-1] * mask[:, 1:] * mask[:, :-1]',
         "tests/test_gradients.py",
         "-k",
         "token_loss",
@@ -325,11 +325,35 @@ MUTANTS = [
     m(
         "chunked head loss gives the head no gradient",
         "losses.py",
-        "(g * dw).astype(weight.dtype),",
+        "dw.astype(weight.dtype),",
         "jnp.zeros_like(weight),",
         "tests/test_gradients.py",
         "-k",
         "chunked_head or param_gradients",
+    ),
+    # Packed documents.
+    m(
+        "packed documents: the chunked core lets a document see the one before it",
+        "attention.py",
+        "        mask &= same_segment(q_segments, k_segments)\n",
+        "        pass\n",
+        "tests/test_attention.py",
+        "-k",
+        "segments",
+    ),
+    m(
+        "packed documents: positions run on across documents",
+        "model.py",
+        "return jnp.maximum(seen - before - 1, 0)",
+        "return jnp.maximum(seen - 1, 0)",
+        "tests/test_packing.py",
+    ),
+    m(
+        "packed documents: a document's first token is a target of the one before",
+        "train.py",
+        "        weight = weight * (segments[:, 1:] == segments[:, :-1])\n",
+        "",
+        "tests/test_packing.py",
     ),
     # Stop strings, EOS, cache write offsets, chat-turn positions.
     m(

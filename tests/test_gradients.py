@@ -150,12 +150,15 @@ def test_token_loss_equals_torch_cross_entropy(tiny):
     assert float(total) == pytest.approx(float((nll * weight).sum()), rel=1e-5)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["total", "per-sequence"])
 @pytest.mark.parametrize(
     "vocab_major, softcap, use_bias", [(True, None, False), (False, None, True), (True, 3.0, False), (False, 3.0, True)]
 )
-def test_chunked_head_loss_equals_the_full_logits(monkeypatch, vocab_major, softcap, use_bias):
+def test_chunked_head_loss_equals_the_full_logits(monkeypatch, vocab_major, softcap, use_bias, grouped):
     """The training loss's vocabulary projection in chunks (with a ragged last chunk): its value and its gradients
-    with respect to the hidden states, the head and its bias equal those of the whole [rows, vocab] logits."""
+    with respect to the hidden states, the head and its bias equal those of the whole [rows, vocab] logits. Grouped:
+    the per-sequence sums preference losses use, through a nonlinear function of them (each group's cotangent
+    differs, and groups straddle chunks)."""
     from jaxlora import losses
 
     rows, width, vocab = 37, 24, 50
@@ -172,10 +175,23 @@ def test_chunked_head_loss_equals_the_full_logits(monkeypatch, vocab_major, soft
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
         picked = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=-1)[:, 0]
+        if grouped:
+            return of_groups(jax.ops.segment_sum(-(weights * picked), groups, 5))
         return -(weights * picked).sum()
 
+    groups = jnp.arange(rows) // 8  # 5 groups: 8, 8, 8, 8 and 5 rows
+    scales = jnp.asarray([1.0, -2.0, 0.5, 3.0, -1.0])
+
+    def of_groups(sums):
+        return jnp.sum(scales * jnp.sin(sums / 4))
+
     def chunked(h, w, b):
-        return losses.head_cross_entropy(h, w, b, targets, weights, vocab_major=vocab_major, softcap=softcap)
+        options = dict(vocab_major=vocab_major, softcap=softcap)
+        if grouped:
+            return of_groups(
+                losses.head_cross_entropy(h, w, b, targets, weights, groups=groups, num_groups=5, **options)
+            )
+        return losses.head_cross_entropy(h, w, b, targets, weights, **options)
 
     argnums = (0, 1, 2) if use_bias else (0, 1)
     want_value, want_grads = jax.value_and_grad(full, argnums)(hidden, weight, bias)
