@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,78 @@ def head_cross_entropy(
         targets, weights, groups = (jnp.pad(x, (0, padded - rows)) for x in (targets, weights, groups))
     total = _head_loss(hidden, weight, bias, targets, weights, groups, num_groups, vocab_major, softcap, chunk)
     return total[0] if scalar else total
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+
+
+class PreferenceConfig(NamedTuple):
+    """A preference objective and its constants (static: hashable, a jit argument).
+
+    dpo: -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d), d the policy's log-ratio to the reference on
+    the chosen minus the rejected response (Rafailov et al. 2023; eps = label_smoothing: conservative DPO).
+    ipo: (d' - 1 / (2 beta))^2 with d' the same difference of log-ratios, each divided by its response's token
+    count (Azar et al. 2023, length-normalized as TRL does it). orpo: the SFT loss of the chosen sequences minus
+    beta log sigmoid(log-odds ratio of the per-token mean log-probs) (Hong et al. 2024; no reference). simpo:
+    DPO's form on the per-token mean log-probs without a reference, margin simpo_gamma (Meng et al. 2024).
+    """
+
+    objective: str
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective in ("dpo", "ipo")
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _smoothed_sigmoid_loss(logits: jax.Array, beta: float, label_smoothing: float) -> jax.Array:
+    return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * logits) - label_smoothing * jax.nn.log_sigmoid(
+        -beta * logits
+    )
+
+
+def preference_loss(
+    preference: PreferenceConfig,
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    chosen_tokens: jax.Array,
+    rejected_tokens: jax.Array,
+    ref_chosen_logps: jax.Array | None = None,
+    ref_rejected_logps: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair preference losses and implicit rewards from sequence log-probabilities.
+
+    chosen_logps/rejected_logps [pairs] float32: the policy's summed log-probs of each response's tokens;
+    *_tokens [pairs]: how many tokens each sum covers; ref_*: the reference model's sums (dpo and ipo).
+    Returns (loss, chosen_reward, rejected_reward), each [pairs]: the loss to average over pairs (orpo's: the
+    odds-ratio term only; its SFT term is a token mean, added by the train step), and the rewards whose
+    difference is the reward margin (beta times the log-ratio for dpo/ipo, beta times the mean log-prob for
+    orpo/simpo).
+    """
+    p = preference
+    if p.objective not in PREFERENCE_OBJECTIVES:
+        raise UsageError(f"unknown preference objective {p.objective!r}; choose one of {PREFERENCE_OBJECTIVES}")
+    if p.needs_reference:
+        chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        if p.objective == "dpo":
+            loss = _smoothed_sigmoid_loss(chosen_ratio - rejected_ratio, p.beta, p.label_smoothing)
+        else:
+            chosen_mean = chosen_ratio / jnp.maximum(chosen_tokens, 1)
+            rejected_mean = rejected_ratio / jnp.maximum(rejected_tokens, 1)
+            loss = (chosen_mean - rejected_mean - 1 / (2 * p.beta)) ** 2
+        return loss, p.beta * chosen_ratio, p.beta * rejected_ratio
+    chosen_mean = chosen_logps / jnp.maximum(chosen_tokens, 1)
+    rejected_mean = rejected_logps / jnp.maximum(rejected_tokens, 1)
+    if p.objective == "orpo":
+        log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+        loss = -p.beta * jax.nn.log_sigmoid(log_odds)
+    else:
+        loss = _smoothed_sigmoid_loss(chosen_mean - rejected_mean - p.simpo_gamma / p.beta, p.beta, p.label_smoothing)
+    return loss, p.beta * chosen_mean, p.beta * rejected_mean

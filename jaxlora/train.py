@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig
-from jaxlora.losses import head_cross_entropy, next_token_logprobs
+from jaxlora.losses import PreferenceConfig, head_cross_entropy, next_token_logprobs, preference_loss
 from jaxlora.model import apply_decoder, default_positions, run_decoder, segment_positions
 
 
@@ -43,43 +43,85 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 
+def real_targets(batch: dict) -> jax.Array:
+    """[rows, seq - 1] bool: position t's prediction of token t + 1 is a real one, made from a real token of the
+    same document (in a left-padded row the last padding slot would otherwise "predict" the first real token)."""
+    mask = batch["attention_mask"].astype(bool)
+    real = mask[:, 1:] & mask[:, :-1]
+    segments = batch.get("segment_ids")
+    return real if segments is None else real & (segments[:, 1:] == segments[:, :-1])
+
+
+def target_weights(batch: dict) -> jax.Array:
+    """[rows, seq - 1] float32: 1 for the targets the loss counts (real ones that loss_mask asks for)."""
+    return (real_targets(batch) & batch["loss_mask"][:, 1:].astype(bool)).astype(jnp.float32)
+
+
+def _next_token_nll(params, config, batch, weights, lora, remat, dtype, key, groups=None, num_groups=None):
+    """sum(weights * -log p(next token)) over a [rows, seq] micro-batch: one scalar, or [num_groups] sums with
+    groups [rows, seq - 1] int32. Packed rows (segment_ids) keep each document to itself."""
+    if dtype is not None:
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+    ids = batch["input_ids"]
+    mask = batch["attention_mask"].astype(bool)
+    segments = batch.get("segment_ids")
+    positions = default_positions(mask) if segments is None else segment_positions(segments, mask)
+    options = dict(lora=lora, dropout_key=key, remat=remat, segment_ids=segments)
+    if lora is not None and "lm_head" in lora.config.targets:  # an adapted head: project it as the model does
+        logits, _ = apply_decoder(params, config, ids, positions, mask, **options)
+        nll = -next_token_logprobs(logits, ids) * weights
+        return nll.sum() if groups is None else jax.ops.segment_sum(nll.reshape(-1), groups.reshape(-1), num_groups)
+    hidden, _, _ = run_decoder(params, config, ids, positions, mask, project=False, **options)
+    tied = config.tie_word_embeddings
+    head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
+    bias = None if tied else params["lm_head"].get("bias")
+    return head_cross_entropy(
+        hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+        head,
+        bias,
+        ids[:, 1:].reshape(-1),
+        weights.reshape(-1),
+        vocab_major=tied,
+        softcap=config.final_softcap,
+        groups=None if groups is None else groups.reshape(-1),
+        num_groups=num_groups,
+    )
+
+
 def token_loss(params, config: ModelConfig, batch: dict, lora=None, remat: bool = False, dtype=None, key=None):
     """Summed next-token cross-entropy and the number of target tokens, for one [batch, seq] micro-batch.
 
     key: a PRNG key turns LoRA dropout on (training); None is deterministic (evaluation).
     """
-    if dtype is not None:
-        params = jax.tree.map(lambda p: p.astype(dtype), params)
-    ids = batch["input_ids"]
-    mask = batch["attention_mask"].astype(bool)
-    # Position t predicts token t + 1; count only targets that are real and asked for, predicted from a real token
-    # (in a left-padded row the last padding slot would otherwise "predict" the first real token).
-    weight = batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]
-    segments = batch.get("segment_ids")
-    if segments is None:
-        positions = default_positions(mask)
-    else:  # packed documents: none attends to or predicts across its neighbour, positions restart at each
-        positions = segment_positions(segments, mask)
-        weight = weight * (segments[:, 1:] == segments[:, :-1])
-    weight = weight.astype(jnp.float32)
-    options = dict(lora=lora, dropout_key=key, remat=remat, segment_ids=segments)
-    if lora is not None and "lm_head" in lora.config.targets:  # an adapted head: project it as the model does
-        logits, _ = apply_decoder(params, config, ids, positions, mask, **options)
-        return -(next_token_logprobs(logits, ids) * weight).sum(), weight.sum()
-    hidden, _, _ = run_decoder(params, config, ids, positions, mask, project=False, **options)
-    tied = config.tie_word_embeddings
-    head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
-    bias = None if tied else params["lm_head"].get("bias")
-    total = head_cross_entropy(
-        hidden[:, :-1].reshape(-1, hidden.shape[-1]),
-        head,
-        bias,
-        ids[:, 1:].reshape(-1),
-        weight.reshape(-1),
-        vocab_major=tied,
-        softcap=config.final_softcap,
+    weights = target_weights(batch)
+    return _next_token_nll(params, config, batch, weights, lora, remat, dtype, key), weights.sum()
+
+
+class SequenceLogprobs(NamedTuple):
+    """Per row of a micro-batch [rows]: summed log-probs of the response (the loss_mask targets) and of the rest of
+    the real targets (the prompt after its first token), and how many tokens each sum covers."""
+
+    response: jax.Array
+    rest: jax.Array
+    response_tokens: jax.Array
+    rest_tokens: jax.Array
+
+
+def sequence_logprobs(
+    params, config: ModelConfig, batch: dict, lora=None, remat: bool = False, dtype=None, key=None
+) -> SequenceLogprobs:
+    """Each row's log-likelihood, split into response and prompt, with one pass through the vocabulary projection
+    (the chunked head loss summing per group: row r's response is group r, its prompt group rows + r)."""
+    rows = batch["input_ids"].shape[0]
+    real = real_targets(batch)
+    response = target_weights(batch).astype(bool)
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    groups = jnp.where(response, row, rows + row)
+    nll = _next_token_nll(params, config, batch, real.astype(jnp.float32), lora, remat, dtype, key, groups, 2 * rows)
+    response_tokens = response.sum(axis=1, dtype=jnp.float32)
+    return SequenceLogprobs(
+        -nll[:rows], -nll[rows:], response_tokens, real.sum(axis=1, dtype=jnp.float32) - response_tokens
     )
-    return total, weight.sum()
 
 
 def _owned(x: jax.Array, home: jax.sharding.Sharding) -> jax.Array:
@@ -105,6 +147,67 @@ def init_state(trainable, optimizer: optax.GradientTransformation, key: jax.Arra
     return jax.tree.map(lambda x: _owned(x, home), state)
 
 
+PREFERENCE_METRICS = ("reward_margin", "chosen_logps", "rejected_logps", "accuracy", "tokens")
+
+
+def preference_batch_loss(
+    preference: PreferenceConfig,
+    params,
+    config: ModelConfig,
+    batch: dict,
+    lora=None,
+    reference_params=None,
+    *,
+    remat: bool = False,
+    dtype=None,
+    key=None,
+    pairs_total=None,
+    chosen_tokens_total=None,
+) -> tuple[jax.Array, dict]:
+    """The preference loss of one micro-batch of pairs and its metrics.
+
+    batch: {"input_ids", "attention_mask", "loss_mask"} [2 * pairs, seq]: rows [0, pairs) the chosen sequences,
+    rows [pairs, 2 * pairs) the rejected ones, loss_mask on each response. reference_params: the frozen model the
+    log-ratios are taken against (dpo, ipo), run without adapters: with LoRA it is the base itself, no second copy.
+    pairs_total / chosen_tokens_total: what the step averages over (default: this batch's pairs and the real
+    targets of its chosen rows), so micro-batches of one step add up to the step's mean.
+    Returns (loss, metrics): metrics hold sums over this batch divided by pairs_total: "reward_margin",
+    "chosen_logps", "rejected_logps" (summed over each response), "accuracy" (the chosen reward beats the
+    rejected), and "tokens" (response tokens, a plain count).
+    """
+    pairs = batch["input_ids"].shape[0] // 2
+    pairs_total = pairs if pairs_total is None else pairs_total
+    seq = sequence_logprobs(params, config, batch, lora, remat, dtype, key)
+    ref_chosen = ref_rejected = None
+    if preference.needs_reference:
+        ref = jax.lax.stop_gradient(sequence_logprobs(reference_params, config, batch, None, False, dtype).response)
+        ref_chosen, ref_rejected = ref[:pairs], ref[pairs:]
+    chosen, rejected = seq.response[:pairs], seq.response[pairs:]
+    losses, chosen_reward, rejected_reward = preference_loss(
+        preference,
+        chosen,
+        rejected,
+        seq.response_tokens[:pairs],
+        seq.response_tokens[pairs:],
+        ref_chosen,
+        ref_rejected,
+    )
+    loss = losses.sum() / pairs_total
+    if preference.objective == "orpo":  # its SFT term: the chosen sequences' token-mean NLL, prompt included (TRL's)
+        chosen_all = -(seq.response[:pairs] + seq.rest[:pairs]).sum()
+        if chosen_tokens_total is None:
+            chosen_tokens_total = (seq.response_tokens[:pairs] + seq.rest_tokens[:pairs]).sum()
+        loss = loss + chosen_all / jnp.maximum(chosen_tokens_total, 1.0)
+    metrics = {  # PREFERENCE_METRICS
+        "reward_margin": (chosen_reward - rejected_reward).sum() / pairs_total,
+        "chosen_logps": chosen.sum() / pairs_total,
+        "rejected_logps": rejected.sum() / pairs_total,
+        "accuracy": (chosen_reward > rejected_reward).sum() / pairs_total,
+        "tokens": seq.response_tokens.sum(),
+    }
+    return loss, metrics
+
+
 def make_train_step(
     base_params,
     config: ModelConfig,
@@ -113,6 +216,7 @@ def make_train_step(
     full: bool = False,
     remat: bool = False,
     dtype=None,
+    preference: PreferenceConfig | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step(state, batch) -> (state, metrics): one optimizer step, jitted.
 
@@ -122,31 +226,67 @@ def make_train_step(
     tokens that are targets. metrics: {"loss", "tokens", "grad_norm"}, scalars of the step.
     The base params are an argument of the compiled function (not a constant baked into it) and are never updated
     when training adapters; `full=True` trains the params themselves. remat recomputes each layer in the backward
-    pass; dtype casts the compute (params stay float32)."""
+    pass; dtype casts the compute (params stay float32).
+
+    preference: a `PreferenceConfig` trains on pairs instead (see `preference_batch_loss` for the batch layout:
+    each micro-batch's first half chosen, second half rejected); the loss is averaged over the step's pairs, the
+    reference for dpo/ipo is `base_params` without adapters, and metrics add "reward_margin", "chosen_logps",
+    "rejected_logps" and "accuracy"."""
+
+    metric_names = ("tokens",) if preference is None else PREFERENCE_METRICS
+
+    def sft_normalizers(batch):
+        return {"tokens": jnp.maximum(jax.vmap(lambda b: target_weights(b).sum())(batch).sum(), 1.0)}
+
+    def preference_normalizers(batch):
+        accum, rows = batch["input_ids"].shape[:2]
+        chosen = jax.tree.map(lambda x: x[:, : rows // 2], batch)
+        return {"pairs": accum * (rows // 2), "chosen": jax.vmap(lambda b: real_targets(b).sum())(chosen).sum()}
+
+    def objective(params, lora, base, micro_batch, key, norms):
+        """(this micro-batch's share of the step's loss, its metric sums)."""
+        if preference is None:
+            total, count = token_loss(params, config, micro_batch, lora, remat, dtype, key)
+            return total / norms["tokens"], {"tokens": count}
+        return preference_batch_loss(
+            preference,
+            params,
+            config,
+            micro_batch,
+            lora,
+            base,
+            remat=remat,
+            dtype=dtype,
+            key=key,
+            pairs_total=norms["pairs"],
+            chosen_tokens_total=norms["chosen"].astype(jnp.float32),
+        )
 
     @partial(jax.jit, donate_argnums=(1,))
     def step(base, state: TrainState, batch: dict):
         key, step_key = jax.random.split(state.key)
+        norms = sft_normalizers(batch) if preference is None else preference_normalizers(batch)
 
         def micro(carry, inputs):
             micro_batch, index = inputs
 
             def loss_of(trainable):
                 params, lora = (trainable, None) if full else (base, trainable)
-                return token_loss(params, config, micro_batch, lora, remat, dtype, jax.random.fold_in(step_key, index))
+                return objective(params, lora, base, micro_batch, jax.random.fold_in(step_key, index), norms)
 
-            (total, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
-            grad_sum, loss_sum, count_sum = carry
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + total, count_sum + count), None
+            (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+            grad_sum, sums = carry
+            sums = jax.tree.map(jnp.add, sums, {"loss": loss, **metrics})
+            return (jax.tree.map(jnp.add, grad_sum, grads), sums), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
         accum = jax.tree.leaves(batch)[0].shape[0]
-        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)  # mean over every target token of the whole step
+        start = {name: jnp.zeros((), jnp.float32) for name in ("loss", *metric_names)}
+        (grads, sums), _ = jax.lax.scan(micro, (zeros, start), (batch, jnp.arange(accum)))
+        # Each micro-batch's loss is its share of the step's mean (over every target token, or every pair).
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss_sum / count, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {**sums, "grad_norm": optax.global_norm(grads)}
         return TrainState(state.step + 1, trainable, opt_state, key), metrics
 
     return lambda state, batch: step(base_params, state, batch)

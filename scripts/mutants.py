@@ -298,17 +298,17 @@ MUTANTS = [
     m(
         "loss mask shifted by one token",
         "train.py",
-        'weight = batch["loss_mask"][:, 1:] * mask[:, 1:] * mask[:, :-1]',
-        'weight = batch["loss_mask"][:, :-1] * mask[:, 1:] * mask[:, :-1]',
+        'batch["loss_mask"][:, 1:].astype(bool)',
+        'batch["loss_mask"][:, :-1].astype(bool)',
         "tests/test_gradients.py",
         "-k",
         "token_loss",
     ),
     m(
-        "gradient accumulation sums instead of averaging over tokens",
+        "gradient accumulation averages each micro-batch, not the step's tokens",
         "train.py",
-        "grads = jax.tree.map(lambda g: g / count, grads)",
-        "grads = jax.tree.map(lambda g: g / accum, grads)",
+        'return total / norms["tokens"], {"tokens": count}',
+        'return total / jnp.maximum(count, 1.0), {"tokens": count}',
         "tests/test_train.py",
         "-k",
         "accumulation",
@@ -351,8 +351,8 @@ MUTANTS = [
     m(
         "packed documents: a document's first token is a target of the one before",
         "train.py",
-        "        weight = weight * (segments[:, 1:] == segments[:, :-1])\n",
-        "",
+        "return real if segments is None else real & (segments[:, 1:] == segments[:, :-1])",
+        "return real",
         "tests/test_packing.py",
     ),
     # Stop strings, EOS, cache write offsets, chat-turn positions.
