@@ -285,7 +285,11 @@ def _add_finetune_command(commands) -> None:
     """Flags named after `trainer.RunOptions` fields (dest=), so the options are read off the parsed args."""
     tune = commands.add_parser("finetune", help="LoRA (or --full) fine-tuning with optax; resumable")
     tune.add_argument("checkpoint")
-    tune.add_argument("--data", required=True, help="text file, or JSONL of text / prompt+completion / messages")
+    tune.add_argument(
+        "--data",
+        required=True,
+        help="text file, or JSONL of text / prompt+completion / messages (pairs: see --objective)",
+    )
     tune.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     tune.add_argument("--eval-data")
     tune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
@@ -313,6 +317,15 @@ def _add_finetune_command(commands) -> None:
     tune.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tune.add_argument("--lora", dest="init_lora", help="start from these adapters (jaxlora or PEFT folder)")
     tune.add_argument("--mesh", help="train on a device mesh, e.g. data=2,tensor=4")
+    tune.add_argument(
+        "--objective",
+        default="sft",
+        choices=("sft", "dpo", "ipo", "orpo", "simpo"),
+        help="sft (default), or a preference objective on JSONL pairs {prompt, chosen, rejected}",
+    )
+    tune.add_argument("--beta", type=float, default=0.1, help="preference objectives' beta (default 0.1)")
+    tune.add_argument("--label-smoothing", type=float, default=0.0, help="dpo/simpo: conservative label noise")
+    tune.add_argument("--simpo-gamma", type=float, default=0.5, help="simpo's target reward margin")
     _add_attention_flag(tune)
     tune.set_defaults(run=cmd_finetune)
 

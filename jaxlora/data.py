@@ -86,6 +86,16 @@ def tokenize(example: dict, tokenizer) -> tuple[list[int], list[int]]:
     return ids, [1] * len(ids)
 
 
+def shuffled_indices(seed: int, size: int, start: int, count: int) -> np.ndarray:
+    """Items [start, start + count) of an endless sequence of epochs, each a permutation of range(size) drawn from
+    (seed, epoch): a run resumed at `start` sees exactly what it would have seen."""
+    picked = []
+    for position in range(start, start + count):
+        epoch, index = divmod(position, size)
+        picked.append(np.random.default_rng([seed, epoch]).permutation(size)[index])
+    return np.asarray(picked)
+
+
 def pack_documents(lengths: list[int], seq_len: int) -> list[list[tuple[int, int, int]]]:
     """Rows of whole documents: each row a list of (document, start, stop) pieces whose lengths sum to at most
     `seq_len`. A document longer than a row is cut into seq_len-long pieces (each then a document of its own);
@@ -167,16 +177,9 @@ class Batches:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self))
-
     def rows(self, start: int, count: int) -> dict:
         """`count` rows starting at global row `start` (row k of epoch e is permutation_e[k])."""
-        picked = []
-        for position in range(start, start + count):
-            epoch, index = divmod(position, len(self))
-            picked.append(self._order(epoch)[index])
-        picked = np.asarray(picked)
+        picked = shuffled_indices(self.seed, len(self), start, count)
         rows = {
             "input_ids": self.input_ids[picked],
             "attention_mask": self.attention_mask[picked],
@@ -190,3 +193,103 @@ class Batches:
         """The step's batch [grad_accum, batch_size, seq] starting at row `position`."""
         flat = self.rows(position, batch_size * grad_accum)
         return {k: v.reshape(grad_accum, batch_size, -1) for k, v in flat.items()}
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Preference pairs from JSONL: {"prompt", "chosen", "rejected"} as strings, or as lists of chat messages
+    ({"prompt": [...], "chosen": [assistant turn], "rejected": [assistant turn]}, or whole "chosen" and "rejected"
+    conversations that differ only in their last message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such data file: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e})") from None
+    pairs = []
+    for number, example in jsonl_records(path, text):
+        pair = _pair(example)
+        if pair is None:
+            raise UsageError(
+                f'{path}:{number}: expected {{"prompt", "chosen", "rejected"}} with strings, or chat messages '
+                "(a prompt list and chosen/rejected lists, or two conversations differing in their last message)"
+            )
+        pairs.append(pair)
+    if not pairs:
+        raise UsageError(f"{path} holds no pairs")
+    return pairs
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _pair(example) -> dict | None:
+    """The pair in one form: strings, or {"prompt": messages, "chosen": messages, "rejected": messages}."""
+    if not isinstance(example, dict):
+        return None
+    prompt, chosen, rejected = example.get("prompt"), example.get("chosen"), example.get("rejected")
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if not (_is_messages(chosen) and _is_messages(rejected)):
+        return None
+    if prompt is None:  # two whole conversations: the shared turns are the prompt
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            return None
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    if not _is_messages(prompt):
+        return None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def tokenize_response(prompt, response, tokenizer) -> tuple[list[int], list[int]]:
+    """A prompt and its response -> (token ids, loss mask on the response): strings as prompt + completion
+    (the response closed by EOS), messages through the chat template (the response after the generation prompt)."""
+    if isinstance(prompt, str):
+        return tokenize({"prompt": prompt, "completion": response}, tokenizer)
+    ids = chat_ids(tokenizer, prompt + response, add_generation_prompt=False)
+    start = len(chat_ids(tokenizer, prompt, add_generation_prompt=True))
+    if ids[:start] != chat_ids(tokenizer, prompt, add_generation_prompt=True):
+        raise UsageError("the chat template renders the prompt differently once a response follows it")
+    return ids, [0] * start + [1] * (len(ids) - start)
+
+
+class PreferencePairs:
+    """Pairs as rows of `seq_len` tokens: a step's batch is [grad_accum, 2 * batch_size, seq_len], each micro-batch
+    its pairs' chosen sequences then their rejected ones (the layout `train.preference_batch_loss` reads); the
+    order is reshuffled each epoch by seed, as `Batches` does."""
+
+    def __init__(self, pairs: list[dict], tokenizer, seq_len: int, *, seed: int = 0):
+        if seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+        pad = pad_id(tokenizer)
+        sides = {"chosen": [], "rejected": []}
+        for number, pair in enumerate(pairs, 1):
+            for side, rows in sides.items():
+                ids, mask = tokenize_response(pair["prompt"], pair[side], tokenizer)
+                row = Batches._pad(
+                    np.asarray(ids[:seq_len], np.int32), np.asarray(mask[:seq_len], np.int32), seq_len, pad
+                )
+                if not row[2][1:].any():
+                    raise UsageError(
+                        f"pair {number}: no {side} response token fits in --seq-len {seq_len} after its prompt"
+                        f" ({len(ids) - sum(mask)} tokens)"
+                    )
+                rows.append(row)
+        self.chosen = [np.stack([r[i] for r in sides["chosen"]]) for i in range(3)]
+        self.rejected = [np.stack([r[i] for r in sides["rejected"]]) for i in range(3)]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.chosen[0])
+
+    def rows(self, start: int, count: int) -> dict:
+        """Pairs [start, start + count) as [2 * count, seq] rows: their chosen sequences, then their rejected."""
+        picked = shuffled_indices(self.seed, len(self), start, count)
+        names = ("input_ids", "attention_mask", "loss_mask")
+        return {n: np.concatenate([self.chosen[i][picked], self.rejected[i][picked]]) for i, n in enumerate(names)}
+
+    def batch(self, position: int, batch_size: int, grad_accum: int) -> dict:
+        """The step's batch [grad_accum, 2 * batch_size, seq] starting at pair `position`."""
+        micro = [self.rows(position + a * batch_size, batch_size) for a in range(grad_accum)]
+        return {k: np.stack([m[k] for m in micro]) for k in micro[0]}

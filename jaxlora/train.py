@@ -305,3 +305,26 @@ def eval_loss(params, config: ModelConfig, batches, lora=None, dtype=None) -> di
         total, count = total + float(loss), count + float(n)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": float(jnp.exp(loss)), "tokens": count}
+
+
+@partial(jax.jit, static_argnames=("preference", "config", "dtype"))
+def _eval_pairs(preference, params, config, batch, lora=None, reference_params=None, dtype=None):
+    return preference_batch_loss(preference, params, config, batch, lora, reference_params, dtype=dtype)
+
+
+def eval_preference(
+    preference: PreferenceConfig, params, config: ModelConfig, batches, lora=None, reference_params=None, dtype=None
+) -> dict:
+    """Mean preference loss, reward margin and accuracy over an iterable of [2 * pairs, seq] micro-batches."""
+    sums, pairs = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}, 0
+    for batch in batches:
+        n = batch["input_ids"].shape[0] // 2
+        loss, metrics = _eval_pairs(preference, params, config, batch, lora, reference_params, dtype)
+        for name, value in (
+            ("loss", loss),
+            ("reward_margin", metrics["reward_margin"]),
+            ("accuracy", metrics["accuracy"]),
+        ):
+            sums[name] += float(value) * n
+        pairs += n
+    return {name: total / max(pairs, 1) for name, total in sums.items()} | {"pairs": pairs}

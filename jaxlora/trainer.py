@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from jaxlora import lora as lora_lib
 from jaxlora.checkpoint import DTYPES, Model, load, load_adapters, save_adapters, save_param_group, write_config
-from jaxlora.data import Batches, read_examples
+from jaxlora.data import Batches, PreferencePairs, read_examples, read_pairs
 from jaxlora.errors import UsageError
+from jaxlora.losses import PREFERENCE_OBJECTIVES, PreferenceConfig
 from jaxlora.sharding import make_mesh, replicate, shard_batch
 from jaxlora.staging import check_destination, staged
-from jaxlora.train import eval_loss, init_state, make_optimizer, make_train_step
+from jaxlora.train import eval_loss, eval_preference, init_state, make_optimizer, make_train_step
 
 # orbax writes a step into "<step>.orbax-checkpoint-tmp-<time>" and renames it when complete.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -61,6 +62,16 @@ class RunOptions:
     init_lora: str | None = None  # start from these adapters (jaxlora final/ or a PEFT folder)
     mesh: str | None = None  # e.g. "data=2,tensor=4": base params sharded, adapters replicated, batch over data
     attention: str = "auto"  # attention implementation, see jaxlora.attention ("chunked" for long sequences)
+    objective: str = "sft"  # or a preference objective on pairs: dpo, ipo, orpo, simpo (jaxlora.losses)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # dpo, simpo
+    simpo_gamma: float = 0.5
+
+    @property
+    def preference(self) -> PreferenceConfig | None:
+        if self.objective == "sft":
+            return None
+        return PreferenceConfig(self.objective, self.beta, self.label_smoothing, self.simpo_gamma)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "rank"):
@@ -70,6 +81,16 @@ class RunOptions:
             raise UsageError(f"--lr must be a positive number, got {self.learning_rate}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UsageError(f"unknown --dtype {self.dtype!r}")
+        if self.objective not in ("sft", *PREFERENCE_OBJECTIVES):
+            raise UsageError(f"unknown --objective {self.objective!r}; choose sft, {', '.join(PREFERENCE_OBJECTIVES)}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise UsageError(f"--beta must be a positive number, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UsageError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.objective not in ("dpo", "simpo"):
+            raise UsageError(f"--label-smoothing applies to dpo and simpo, not {self.objective}")
+        if not math.isfinite(self.simpo_gamma):
+            raise UsageError(f"--simpo-gamma must be a number, got {self.simpo_gamma}")
 
 
 def check_run_folder(run_dir: Path) -> None:
@@ -122,17 +143,25 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
             raise UsageError(f"nothing to resume: {run_dir} has no checkpoints (drop --resume to start a new run)")
         log(f"{run_dir} has no complete checkpoint (its first save was interrupted): starting from step 0")
     manager_exists = bool(complete)
-    examples = read_examples(options.data)
-    eval_examples = read_examples(options.eval_data) if options.eval_data else None
+    preference = options.preference
+    read = read_examples if preference is None else read_pairs
+    examples = read(options.data)
+    eval_examples = read(options.eval_data) if options.eval_data else None
 
     mesh = make_mesh(options.mesh) if options.mesh else None
     model: Model = load(checkpoint, mesh=mesh, attention=options.attention)
     if model.tokenizer is None:
         raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
-    train = Batches(examples, model.tokenizer, options.seq_len, pack=options.pack, seed=options.seed)
+    if preference is None:
+        train = Batches(examples, model.tokenizer, options.seq_len, pack=options.pack, seed=options.seed)
+    else:
+        train = PreferencePairs(examples, model.tokenizer, options.seq_len, seed=options.seed)
     evals = None
     if eval_examples is not None:
-        evals = Batches(eval_examples, model.tokenizer, options.seq_len, pack=options.pack)
+        if preference is None:
+            evals = Batches(eval_examples, model.tokenizer, options.seq_len, pack=options.pack)
+        else:
+            evals = PreferencePairs(eval_examples, model.tokenizer, options.seq_len)
 
     key = jax.random.key(options.seed)
     if options.full:
@@ -155,7 +184,13 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     )
     dtype = DTYPES[options.dtype] if options.dtype else None
     train_step = make_train_step(
-        model.params, model.config, optimizer, full=options.full, remat=options.remat, dtype=dtype
+        model.params,
+        model.config,
+        optimizer,
+        full=options.full,
+        remat=options.remat,
+        dtype=dtype,
+        preference=preference,
     )
     state = init_state(trainable, optimizer, key)
     position = 0
@@ -184,13 +219,27 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
             loss, tokens = float(metrics["loss"]), float(metrics["tokens"])
             tokens_seen += tokens
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+            shown = {"loss": f"{loss:.4f}"}
+            if preference is not None:
+                shown |= {
+                    "margin": f"{float(metrics['reward_margin']):.3f}",
+                    "acc": f"{float(metrics['accuracy']):.2f}",
+                }
+            bar.set_postfix(**shown, tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
             done = step + 1
             if evals is not None and options.eval_every and done % options.eval_every == 0:
                 lora = None if options.full else state.trainable
                 params = state.trainable if options.full else model.params
-                result = eval_loss(params, model.config, (evals.rows(i, 1) for i in range(len(evals))), lora, dtype)
-                log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+                rows = (evals.rows(i, 1) for i in range(len(evals)))
+                if preference is None:
+                    result = eval_loss(params, model.config, rows, lora, dtype)
+                    log(f"step {done}: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+                else:
+                    result = eval_preference(preference, params, model.config, rows, lora, model.params, dtype)
+                    log(
+                        f"step {done}: eval loss {result['loss']:.4f}, reward margin {result['reward_margin']:.4f},"
+                        f" accuracy {result['accuracy']:.3f}"
+                    )
             if done % options.save_every == 0 or done == options.steps:
                 manager.save(
                     done,

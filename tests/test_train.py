@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import hf_model, save_hf
 import jaxlora
 from jaxlora import lora
 from jaxlora.checkpoint import load_adapters
-from jaxlora.data import Batches, read_examples, tokenize
+from jaxlora.data import Batches, PreferencePairs, read_examples, read_pairs, tokenize
 from jaxlora.errors import UsageError
 from jaxlora.train import init_state, make_optimizer, make_train_step, token_loss
 
@@ -53,6 +54,18 @@ def tiny_chat(smollm2_checkpoint, tmp_path_factory):
     )
     lines.append(json.dumps({"text": "Plain text is learned everywhere."}))
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    pairs = [
+        {"prompt": f"What is {i} plus {i}?", "chosen": f" It is {2 * i}.", "rejected": f" It is {2 * i + 1}."}
+        for i in range(10)
+    ]
+    pairs.append(
+        {
+            "prompt": [{"role": "user", "content": "Say hi."}],
+            "chosen": [{"role": "assistant", "content": "Hi there!"}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        }
+    )
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
     return root, torch_model
 
 
@@ -194,7 +207,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_chat):
         assert float(metrics["loss"]) == pytest.approx(float(jax.jit(mean_loss)(adapters.weights)), rel=1e-5)
 
 
-def finetune(root, out, *extra):
+def finetune(root, out, *extra, data="train.jsonl"):
     return [
         sys.executable,
         "-m",
@@ -202,7 +215,7 @@ def finetune(root, out, *extra):
         "finetune",
         str(root / "jax"),
         "--data",
-        str(root / "train.jsonl"),
+        str(root / data),
         "--out",
         str(out),
         "--steps",
@@ -223,8 +236,11 @@ def finetune(root, out, *extra):
     ]
 
 
-def test_a_run_killed_mid_way_and_resumed_ends_where_an_uninterrupted_one_does(tiny_chat, tmp_path):
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_a_run_killed_mid_way_and_resumed_ends_where_an_uninterrupted_one_does(tiny_chat, tmp_path, objective):
     root, _ = tiny_chat
+    data = "train.jsonl" if objective == "sft" else "pairs.jsonl"
+    finetune = partial(run_command, objective=objective, data=data)
     whole = subprocess.run(finetune(root, tmp_path / "whole"), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
@@ -257,6 +273,13 @@ def test_a_run_killed_mid_way_and_resumed_ends_where_an_uninterrupted_one_does(t
     for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
     assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a.weights)) > 0
+
+
+def run_command(root, out, *extra, objective, data):
+    """A finetune command with this objective; pairs get rows of 64 tokens (SmolLM2's chat template adds a system
+    prompt of about 30)."""
+    longer = () if objective == "sft" else ("--seq-len", "64")
+    return finetune(root, out, "--objective", objective, *longer, *extra, data=data)
 
 
 def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
@@ -339,9 +362,85 @@ def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
     assert generated.stdout.strip() == texts["adapted"].strip() != texts["base"].strip()
 
 
+def test_preference_pairs_mask_each_response_and_keep_its_prompt(tiny_chat, tmp_path):
+    root, _ = tiny_chat
+    tokenizer = jaxlora.load(root / "jax").tokenizer
+    pairs = read_pairs(root / "pairs.jsonl")
+    data = PreferencePairs(pairs, tokenizer, seq_len=48, seed=0)
+    batch = data.batch(0, 2, 3)
+    assert batch["input_ids"].shape == (3, 4, 48)
+    rows = data.rows(0, len(data))
+    n = len(data)
+    for i in range(n):
+        chosen, rejected = (rows["input_ids"][r][rows["loss_mask"][r] == 1] for r in (i, n + i))
+        prompt_c, prompt_r = (
+            rows["input_ids"][r][(rows["loss_mask"][r] == 0) & (rows["attention_mask"][r] == 1)] for r in (i, n + i)
+        )
+        assert np.array_equal(prompt_c, prompt_r)  # one prompt, two responses
+        text = tokenizer.decode(chosen)
+        assert ("It is" in text or "Hi there!" in text) and tokenizer.eos_token in text
+        assert not np.array_equal(chosen, rejected)
+    # The conversational pair: the response is the assistant turn alone, the user turn is prompt.
+    conversational = PreferencePairs(pairs[-1:], tokenizer, seq_len=64)
+    row = conversational.rows(0, 1)
+    learned = tokenizer.decode(row["input_ids"][0][row["loss_mask"][0] == 1])
+    assert "Hi there!" in learned and "Say hi." not in learned
+    whole = {"chosen": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "B"}]}
+    whole["rejected"] = [whole["chosen"][0], {"role": "assistant", "content": "C"}]
+    (tmp_path / "implicit.jsonl").write_text(json.dumps(whole) + "\n" + json.dumps({"prompt": "x", "chosen": 1}) + "\n")
+    with pytest.raises(UsageError, match="implicit.jsonl:2: expected"):
+        read_pairs(tmp_path / "implicit.jsonl")
+    (tmp_path / "implicit.jsonl").write_text(json.dumps(whole) + "\n")
+    assert read_pairs(tmp_path / "implicit.jsonl")[0]["prompt"] == whole["chosen"][:1]
+    with pytest.raises(UsageError, match="pair 1: no chosen response token fits in --seq-len 4"):
+        PreferencePairs(pairs[:1], tokenizer, seq_len=4)
+
+
+def test_dpo_run_learns_the_pairs_and_reports_its_metrics(tiny_chat, tmp_path):
+    root, _ = tiny_chat
+    command = run_command(
+        root,
+        tmp_path / "run",
+        "--eval-data",
+        str(root / "pairs.jsonl"),
+        "--eval-every",
+        "4",
+        "--beta",
+        "0.5",
+        objective="dpo",
+        data="pairs.jsonl",
+    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [line for line in result.stdout.splitlines() if "eval loss" in line]
+    assert [r.split(":")[0] for r in reports] == ["step 4", "step 8"]
+    loss, margin, accuracy = zip(
+        *(
+            (
+                float(r.split("eval loss ")[1].split(",")[0]),
+                float(r.split("margin ")[1].split(",")[0]),
+                float(r.split("accuracy ")[1]),
+            )
+            for r in reports
+        ),
+        strict=True,
+    )
+    # DPO starts at log 2 = 0.693 with a zero margin (the adapters start at zero: policy = reference).
+    assert loss[1] < loss[0] < 0.69 and 0.1 < margin[0] < margin[1] and accuracy[1] == 1.0, reports
+    assert (tmp_path / "run" / "final" / "lora_config.json").is_file()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["objective"] == "dpo"
+
+
 def test_finetune_bad_arguments(tiny_chat, tmp_path):
     root, _ = tiny_chat
-    for extra, message in ((["--steps", "0"], "--steps must be at least 1"), (["--lr", "-1"], "--lr must be")):
+    for extra, message in (
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--lr", "-1"], "--lr must be"),
+        (["--objective", "dpo", "--beta", "0"], "--beta must be a positive number"),
+        (["--objective", "ipo", "--label-smoothing", "0.1"], "--label-smoothing applies to dpo and simpo"),
+        (["--objective", "dpo", "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+        (["--objective", "orpo"], 'expected {"prompt", "chosen", "rejected"}'),
+    ):
         result = subprocess.run(finetune(root, tmp_path / "bad", *extra), capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr and message in result.stderr
 
