@@ -386,8 +386,8 @@ MUTANTS = [
     m(
         "SimPO: label smoothing ignored",
         "losses.py",
-        "loss = _smoothed_sigmoid_loss(chosen_mean - rejected_mean - p.simpo_gamma / p.beta, p.beta, p.label_smoothing)",
-        "loss = _smoothed_sigmoid_loss(chosen_mean - rejected_mean - p.simpo_gamma / p.beta, p.beta, 0.0)",
+        "p.simpo_gamma / p.beta, p.beta, p.label_smoothing)",
+        "p.simpo_gamma / p.beta, p.beta, 0.0)",
         "tests/test_preference.py",
         "-k",
         "trl",
@@ -400,6 +400,25 @@ MUTANTS = [
         "tests/test_preference.py",
         "-k",
         "learned",
+    ),
+    # PEFT exchange of fused projections.
+    m(
+        "fused PEFT export: each part's B on sorted rows (CodeGen's q/v/k shards misplaced)",
+        "peft.py",
+        "b[rows[part], block] = np.asarray(ab[\"b\"], np.float32).T",
+        "b[np.sort(rows[part]), block] = np.asarray(ab[\"b\"], np.float32).T",
+        "tests/test_lora.py",
+        "-k",
+        "fused_projections",
+    ),
+    m(
+        "fused PEFT export: the grown rank keeps the plain alpha (scale shrinks)",
+        "peft.py",
+        "lora.alpha * (math.sqrt(growth) if lora.rslora else growth)",
+        "lora.alpha",
+        "tests/test_lora.py",
+        "-k",
+        "fused_projections",
     ),
     # Stop strings, EOS, cache write offsets, chat-turn positions.
     m(

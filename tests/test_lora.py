@@ -1,6 +1,7 @@
 """LoRA adapters: a pure pytree beside the params, merge == unmerged, and the round trip with HF PEFT."""
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -118,10 +119,92 @@ def test_adapter_trained_with_peft_reproduces_its_logits(tiny, tmp_path):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
 
 
-def test_peft_export_refuses_fused_modules(tiny, tmp_path):
-    config = tiny("gpt2").load().config
-    adapters = lora.init(config, jax.random.key(0), targets=("q_proj",))
-    with pytest.raises(UsageError, match="gpt2 has no 1:1 HF module for q_proj"):
+# Fused HF projections: GPT-2's Conv1D c_attn, CodeGen's qkv_proj in its 4-shard q/v/k order, Phi-3's qkv_proj
+# and gate_up_proj beside a plain o_proj. Targets that leave a fused part out (CodeGen's k) get a zero block.
+FUSED_TARGETS = {
+    "gpt2": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"),
+    "codegen": ("q_proj", "v_proj", "o_proj"),
+    "phi3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
+}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("name", sorted(FUSED_TARGETS))
+def test_adapters_on_fused_projections_export_to_peft_and_back(tiny, tmp_path, name, rslora):
+    """Exported, PEFT + PyTorch gives our logits (1e-4); imported back, the same function again."""
+    from peft import PeftModel
+
+    m = tiny(name)
+    model = m.load()
+    adapters = nonzero(
+        lora.init(model.config, jax.random.key(5), rank=4, alpha=8, targets=FUSED_TARGETS[name], rslora=rslora)
+    )
+    export_peft(adapters, model.config, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["fan_in_fan_out"] == (name == "gpt2") and meta["rank_pattern"]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(m.torch_model), str(tmp_path / "adapter")).eval()
+    ids = random_ids((2, 13), model.config.vocab_size, seed=6)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    bare = np.asarray(jaxlora.forward(model.params, model.config, ids))
+    assert np.abs(ours - bare).max() > 1e-2  # the adapters change the logits: the comparison has teeth
+    np.testing.assert_allclose(ours, hf_logits(peft_model, ids), rtol=0, atol=1e-4)
+    back = import_peft(tmp_path / "adapter", model.config)
+    again = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=back))
+    np.testing.assert_allclose(again, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, modules", [("gpt2", ["c_attn", "c_fc"]), ("codegen", ["qkv_proj"]), ("phi3", ["qkv_proj", "gate_up_proj"])]
+)
+def test_peft_adapter_trained_on_a_fused_module_imports_exactly(tiny, tmp_path, name, modules):
+    from peft import LoraConfig, get_peft_model
+
+    m = tiny(name)
+    model = m.load()
+    torch.manual_seed(1)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=modules, fan_in_fan_out=name == "gpt2")
+    peft_model = get_peft_model(copy.deepcopy(m.torch_model), config)
+    with torch.no_grad():
+        for param_name, p in peft_model.named_parameters():
+            if "lora_B" in param_name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = random_ids((2, 13), model.config.vocab_size, seed=7)
+    expected = hf_logits(peft_model.eval(), ids)
+    adapters = import_peft(tmp_path / "peft", model.config)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    assert np.abs(ours - np.asarray(jaxlora.forward(model.params, model.config, ids))).max() > 1e-2
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_peft_rank_and_alpha_patterns_import_as_one_config(tiny, tmp_path):
+    """Modules of another rank and alpha (PEFT's patterns) are padded and rescaled into one LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    m = tiny("llama-gqa")
+    model = m.load()
+    torch.manual_seed(2)
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 5}, alpha_pattern={"v_proj": 3}
+    )
+    peft_model = get_peft_model(copy.deepcopy(m.torch_model), config)
+    with torch.no_grad():
+        for param_name, p in peft_model.named_parameters():
+            if "lora_B" in param_name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = random_ids((2, 13), model.config.vocab_size, seed=8)
+    adapters = import_peft(tmp_path / "peft", model.config)
+    assert adapters.config.rank == 5
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    np.testing.assert_allclose(ours, hf_logits(peft_model.eval(), ids), rtol=0, atol=1e-4)
+
+
+def test_peft_export_refuses_a_module_peft_cannot_adapt(tiny, tmp_path):
+    """An untied GPT-2 head is an nn.Linear among Conv1D modules: PEFT's one fan_in_fan_out cannot hold both."""
+    config = dataclasses.replace(tiny("gpt2").load().config, tie_word_embeddings=False)
+    adapters = lora.init(config, jax.random.key(0), targets=("q_proj", "lm_head"))
+    with pytest.raises(UsageError, match="gpt2 has no HF module PEFT can adapt for lm_head"):
         export_peft(adapters, config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -78,4 +78,5 @@ FAMILY = Family(
     weights=WEIGHTS,
     ignored=IGNORED,
     renames=RENAMES,
+    conv1d_weights=True,
 )

@@ -63,6 +63,8 @@ class Family:
     # Another complete table for the same params, used when a checkpoint has its tensors and not the main
     # table's (Mixtral: one tensor per expert in the original checkpoints, fused in transformers 5's).
     alternative_weights: tuple[WeightRule, ...] = ()
+    # transformers keeps this family's Linear layers as Conv1D, weight [in, out] (GPT-2): PEFT's fan_in_fan_out.
+    conv1d_weights: bool = False
 
 
 @dataclass(frozen=True)
