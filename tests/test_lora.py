@@ -119,11 +119,13 @@ def test_adapter_trained_with_peft_reproduces_its_logits(tiny, tmp_path):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
 
 
-# Fused HF projections: GPT-2's Conv1D c_attn, CodeGen's qkv_proj in its 4-shard q/v/k order, Phi-3's qkv_proj
+# Fused HF projections: GPT-2's Conv1D c_attn, CodeGen's qkv_proj in its 4-shard q/v/k order, GPT-NeoX's
+# query_key_value interleaved per head, Phi-3's qkv_proj
 # and gate_up_proj beside a plain o_proj. Targets that leave a fused part out (CodeGen's k) get a zero block.
 FUSED_TARGETS = {
     "gpt2": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"),
     "codegen": ("q_proj", "v_proj", "o_proj"),
+    "gpt_neox": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "phi3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
 }
 
@@ -154,7 +156,13 @@ def test_adapters_on_fused_projections_export_to_peft_and_back(tiny, tmp_path, n
 
 
 @pytest.mark.parametrize(
-    "name, modules", [("gpt2", ["c_attn", "c_fc"]), ("codegen", ["qkv_proj"]), ("phi3", ["qkv_proj", "gate_up_proj"])]
+    "name, modules",
+    [
+        ("gpt2", ["c_attn", "c_fc"]),
+        ("codegen", ["qkv_proj"]),
+        ("gpt_neox", ["query_key_value"]),
+        ("phi3", ["qkv_proj", "gate_up_proj"]),
+    ],
 )
 def test_peft_adapter_trained_on_a_fused_module_imports_exactly(tiny, tmp_path, name, modules):
     from peft import LoraConfig, get_peft_model
