@@ -104,3 +104,59 @@ def merge(params: dict, adapters: Adapters) -> dict:
 def unmerge(params: dict, adapters: Adapters) -> dict:
     """The inverse of `merge` (up to float rounding)."""
     return _fold(params, adapters, -1.0)
+
+
+@struct.dataclass
+class AdapterBank:
+    """Several adapters stacked for one batch (multi-LoRA): weights mirrors `Adapters.weights` with a leading
+    adapter axis, a [n, in, rank] and b [n, rank, out], every adapter's ranks padded with zeros to the largest
+    (exactly inert: zero columns of A meet zero rows of B) and its scale folded into its B; an adapter without a
+    layer the others adapt has zeros there. `select` turns it into the per-row adapters a call runs."""
+
+    weights: dict
+    targets: tuple[str, ...] = struct.field(pytree_node=False)
+    count: int = struct.field(pytree_node=False)
+
+
+def bank(adapters: Sequence[Adapters], config: ModelConfig) -> AdapterBank:
+    """Stack adapters (any ranks, alphas, rsLoRA or not, target sets) into one bank; adapter k is index k."""
+    if not adapters:
+        raise UsageError("an adapter bank needs at least one adapter")
+    rank = max(a.config.rank for a in adapters)
+    targets = tuple(sorted({t for a in adapters for t in a.config.targets}))
+    weights: dict = {}
+    for path, (fan_in, fan_out) in target_paths(config, targets).items():
+        a = jnp.zeros((len(adapters), fan_in, rank), jnp.float32)
+        b = jnp.zeros((len(adapters), rank, fan_out), jnp.float32)
+        for k, adapter in enumerate(adapters):
+            if path[-1] not in adapter.config.targets:
+                continue
+            ab, r = get_path(adapter.weights, path), adapter.config.rank
+            a = a.at[k, :, :r].set(ab["a"].astype(jnp.float32))
+            b = b.at[k, :r, :].set(adapter.config.scale * ab["b"].astype(jnp.float32))
+        set_path(weights, path, {"a": a, "b": b})
+    return AdapterBank(weights, targets, len(adapters))
+
+
+def select(adapter_bank: AdapterBank, adapter_ids) -> Adapters:
+    """The adapters of a batch whose row r runs bank adapter adapter_ids[r] (-1: the bare base): [batch] int32 ->
+    `Adapters` with per-row weights (a [batch, in, rank], b [batch, rank, out], scale 1: folded into b) that
+    `forward`, `score`, `generate`, `stream` and `sample` take as `lora=` like any adapters. Works under jit."""
+    ids = jnp.asarray(adapter_ids, jnp.int32)
+    if ids.ndim != 1:
+        raise UsageError(f"adapter_ids must be [batch], got shape {ids.shape}")
+    if (
+        not isinstance(ids, jax.core.Tracer)
+        and ids.size
+        and not (-1 <= int(ids.min()) and int(ids.max()) < adapter_bank.count)
+    ):
+        raise UsageError(f"adapter ids must be in [-1, {adapter_bank.count - 1}], got {ids.tolist()}")
+    present = (ids >= 0)[:, None, None]
+    safe = jnp.maximum(ids, 0)
+
+    def rows(ab):
+        return {"a": jnp.take(ab["a"], safe, axis=0), "b": jnp.where(present, jnp.take(ab["b"], safe, axis=0), 0.0)}
+
+    weights = jax.tree.map(rows, adapter_bank.weights, is_leaf=lambda x: isinstance(x, dict) and "a" in x)
+    rank = jax.tree.leaves(weights)[0].shape[-1]
+    return Adapters(weights, LoraConfig(rank=rank, alpha=float(rank), targets=adapter_bank.targets))

@@ -48,6 +48,9 @@ class Linear(nn.Module):
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
             if self.lora.dropout > 0 and self.has_rng("dropout"):
                 x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
+            if a.ndim == 3:  # one adapter per row (`jaxlora.lora.select`): a [batch, in, r], b [batch, r, out]
+                xa = jnp.einsum("b...i,bir->b...r", x, a.astype(x.dtype))
+                return y + self.lora.scale * jnp.einsum("b...r,bro->b...o", xa, b.astype(x.dtype))
             y = y + low_rank_update(x, a.astype(x.dtype), b.astype(x.dtype), self.lora.scale)
         return y
 

@@ -403,10 +403,10 @@ MUTANTS = [
     ),
     # PEFT exchange of fused projections.
     m(
-        "fused PEFT export: each part's B on sorted rows (CodeGen's q/v/k shards misplaced)",
+        "fused PEFT export: the parts' B blocks on each other's rows",
         "peft.py",
-        "b[rows[part], block] = np.asarray(ab[\"b\"], np.float32).T",
-        "b[np.sort(rows[part]), block] = np.asarray(ab[\"b\"], np.float32).T",
+        'b[rows[part], block] = np.asarray(ab["b"], np.float32).T',
+        'b[rows[adapted[-1 - n]], block] = np.asarray(ab["b"], np.float32).T',
         "tests/test_lora.py",
         "-k",
         "fused_projections",
@@ -419,6 +419,15 @@ MUTANTS = [
         "tests/test_lora.py",
         "-k",
         "fused_projections",
+    ),
+    m(
+        "adapter bank: a row with id -1 runs adapter 0",
+        "lora.py",
+        '"b": jnp.where(present, jnp.take(ab["b"], safe, axis=0), 0.0)',
+        '"b": jnp.take(ab["b"], safe, axis=0)',
+        "tests/test_lora.py",
+        "-k",
+        "bank",
     ),
     # Stop strings, EOS, cache write offsets, chat-turn positions.
     m(
