@@ -56,8 +56,8 @@ def measure(checkpoint: str, case: str, new_tokens: int, repeat: int) -> dict:
         adapters = lora.select(lora.bank([trained(s) for s in range(4)], config), [0, 1, 2, 3, 0, 1, 2, 3])
 
     def run():
-        tokens, _ = jaxlora.generate(model.params, config, ids, max_new_tokens=new_tokens, lora=adapters)
-        np.asarray(tokens)
+        out = jaxlora.generate(model.params, config, ids, max_new_tokens=new_tokens, lora=adapters)
+        np.asarray(out.tokens)
 
     run()
     seconds = median_of(run, repeat)
