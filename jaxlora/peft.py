@@ -232,7 +232,14 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
         pairs.setdefault(module, {})[leaf] = np.asarray(value, np.float32)
     kernels = linear_kernels(config)
     common_scale = _scale(alpha, rank, rslora)
-    largest = max([rank, *(ab["a"].shape[0] for ab in pairs.values() if "a" in ab)])
+    try:
+        ranks = {int(value) for value in rank_pattern.values()}
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{config_file}: rank_pattern holds a rank that is not a number ({e})") from None
+    if min(ranks, default=rank) < 1:
+        raise UsageError(f"{config_file}: rank_pattern declares rank {min(ranks)}")
+    rank_pattern = {key: int(value) for key, value in rank_pattern.items()}
+    largest = max([rank, *(_pattern_value(rank_pattern, module, rank) for module in pairs)])
     weights: dict = {}
     for module, ab in pairs.items():
         paths = by_name[module]
@@ -240,11 +247,11 @@ def import_peft(peft_dir: str | os.PathLike, config: ModelConfig) -> Adapters:
         fan_out = sum(kernels[path][1] for path in paths)
         if set(ab) != {"a", "b"}:
             raise UsageError(f"adapter module {module} lacks its lora_{'B' if 'a' in ab else 'A'} weight")
-        r = ab["a"].shape[0]
+        r = _pattern_value(rank_pattern, module, rank)
         if ab["a"].shape != (r, fan_in) or ab["b"].shape != (fan_out, r):
             raise UsageError(
-                f"adapter module {module} has lora_A {ab['a'].shape}, lora_B {ab['b'].shape}; "
-                f"expected ({r}, {fan_in}), ({fan_out}, {r})"
+                f"adapter module {module} has shapes lora_A {ab['a'].shape}, lora_B {ab['b'].shape}; its rank "
+                f"{r} and this model expect ({r}, {fan_in}), ({fan_out}, {r})"
             )
         factor = _scale(_pattern_value(alphas, module, alpha), r, rslora) / common_scale
         a = np.zeros((fan_in, largest), np.float32)
