@@ -17,7 +17,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when JAX is imported, belo
 PRELOAD = ["forked_cli", "jax", "flax.linen", "optax", "orbax.checkpoint", "torch", "transformers", "jaxlora.cli"]
 
 
-def _child(args: list[str], cwd: str, env: dict[str, str], out_path: str, err_path: str, memory_limit: int) -> None:
+def _child(
+    args: list[str], cwd: str, env: dict[str, str], out_path: str, err_path: str, code_path: str, memory_limit: int
+) -> None:
     import resource
     import runpy
     import sys
@@ -46,6 +48,8 @@ def _child(args: list[str], cwd: str, env: dict[str, str], out_path: str, err_pa
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    with open(code_path, "w") as status:  # the exit status, also where the fork server fails to relay it
+        status.write(str(code))
     os._exit(code)
 
 
@@ -63,13 +67,21 @@ def context():
 def run(args: list[str], cwd, env: dict[str, str], logs, memory_limit: int, timeout: float) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of `jaxlora ARGS` run in `cwd` with exactly the environment `env`; its output
     goes through files named by `logs` (a path prefix outside cwd)."""
-    out_path, err_path = f"{logs}.stdout", f"{logs}.stderr"
-    child = context().Process(target=_child, args=(args, str(cwd), env, out_path, err_path, memory_limit))
+    out_path, err_path, code_path = f"{logs}.stdout", f"{logs}.stderr", f"{logs}.code"
+    if os.path.exists(code_path):
+        os.remove(code_path)
+    child = context().Process(target=_child, args=(args, str(cwd), env, out_path, err_path, code_path, memory_limit))
     child.start()
     child.join(timeout)
     if child.exitcode is None:
         child.kill()
         child.join()
         raise TimeoutError(f"jaxlora {' '.join(args)} ran past {timeout} s")
+    # multiprocessing reports 255 when the fork server's status pipe closes before it relays the child's status
+    # (seen once in a CI run, after the child had finished): the child's own record is the truth then.
+    exit_code = child.exitcode
+    if exit_code == 255 and os.path.exists(code_path):
+        with open(code_path) as status:
+            exit_code = int(status.read())
     with open(out_path) as out, open(err_path) as err:
-        return child.exitcode, out.read(), err.read()
+        return exit_code, out.read(), err.read()
