@@ -32,14 +32,19 @@ def jsonl_records(path: str | Path, text: str) -> Iterator[tuple[int, Any]]:
             raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from None
 
 
-def read_examples(path: str | Path) -> list[dict]:
+def read_data_file(path: str | Path) -> tuple[Path, str]:
+    """(the path, its text), or one UsageError: missing, or not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no such data file: {path}")
     try:
-        text = path.read_text()
+        return path, path.read_text()
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text ({e})") from None
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    path, text = read_data_file(path)
     if path.suffix != ".jsonl":
         if not text.strip():
             raise UsageError(f"{path} is empty")
@@ -199,13 +204,7 @@ def read_pairs(path: str | Path) -> list[dict]:
     """Preference pairs from JSONL: {"prompt", "chosen", "rejected"} as strings, or as lists of chat messages
     ({"prompt": [...], "chosen": [assistant turn], "rejected": [assistant turn]}, or whole "chosen" and "rejected"
     conversations that differ only in their last message)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such data file: {path}")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text ({e})") from None
+    path, text = read_data_file(path)
     pairs = []
     for number, example in jsonl_records(path, text):
         pair = _pair(example)

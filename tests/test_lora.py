@@ -79,6 +79,15 @@ def test_unknown_targets_are_refused(tiny):
         lora.init(config, jax.random.key(0), targets=("q_proj", "c_attn"))
 
 
+def as_if_trained(peft_model, std: float = 0.1):
+    """A PEFT model with random B (PEFT initializes B to zero, which would hide a wrong B)."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return peft_model
+
+
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
@@ -105,11 +114,7 @@ def test_adapter_trained_with_peft_reproduces_its_logits(tiny, tmp_path):
     model = m.load()
     torch.manual_seed(0)
     config = LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
-    peft_model = get_peft_model(copy.deepcopy(m.torch_model), config)
-    with torch.no_grad():  # as if trained: PEFT initializes B to zero
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    peft_model = as_if_trained(get_peft_model(copy.deepcopy(m.torch_model), config), std=0.05)
     peft_model.save_pretrained(tmp_path / "peft")
     ids = random_ids((2, 13), model.config.vocab_size, seed=5)
     expected = hf_logits(peft_model, ids)
@@ -170,11 +175,7 @@ def test_peft_adapter_trained_on_a_fused_module_imports_exactly(tiny, tmp_path, 
     model = m.load()
     torch.manual_seed(1)
     config = LoraConfig(r=3, lora_alpha=6, target_modules=modules, fan_in_fan_out=name == "gpt2")
-    peft_model = get_peft_model(copy.deepcopy(m.torch_model), config)
-    with torch.no_grad():
-        for param_name, p in peft_model.named_parameters():
-            if "lora_B" in param_name:
-                p.normal_(0, 0.1)
+    peft_model = as_if_trained(get_peft_model(copy.deepcopy(m.torch_model), config))
     peft_model.save_pretrained(tmp_path / "peft")
     ids = random_ids((2, 13), model.config.vocab_size, seed=7)
     expected = hf_logits(peft_model.eval(), ids)
@@ -194,11 +195,7 @@ def test_peft_rank_and_alpha_patterns_import_as_one_config(tiny, tmp_path):
     config = LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 5}, alpha_pattern={"v_proj": 3}
     )
-    peft_model = get_peft_model(copy.deepcopy(m.torch_model), config)
-    with torch.no_grad():
-        for param_name, p in peft_model.named_parameters():
-            if "lora_B" in param_name:
-                p.normal_(0, 0.1)
+    peft_model = as_if_trained(get_peft_model(copy.deepcopy(m.torch_model), config))
     peft_model.save_pretrained(tmp_path / "peft")
     ids = random_ids((2, 13), model.config.vocab_size, seed=8)
     adapters = import_peft(tmp_path / "peft", model.config)
