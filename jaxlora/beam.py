@@ -23,7 +23,7 @@ from jaxlora.cache import init_cache
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import checked_prompt
 from jaxlora.errors import UsageError
-from jaxlora.model import apply_decoder, default_positions
+from jaxlora.model import activation_dtype, apply_decoder, default_positions
 
 # transformers' sentinel for "cannot be chosen"; its float32 rounding is part of the semantics being matched.
 EXCLUDED = -1.0e9
@@ -138,7 +138,7 @@ def _beam_search(
     divisors = _length_divisors(new, length_penalty)
 
     positions = default_positions(attention_mask)
-    cache = init_cache(config, batch, width + new, params["embed"]["embedding"].dtype)
+    cache = init_cache(config, batch, width + new, activation_dtype(params))
     key_valid = jax.lax.dynamic_update_slice(cache.key_valid, attention_mask, (0, 0))
     logits, cache = apply_decoder(
         params, config, input_ids, positions, key_valid, cache=cache, write_index=0, logits_at=width - 1, lora=lora

@@ -17,7 +17,7 @@ from jaxlora.checkpoint import Model
 from jaxlora.decoding import DecodeState, extend, new_cache, prefill
 from jaxlora.errors import UsageError
 from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prompt_bucket
-from jaxlora.model import check_context
+from jaxlora.model import activation_dtype, check_context
 from jaxlora.sampling import Sampling, row_keys
 from jaxlora.sharding import params_mesh, to_host
 from jaxlora.text import chat_ids, has_chat_template, pad_id
@@ -68,7 +68,7 @@ class ChatSession:
         params, plan = self.model.params, self.plan
         width = prompt_bucket(len(ids))
         capacity = prompt_bucket(width + 4 * plan.decode_slots)
-        cache = new_cache(plan.config, 1, capacity, params["embed"]["embedding"].dtype, plan.layout)
+        cache = new_cache(plan.config, 1, capacity, activation_dtype(params), plan.layout)
         padded, mask = left_pad([ids], plan.pad_id, width)
         padded, mask = plan.to_device(padded, batch_split=True), plan.to_device(mask, batch_split=True)
         return prefill(params, cache, padded, mask, self.keys, plan.arrays, plan.lora, **plan.static)

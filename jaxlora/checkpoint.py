@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +24,20 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.tree_util import tree_flatten_with_path
 
 from jaxlora import compile_cache as xla_cache
+from jaxlora import quant
 from jaxlora.attention import check_impl
 from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 from jaxlora.lora import Adapters, adapter_shapes, merge
 from jaxlora.model import num_params, param_shapes
 from jaxlora.peft import export_peft, import_peft
-from jaxlora.sharding import param_shardings, to_host
+from jaxlora.sharding import param_shardings, put, to_host
 from jaxlora.staging import staged
+
+log = logging.getLogger("jaxlora.checkpoint")
 
 FORMAT_VERSION = 1
 DTYPES = dict(zip(DTYPE_NAMES, map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)), strict=True))
@@ -62,7 +67,11 @@ def _params_dir(path: Path) -> Path:
     return (path / "params").absolute()
 
 
-def write_config(path: Path, config: ModelConfig, *, dtype: str, source: str = "") -> None:
+def write_config(
+    path: Path, config: ModelConfig, *, dtype: str, source: str = "", quantization: dict[str, str] | None = None
+) -> None:
+    """quantization: {param path: stored format} of the weights kept quantized (`jaxlora.quant`); dtype is the
+    float params' (quantized weights keep float32 scales)."""
     meta = {
         "format": "jaxlora",
         "format_version": FORMAT_VERSION,
@@ -70,6 +79,8 @@ def write_config(path: Path, config: ModelConfig, *, dtype: str, source: str = "
         "dtype": dtype,
         "source": source,
     }
+    if quantization:
+        meta["quantization"] = dict(sorted(quantization.items()))
     (path / "config.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -101,9 +112,31 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     if meta.get("dtype") not in DTYPES:
         raise CheckpointError(f"{config_file} names an unknown dtype {meta.get('dtype')!r} ({', '.join(DTYPES)})")
     try:
-        return ModelConfig.from_dict(meta["model"]), meta
+        config = ModelConfig.from_dict(meta["model"])
     except (ConfigError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{config_file} holds an invalid model config ({one_line(e)})") from None
+    check_quantization(config_file, config, meta.get("quantization", {}))
+    return config, meta
+
+
+def check_quantization(config_file: Path, config: ModelConfig, formats) -> None:
+    """config.json's quantization table names quantizable params of this model, in formats that fit them."""
+    if not isinstance(formats, dict):
+        raise CheckpointError(f"{config_file}: quantization must map param paths to formats")
+    shapes = {
+        "/".join(str(k.key) for k in path): leaf.shape for path, leaf in tree_flatten_with_path(param_shapes(config))[0]
+    }
+    for name, fmt_name in formats.items():
+        try:
+            fmt = quant.parse_stored(fmt_name)
+        except (ValueError, TypeError):
+            raise CheckpointError(f"{config_file}: {name} has an unknown quantization format {fmt_name!r}") from None
+        shape = shapes.get(name)
+        layout = None if shape is None else quant.layout_of(tuple(name.split("/")), shape)
+        if layout is None:
+            raise CheckpointError(f"{config_file}: {name} is not a quantizable param of this model")
+        if not quant.fits(fmt, quant.to_rows(np.empty(shape, np.int8), layout).shape[1]):
+            raise CheckpointError(f"{config_file}: {name} {tuple(shape)} cannot be stored as {fmt_name}")
 
 
 def one_line(error: Exception) -> str:
@@ -113,9 +146,10 @@ def one_line(error: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def check_stored_group(folder: Path, expected: dict, dtype: np.dtype | None = None) -> None:
+def check_stored_group(folder: Path, expected: dict, dtype: np.dtype | None = None, own_dtypes: bool = False) -> None:
     """The arrays orbax recorded in a param group's metadata are exactly the ones the config implies (names,
-    shapes, dtype), before any is read: an edited config or a damaged folder fails here, on one line."""
+    shapes, dtype: `dtype` for all, or with own_dtypes each expected leaf's), before any is read: an edited config
+    or a damaged folder fails here, on one line."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing")
     if not (folder / "_METADATA").is_file():
@@ -140,39 +174,65 @@ def check_stored_group(folder: Path, expected: dict, dtype: np.dtype | None = No
                 f"{folder}: {name} is stored as {tuple(leaf.shape)} but the config implies "
                 f"{tuple(expected_leaves[name].shape)}"
             )
-        if dtype is not None and np.dtype(leaf.dtype) != dtype:
-            raise CheckpointError(f"{folder}: {name} is stored as {np.dtype(leaf.dtype)}, config.json says {dtype}")
+        want = np.dtype(expected_leaves[name].dtype) if own_dtypes else dtype
+        if want is not None and np.dtype(leaf.dtype) != want:
+            raise CheckpointError(f"{folder}: {name} is stored as {np.dtype(leaf.dtype)}, config.json says {want}")
 
 
 def restore_params(
-    path: str | os.PathLike, config: ModelConfig, stored_dtype: str, dtype: str | None = None, mesh=None
+    path: str | os.PathLike,
+    config: ModelConfig,
+    stored_dtype: str,
+    dtype: str | None = None,
+    mesh=None,
+    quantization: dict[str, str] | None = None,
+    quantize: quant.QuantFormat | None = None,
 ):
-    """The param tree as jax arrays, cast to `dtype` if given; with a mesh, each device reads only its shards."""
+    """The param tree as jax arrays, cast to `dtype` if given; with a mesh, each device reads only its shards.
+
+    quantization: the checkpoint's quantized weights ({path: stored format}, from config.json); quantize: a format
+    the float weights are quantized into as each param group is read (only one group is ever held in float).
+    """
     params_dir = _params_dir(Path(path))
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no params/ folder")
+    quantization = quantization or {}
+    stored = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype]), param_shapes(config))
+    stored = quant.with_stored(stored, quantization, quant.stored_leaf_shapes)
     # Restore straight into device arrays (a sharding in the target): no host numpy copy on the way.
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, param_shapes(config))
+        shardings = jax.tree.map(lambda _: device, stored)
     else:
-        shardings = param_shardings(config, mesh)
+        shardings = param_shardings(config, mesh, quantization)
     target = jax.tree.map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, DTYPES[stored_dtype], sharding=sharding),
-        param_shapes(config),
-        shardings,
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), stored, shardings
     )
     checkpointer = ocp.StandardCheckpointer()
-    params = {}
+    params, kept_float = {}, []
     for group, subtree in target.items():
-        check_stored_group(params_dir / group, subtree, DTYPES[stored_dtype])
+        check_stored_group(params_dir / group, subtree, own_dtypes=True)
         try:
             params[group] = checkpointer.restore(params_dir / group, subtree)
         except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
             raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {one_line(e)})") from None
+        if quantize is not None:
+            quantized, left = quant.quantize_tree({group: jax.tree.map(to_host, params[group])}, quantize)
+            kept_float += left
+            params[group] = _placed(quantized, config, mesh)[group]
+    if kept_float:
+        log.info("left in float (their inputs do not split into groups of %s): %s", quantize.group, kept_float)
     if dtype is None or DTYPES[dtype] == DTYPES[stored_dtype]:
         return params
-    return jax.tree.map(lambda a: a.astype(DTYPES[dtype]), params)
+    return quant.map_floats(lambda a: a.astype(DTYPES[dtype]), params)
+
+
+def _placed(host_params: dict, config: ModelConfig, mesh) -> dict:
+    """Host arrays (a partial param tree) onto the device, or into their shardings on `mesh`."""
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, host_params)
+    shardings = param_shardings(config, mesh, quant.formats_of(host_params))
+    return jax.tree.map(lambda a, s: put(a, s), host_params, {k: shardings[k] for k in host_params})
 
 
 def describe(path: str | os.PathLike) -> list[tuple[str, Any]]:
@@ -226,6 +286,7 @@ def load(
     attention: str = "auto",
     lora: str | None = None,
     compile_cache: bool | None = None,
+    quantize: str | None = None,
 ) -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
@@ -235,6 +296,8 @@ def load(
     PEFT adapter folder merged into the params once (generation then runs at the base model's speed).
     compile_cache: True turns on the persistent XLA compile cache (`jaxlora.compile_cache`), so a later process
     skips the compiles this one does; None (the default) follows JAXLORA_COMPILE_CACHE (on, a folder, or unset).
+    quantize: "int8" (per output channel) or "int4[:GROUP]" quantizes a float checkpoint's linear weights and
+    embeddings as it loads (`jaxlora.quant`); a checkpoint converted with `--quantize` loads quantized as it is.
     """
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -246,7 +309,11 @@ def load(
         xla_cache.enable_unless_chosen()
     elif compile_cache is None:
         xla_cache.enable_from_environment()
-    params = restore_params(path, config, meta["dtype"], dtype, mesh)
+    quantization = meta.get("quantization", {})
+    fmt = None if quantize is None else quant.parse_format(quantize)
+    if fmt is not None and quantization:
+        raise UsageError(f"{path} is already quantized ({sorted(set(quantization.values()))[0]}, ...)")
+    params = restore_params(path, config, meta["dtype"], dtype, mesh, quantization, fmt)
     if lora is not None:
         params = merge(params, load_adapters(lora, config))
     generation_file = path / "generation_config.json"

@@ -66,6 +66,7 @@ def _load(args, mesh=None):
         mesh=mesh,
         attention=getattr(args, "attention", "auto"),
         lora=args.lora,
+        quantize=getattr(args, "quantize", None),
         # generate and chat: on unless --no-compile-cache; other commands: as JAXLORA_COMPILE_CACHE says
         compile_cache=(not args.no_compile_cache) if hasattr(args, "no_compile_cache") else None,
     )
@@ -99,7 +100,16 @@ def cmd_convert(args) -> None:
 
     dst = Path(args.dst) if args.dst else default_dst(args.src)
     start = time.perf_counter()
-    convert(args.src, dst, dtype=args.dtype, config_path=args.config, force=args.force, progress=True)
+    convert(
+        args.src,
+        dst,
+        dtype=args.dtype,
+        config_path=args.config,
+        force=args.force,
+        progress=True,
+        quantize=args.quantize,
+        report=_say,
+    )
     _say(f"wrote {dst} in {time.perf_counter() - start:.1f}s")
 
 
@@ -254,6 +264,7 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--stop", action="append", help="stop after this text (repeatable)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
+    parser.add_argument("--quantize", metavar="FORMAT", help="quantize a float checkpoint on load: int8, int4[:GROUP]")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     parser.add_argument("--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, tensor; -1: rest)")
     parser.add_argument("--lora", help="apply LoRA adapters (a jaxlora runs/NAME/final or a PEFT folder)")
@@ -355,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", nargs="?", help="output folder (default: checkpoints/<name>)")
     convert.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     convert.add_argument("--config", help="HF config.json for a bare state-dict file")
+    convert.add_argument(
+        "--quantize",
+        metavar="FORMAT",
+        help="keep linear weights and embeddings quantized: int8 (per output channel), int4[:GROUP] (group-wise, "
+        "scale and min; group 64 by default), or keep (a GGUF file's quantized blocks, re-laid exactly)",
+    )
     convert.add_argument("--force", action="store_true", help="replace an existing output (only jaxlora output)")
     convert.set_defaults(run=cmd_convert)
 

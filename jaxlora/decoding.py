@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxlora.cache import KVCache, init_cache
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
-from jaxlora.model import apply_decoder, check_context, default_positions
+from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys
 from jaxlora.sharding import DecodeLayout
 
@@ -354,7 +354,7 @@ def _sample(params, input_ids, attention_mask, keys, lora, *, config, max_new_to
     batch, width = input_ids.shape
     processors, arrays = sampling.compile(batch)
     static = dict(config=config, processors=processors, stop_ids=stop_ids)
-    cache = init_cache(config, batch, width + max_new_tokens - 1, params["embed"]["embedding"].dtype)
+    cache = init_cache(config, batch, width + max_new_tokens - 1, activation_dtype(params))
     state = prefill(params, cache, input_ids, attention_mask, keys, arrays, lora, **static)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(state.token)
 

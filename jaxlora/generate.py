@@ -19,7 +19,7 @@ import numpy as np
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import DecodeState, decode, new_cache, prefill
 from jaxlora.errors import UsageError
-from jaxlora.model import check_context
+from jaxlora.model import activation_dtype, check_context
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, row_keys
 from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
 
@@ -305,7 +305,7 @@ def _prefill_rows(params, plan: DecodePlan, rows: list[list[int]], keys, new_tok
     """Prefill token rows (left-padded to their bucket) into a fresh cache with room for `new_tokens` more."""
     ids, mask = left_pad(rows, plan.pad_id, prompt_bucket(max(len(r) for r in rows)))
     capacity = ids.shape[1] + plan.chunk * -(-max(new_tokens - 1, 0) // plan.chunk)
-    cache = new_cache(plan.config, len(rows), capacity, params["embed"]["embedding"].dtype, plan.layout)
+    cache = new_cache(plan.config, len(rows), capacity, activation_dtype(params), plan.layout)
     ids, mask = plan.to_device(ids, batch_split=True), plan.to_device(mask, batch_split=True)
     return prefill(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
 
@@ -370,7 +370,7 @@ def stream(
     width = prompt_bucket(prompt_len)
     ids, full_mask = left_pad(input_ids, plan.pad_id, width, masks=mask)
 
-    cache = plan_cache(plan, batch, width, params["embed"]["embedding"].dtype)
+    cache = plan_cache(plan, batch, width, activation_dtype(params))
     if plan.layout is not None:
         keys = jax.random.wrap_key_data(plan.to_device(jax.random.key_data(keys)))
     ids, full_mask = plan.to_device(ids, batch_split=True), plan.to_device(full_mask, batch_split=True)

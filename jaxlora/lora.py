@@ -17,6 +17,7 @@ from flax import struct
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import get_path, linear_kernels, set_path
+from jaxlora.quant import is_quantized
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -91,6 +92,10 @@ def _fold(params: dict, adapters: Adapters, sign: float) -> dict:
     for path, ab in leaves:
         module = get_path(params, tuple(k.key for k in path))
         kernel = module["kernel"]
+        if is_quantized(kernel):
+            raise UsageError(
+                "adapters cannot be merged into quantized weights: pass them unmerged (lora=) to forward/generate"
+            )
         delta = adapters.config.scale * (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32))
         module["kernel"] = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
     return params

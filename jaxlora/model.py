@@ -17,6 +17,7 @@ from jaxlora.cache import KVCache, ring_slots, ring_write
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
+from jaxlora.quant import float_dtype, is_quantized, matmul, take_rows
 from jaxlora.rope import apply_rope, rope_cos_sin
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -25,6 +26,27 @@ _init = nn.initializers.normal(stddev=0.02)
 def _axes(init, *names: str | None):
     """Declare a param's logical axes where it is defined; `jaxlora.sharding` maps them onto a mesh."""
     return nn.with_logical_partitioning(init, names)
+
+
+def weight(module: nn.Module, name: str, init, shape: tuple[int, ...]):
+    """A module's weight param: the float array `shape`, or a quantized one (`jaxlora.quant`) standing for it,
+    which flax's own shape check would refuse."""
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if is_quantized(stored):
+            return stored
+    return module.param(name, init, shape, jnp.float32)
+
+
+class Embedding(nn.Module):
+    """A token table [vocab, hidden] ("embedding", as flax's nn.Embed names it), float or quantized."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+
+    def setup(self):
+        self.embedding = weight(self, "embedding", _axes(_init, *self.axes), (self.num_embeddings, self.features))
 
 
 class Linear(nn.Module):
@@ -37,8 +59,11 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _axes(_init, *self.axes), (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x, kernel.astype(x.dtype) if kernel.dtype != x.dtype else kernel)
+        kernel = weight(self, "kernel", _axes(_init, *self.axes), (x.shape[-1], self.features))
+        if is_quantized(kernel):  # stored [out, in] (`jaxlora.quant`), dequantized here, inside the computation
+            y = matmul(x, kernel)
+        else:
+            y = jnp.dot(x, kernel.astype(x.dtype) if kernel.dtype != x.dtype else kernel)
         if self.use_bias:
             bias = self.param("bias", _axes(nn.initializers.zeros, self.axes[1]), (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
@@ -286,10 +311,10 @@ class Block(nn.Module):
         return site("hook_resid_post", x), new_kv
 
 
-def embedding_rows(embedding: jax.Array, config: ModelConfig, input_ids) -> jax.Array:
+def embedding_rows(embedding: jax.Array | dict, config: ModelConfig, input_ids) -> jax.Array:
     """The input embeddings of input_ids [batch, seq]: table rows, times sqrt(hidden_size) for Gemma (rounded to
-    the table's dtype, as transformers' scaled embedding does)."""
-    x = jnp.take(embedding, input_ids, axis=0)
+    the table's dtype, as transformers' scaled embedding does). A quantized table dequantizes only those rows."""
+    x = take_rows(embedding, input_ids) if is_quantized(embedding) else jnp.take(embedding, input_ids, axis=0)
     if config.embed_scale:
         x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
     return x
@@ -303,9 +328,7 @@ class Decoder(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed = nn.Embed(
-            c.vocab_size, c.hidden_size, embedding_init=_axes(_init, "vocab", "embed"), param_dtype=jnp.float32
-        )
+        self.embed = Embedding(c.vocab_size, c.hidden_size)
         if c.learned_positions:
             self.pos_embed = nn.Embed(
                 c.max_position_embeddings,
@@ -365,7 +388,9 @@ class Decoder(nn.Module):
         new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
         if not project:
             return x, new_cache
-        if c.tie_word_embeddings:
+        if c.tie_word_embeddings and is_quantized(embedding):
+            logits = matmul(x, embedding)  # the table's rows are the head's output channels
+        elif c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.T.astype(x.dtype))
         else:
             logits = self.lm_head(x)
@@ -463,6 +488,12 @@ class ForwardOutput(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None = None
     attentions: tuple[jax.Array, ...] | None = None  # per layer [batch, heads, q, k] probabilities
     captured: dict[str, jax.Array] | None = None  # {hook point: activation} for `capture`
+
+
+def activation_dtype(params: dict):
+    """The dtype the model computes in: its embedding table's (a quantized table's: what it dequantizes to)."""
+    embedding = params["embed"]["embedding"]
+    return float_dtype(embedding) if is_quantized(embedding) else embedding.dtype
 
 
 def embed(params, config: ModelConfig, input_ids) -> jax.Array:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlora import quant
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import logical_axes, param_shapes
@@ -132,16 +133,25 @@ def spec_for(
     return PartitionSpec(*axes)
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
-    """The NamedSharding of every param (same tree as the params)."""
+def param_shardings(config: ModelConfig, mesh: Mesh, quantization: dict[str, str] | None = None) -> dict:
+    """The NamedSharding of every param (same tree as the params). quantization: {param path: stored format} of the
+    quantized weights (`jaxlora.quant.formats_of`): their values, scales and minimums follow the weight's axes."""
 
     def one(path, names, shape):
         where = "/".join(str(getattr(k, "key", k)) for k in path)
         return NamedSharding(mesh, spec_for(tuple(names), shape.shape, mesh, config, where))
 
-    return jax.tree_util.tree_map_with_path(
-        one, logical_axes(config), param_shapes(config), is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
+    axes, shapes = logical_axes(config), param_shapes(config)
+    if quantization:
+        axes = quant.with_stored(
+            axes,
+            quantization,
+            lambda _, names, layout, fmt: {
+                k: PartitionSpec(*v) for k, v in quant.stored_axes(names, layout, fmt).items()
+            },
+        )
+        shapes = quant.with_stored(shapes, quantization, quant.stored_leaf_shapes)
+    return jax.tree_util.tree_map_with_path(one, axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def params_mesh(params: dict) -> Mesh | None:

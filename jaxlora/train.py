@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlora.config import ModelConfig
 from jaxlora.losses import PreferenceConfig, head_cross_entropy, next_token_logprobs, preference_loss
 from jaxlora.model import apply_decoder, default_positions, run_decoder, segment_positions
+from jaxlora.quant import dequantize, is_quantized, map_floats
 
 
 @struct.dataclass
@@ -61,7 +62,7 @@ def _next_token_nll(params, config, batch, weights, lora, remat, dtype, key, gro
     """sum(weights * -log p(next token)) over a [rows, seq] micro-batch: one scalar, or [num_groups] sums with
     groups [rows, seq - 1] int32. Packed rows (segment_ids) keep each document to itself."""
     if dtype is not None:
-        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        params = map_floats(lambda p: p.astype(dtype), params)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].astype(bool)
     segments = batch.get("segment_ids")
@@ -75,13 +76,16 @@ def _next_token_nll(params, config, batch, weights, lora, remat, dtype, key, gro
     tied = config.tie_word_embeddings
     head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
     bias = None if tied else params["lm_head"].get("bias")
+    vocab_major = tied
+    if is_quantized(head):  # stored [vocab, hidden] either way
+        head, vocab_major = dequantize(head, hidden.dtype), True
     return head_cross_entropy(
         hidden[:, :-1].reshape(-1, hidden.shape[-1]),
         head,
         bias,
         ids[:, 1:].reshape(-1),
         weights.reshape(-1),
-        vocab_major=tied,
+        vocab_major=vocab_major,
         softcap=config.final_softcap,
         groups=None if groups is None else groups.reshape(-1),
         num_groups=num_groups,

@@ -20,12 +20,14 @@ import numpy as np
 from jax.tree_util import tree_flatten_with_path
 from tqdm.auto import tqdm
 
+from jaxlora import quant
 from jaxlora.checkpoint import DTYPES, save_param_group, write_config
 from jaxlora.config import ModelConfig
 from jaxlora.convert.gguf import GGUFFile
 from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
 from jaxlora.errors import ConversionError, UsageError
 from jaxlora.families import canonical_name, config_from_hf, ignored_pattern, param_from_hf, tensor_plan
+from jaxlora.families.table import TRANSPOSE
 from jaxlora.model import param_shapes, set_path
 from jaxlora.staging import check_destination, check_replaceable, staged
 
@@ -185,6 +187,13 @@ class CanonicalNames(TensorReader):
     def get(self, name: str) -> np.ndarray:
         return self._reader.get(self._source[name])
 
+    def get_kept(self, name: str) -> dict | None:
+        get_kept = getattr(self._reader, "get_kept", None)
+        return None if get_kept is None else get_kept(self._source[name])
+
+    def type_name(self, name: str) -> str:
+        return getattr(self._reader, "type_name", lambda _: "float")(self._source[name])
+
     def close(self) -> None:
         self._reader.close()
 
@@ -219,14 +228,38 @@ def check_names(reader: TensorReader, config: ModelConfig) -> None:
         raise ConversionError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_list(unexpected)}")
 
 
+KEEP = "keep"
+
+
+def kept_blocks(reader: TensorReader, item, layout: str | None) -> dict | None:
+    """A GGUF tensor's blocks re-laid as the quantized param (`--quantize keep`), or None where it cannot be kept:
+    a reader without blocks, a float or rare tensor type, or a param that is more than its tensor transposed."""
+    get_kept = getattr(reader, "get_kept", None)
+    plain = (layout == quant.KERNEL and item.transform == TRANSPOSE) or (
+        layout == quant.EMBEDDING and not item.transform
+    )
+    if get_kept is None or not plain or item.stacked or len(item.hf_names) != 1:
+        return None
+    return get_kept(item.hf_names[0])
+
+
 def convert_groups(
-    reader: TensorReader, config: ModelConfig, dtype: str, progress: bool = False
+    reader: TensorReader,
+    config: ModelConfig,
+    dtype: str,
+    progress: bool = False,
+    quantize: str | None = None,
+    notes: list[str] | None = None,
 ) -> Iterator[tuple[str, dict]]:
     """Read, place, check and cast the tensors one param group at a time (embed, layers_0, ..., lm_head).
 
     Yields (group name, subtree of numpy arrays), so the caller can write each group and let it go: memory
-    holds one group, not the model.
+    holds one group, not the model. quantize: a format ("int8", "int4:64", see `jaxlora.quant.parse_format`)
+    for the linear weights and embeddings, or "keep" for a GGUF source's quantized blocks as they are; the
+    tensors left in float are named in `notes`.
     """
+    fmt = None if quantize in (None, KEEP) else quant.parse_format(quantize)
+    notes = [] if notes is None else notes
     check_sizes(reader, config)
     check_names(reader, config)
     plan = tensor_plan(config, set(reader.names()))
@@ -241,19 +274,38 @@ def convert_groups(
         for group, items in by_group.items():
             subtree: dict = {}
             for item in items:
+                expected = shapes[item.param_path]
+                layout = quant.layout_of(item.param_path, expected)
+                if quantize == KEEP and layout is not None:
+                    kept = kept_blocks(reader, item, layout)
+                    if kept is not None:
+                        want = quant.stored_shapes(expected, layout, quant.format_of(kept))
+                        if {k: v.shape for k, v in kept.items()} != {k: v.shape for k, v in want.items()}:
+                            raise ConversionError(f"tensor {item.hf_names[0]} does not fit {'/'.join(item.param_path)}")
+                        set_path(subtree, item.param_path[1:], kept)
+                        bar.update()
+                        continue
+                    type_name = getattr(reader, "type_name", lambda _: "float")(item.hf_names[0])
+                    notes.append(f"{item.hf_names[0]} ({type_name}) converted to {dtype}")
                 parts = []
                 for name in item.hf_names:
                     if name != last_name:
                         last_name, last_array = name, reader.get(name)
                     parts.append(param_from_hf(item, last_array, config))
                 array = np.stack(parts) if item.stacked else parts[0]
-                expected = shapes[item.param_path]
                 if array.shape != expected:
                     raise ConversionError(
                         f"tensor {item.hf_names[0]} gives {'/'.join(item.param_path)} the shape {tuple(array.shape)} "
                         f"but the config implies {expected}"
                     )
-                set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))
+                if fmt is not None and layout is not None and quant.fits(fmt, quant.to_rows(array, layout).shape[1]):
+                    set_path(subtree, item.param_path[1:], quant.quantize_rows(quant.to_rows(array, layout), fmt))
+                else:
+                    if fmt is not None and layout is not None:
+                        notes.append(
+                            f"{'/'.join(item.param_path)} kept in {dtype} (its inputs do not split into {fmt.name})"
+                        )
+                    set_path(subtree, item.param_path[1:], np.ascontiguousarray(array.astype(target)))
                 bar.update()
             yield group, subtree
 
@@ -274,19 +326,31 @@ def convert(
     config_path: str | None = None,
     force: bool = False,
     progress: bool = False,
+    quantize: str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
-    """Convert SRC into a jaxlora checkpoint folder DST; returns DST."""
+    """Convert SRC into a jaxlora checkpoint folder DST; returns DST.
+
+    quantize: "int8", "int4[:GROUP]" (`jaxlora.quant`), or "keep" for a GGUF source's quantized blocks as they
+    are; report(line) hears which tensors stayed in float."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize not in (None, KEEP):
+        quant.parse_format(quantize)
+    if quantize == KEEP and not str(src).lower().endswith(".gguf"):
+        raise UsageError("--quantize keep keeps a GGUF file's quantized blocks: SRC must be a .gguf file")
     dst = Path(dst)
     check_destination(dst)
     check_replaceable(dst, force)  # before any heavy reading
     source = open_source(src, config_path)
     config = config_from_hf(source.hf_config)
     reader = CanonicalNames(source.open_reader(), config)
+    notes: list[str] = []
+    quantization: dict[str, str] = {}
     try:
         with staged(dst, force) as staging:
-            for group, subtree in convert_groups(reader, config, dtype, progress):
+            for group, subtree in convert_groups(reader, config, dtype, progress, quantize, notes):
+                quantization.update(quant.formats_of({group: subtree}))
                 save_param_group(staging, group, subtree)
             reader.close()
             tokenizer_dir = staging / "tokenizer"
@@ -298,7 +362,13 @@ def convert(
             (staging / "hf_config.json").write_text(json.dumps(source.hf_config, indent=2))
             if source.generation_config is not None:
                 (staging / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
-            write_config(staging, config, dtype=dtype, source=str(src))
+            write_config(staging, config, dtype=dtype, source=str(src), quantization=quantization)
     finally:
         reader.close()
+    if report is not None:
+        if quantization:
+            kinds = sorted(set(quantization.values()))
+            report(f"quantized {len(quantization)} weights ({', '.join(kinds)})")
+        for line in notes:
+            report(line)
     return dst

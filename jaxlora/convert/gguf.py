@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora.convert.gguf_blocks import relayout
 from jaxlora.convert.readers import TensorReader
 from jaxlora.errors import ConversionError
 
@@ -125,6 +126,22 @@ class GGUFFile(TensorReader):
             w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         except (NotImplementedError, ValueError) as e:
             raise ConversionError(f"cannot dequantize GGUF tensor {tensor.name} ({e})") from None
+        return self._rows_in_hf_order(name, w)
+
+    def type_name(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def get_kept(self, name: str) -> dict | None:
+        """A 2-D tensor's quantized blocks re-laid as jaxlora's quantized arrays (`gguf_blocks`), rows in HF's
+        order; None for a tensor type that is not kept (it converts through float as usual)."""
+        tensor = self._tensors[name]
+        shape = self.shape(name)
+        if len(shape) != 2:
+            return None
+        kept = relayout(tensor.data, self.type_name(name), *shape)
+        return None if kept is None else {k: self._rows_in_hf_order(name, v) for k, v in kept.items()}
+
+    def _rows_in_hf_order(self, name: str, w: np.ndarray) -> np.ndarray:
         if self.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             n_heads = self.field("llama.attention.head_count")
             if ".k_proj." in name:

@@ -1,0 +1,309 @@
+"""Quantized weights that stay quantized: integer values plus per-group scales (and minimums), as a plain dict.
+
+A quantized weight is a dict in the param tree where a float array would be:
+
+    {"values": int8 [rows, cols] | uint8 [rows, cols // 2] (two 4-bit values a byte, low nibble first),
+     "scale":  float32 [rows, groups],
+     "min":    float32 [rows, groups]}     (asymmetric formats only)
+
+and stands for w[r, c] = values[r, c] * scale[r, c // group] (+ min[r, c // group]). Rows are output channels
+and cols the contraction axis, for every quantized weight: a linear kernel [in, out] is stored transposed
+([out, in], the HF and GGUF layout) and an embedding table [vocab, hidden] as it is, so a tied embedding serves
+the lookup (rows) and the head (x @ w.T) from the same numbers. Everything about the format (bits, group, offset)
+is in the dtypes and shapes, so jit, sharding, orbax and `jax.tree` treat the dict like any other params.
+
+The weight is dequantized inside the jitted computation (`matmul`, `take_rows`), never stored in float.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.errors import UsageError
+
+INT4_DEFAULT_GROUP = 64
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """bits: 8 (int8 values) or 4 (nibbles, packed two a byte: unsigned 0..15 with an offset, else signed
+    -8..7); group: contraction elements per scale (None: one scale per row, i.e. per output channel); offset: a
+    per-group minimum is added after scaling."""
+
+    bits: int
+    group: int | None
+    offset: bool
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + (f":{self.group}" if self.group else "") + (":min" if self.offset else "")
+
+
+FORMAT_PATTERN = re.compile(r"int(8|4)(?::(\d+))?(:min)?")
+
+
+def parse_format(text: str) -> QuantFormat:
+    """ "int8" (symmetric, per output channel), "int8:GROUP", "int4" / "int4:GROUP" (asymmetric, scale and min per
+    group of GROUP inputs, 64 by default); the stored names add ":min" where a minimum is kept."""
+    match = FORMAT_PATTERN.fullmatch(text.strip())
+    if not match:
+        raise UsageError(f"unknown quantization {text!r}: use int8, int8:GROUP, int4 or int4:GROUP")
+    bits = int(match.group(1))
+    group = int(match.group(2)) if match.group(2) else (INT4_DEFAULT_GROUP if bits == 4 else None)
+    if group is not None and (group < 2 or group % 2):
+        raise UsageError(f"quantization group {group} must be an even number of at least 2")
+    return QuantFormat(bits, group, offset=bits == 4 or bool(match.group(3)))
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, Mapping) and "values" in x and "scale" in x  # flax hands params over as FrozenDicts
+
+
+def format_of(q: dict) -> QuantFormat:
+    """The format a quantized weight's arrays imply."""
+    bits = 4 if q["values"].dtype == jnp.uint8 else 8
+    groups = q["scale"].shape[-1]
+    return QuantFormat(bits, None if groups == 1 else columns(q) // groups, "min" in q)
+
+
+def columns(q: dict) -> int:
+    """The contraction length of a quantized weight (its float shape's last axis, in the stored layout)."""
+    return q["values"].shape[-1] * (2 if q["values"].dtype == jnp.uint8 else 1)
+
+
+# Which params may be quantized, and how their float layout maps onto rows x cols.
+KERNEL, EMBEDDING = "kernel", "embedding"
+
+
+def layout_of(path: tuple[str, ...], shape: tuple[int, ...]) -> str | None:
+    """KERNEL for a linear kernel [in, out] (stored transposed), EMBEDDING for the token embedding table, None for
+    params that stay float (norms, biases, position tables, the MoE router and the stacked experts)."""
+    if path == ("embed", "embedding"):
+        return EMBEDDING
+    if path[-1] == "kernel" and len(shape) == 2 and "router" not in path:
+        return KERNEL
+    return None
+
+
+def fits(fmt: QuantFormat, cols: int) -> bool:
+    """Whether a weight with `cols` contraction elements can take this format (whole groups, whole bytes)."""
+    if fmt.group is not None and cols % fmt.group:
+        return False
+    return fmt.bits == 8 or cols % 2 == 0
+
+
+def stored_shapes(shape: tuple[int, ...], layout: str, fmt: QuantFormat) -> dict:
+    """The arrays (ShapeDtypeStruct) a float param of `shape` is stored as in format `fmt`."""
+    rows, cols = (shape[-1], shape[-2]) if layout == KERNEL else (shape[-2], shape[-1])
+    groups = 1 if fmt.group is None else cols // fmt.group
+    values = (
+        jax.ShapeDtypeStruct((rows, cols), jnp.int8)
+        if fmt.bits == 8
+        else jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8)
+    )
+    parts = {"values": values, "scale": jax.ShapeDtypeStruct((rows, groups), jnp.float32)}
+    if fmt.offset:
+        parts["min"] = jax.ShapeDtypeStruct((rows, groups), jnp.float32)
+    return parts
+
+
+def stored_leaf_shapes(_path, leaf, layout: str, fmt: QuantFormat) -> dict:
+    """`stored_shapes` for `with_stored`: the float leaf's own shape, the parts in its float dtype's place."""
+    return stored_shapes(leaf.shape, layout, fmt)
+
+
+def stored_axes(axes: tuple, layout: str, fmt: QuantFormat) -> dict:
+    """The logical axes of each stored array: the float param's, in rows x cols order (scales follow their rows
+    and their groups along the cols)."""
+    rows_cols = tuple(reversed(axes)) if layout == KERNEL else tuple(axes)
+    parts = {"values": rows_cols, "scale": rows_cols}
+    if fmt.offset:
+        parts["min"] = rows_cols
+    return parts
+
+
+# --- quantizing (numpy, one tensor at a time: conversion streams) ---
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """[..., cols] values 0..15 (or -8..7, as two's complement) -> [..., cols // 2] uint8, element 2k in the low
+    nibble, 2k + 1 in the high."""
+    q = q.astype(np.uint8) & np.uint8(15)
+    return q[..., 0::2] | (q[..., 1::2] << np.uint8(4))
+
+
+def unpack_nibbles(packed, signed: bool = False):
+    """The inverse of `pack_nibbles` (numpy or jax): uint8 0..15, or int8 -8..7 when signed."""
+    xp = jnp if isinstance(packed, jax.Array) else np
+    low, high = packed & 15, packed >> 4
+    values = xp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    if signed:
+        values = values.astype(xp.int8)
+        values = xp.where(values > 7, values - 16, values).astype(xp.int8)
+    return values
+
+
+def quantize_rows(w: np.ndarray, fmt: QuantFormat) -> dict:
+    """A float [rows, cols] weight (rows: output channels) -> its quantized arrays.
+
+    int8: symmetric, scale = max|w| / 127 per group. int4: asymmetric, scale = (max - min) / 15 and min per group.
+    Each element is within scale / 2 of its original (plus float rounding).
+    """
+    rows, cols = w.shape
+    group = cols if fmt.group is None else fmt.group
+    g = np.asarray(w, np.float32).reshape(rows, cols // group, group)
+    if fmt.bits == 8 and not fmt.offset:
+        scale = np.abs(g).max(axis=-1) / np.float32(127)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        values = np.clip(np.round(g / safe[..., None]), -127, 127).astype(np.int8).reshape(rows, cols)
+        return {"values": values, "scale": scale.astype(np.float32)}
+    if fmt.bits == 4 and fmt.offset:
+        low, high = g.min(axis=-1), g.max(axis=-1)
+        scale = (high - low) / np.float32(15)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        q = np.clip(np.round((g - low[..., None]) / safe[..., None]), 0, 15).reshape(rows, cols)
+        return {"values": pack_nibbles(q), "scale": scale.astype(np.float32), "min": low.astype(np.float32)}
+    raise UsageError(f"jaxlora quantizes to int8 (symmetric) or int4 (with a minimum), not {fmt.name}")
+
+
+def to_rows(array: np.ndarray, layout: str) -> np.ndarray:
+    """A float param in its own layout -> rows x cols (a kernel [in, out] transposed)."""
+    return array.T if layout == KERNEL else array
+
+
+def from_rows(array, layout: str):
+    return array.T if layout == KERNEL else array
+
+
+# --- computing with them (inside jit) ---
+
+
+def dequantize(q: dict, dtype=None) -> jax.Array:
+    """The float weight [..., rows, cols] a quantized one stands for, in the scales' dtype (or `dtype`).
+
+    Scaling is values * scale (+ min) in the scales' dtype: the same operations, in the same order, as GGUF's own
+    dequantization, so a kept GGUF block gives the float32 numbers llama.cpp's converter would.
+    """
+    values = q["values"]
+    if values.dtype == jnp.uint8:
+        values = unpack_nibbles(values, signed="min" not in q)
+    scale = q["scale"]
+    *lead, cols = values.shape
+    groups = scale.shape[-1]
+    w = values.reshape(*lead, groups, cols // groups).astype(scale.dtype) * scale[..., None]
+    if "min" in q:
+        w = w + q["min"][..., None]
+    w = w.reshape(*lead, cols)
+    return w if dtype is None else w.astype(dtype)
+
+
+def matmul(x: jax.Array, q: dict) -> jax.Array:
+    """x [..., cols] @ w.T for a quantized w [rows, cols] -> [..., rows], in x's dtype."""
+    w = dequantize(q, x.dtype)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def take_rows(q: dict, ids: jax.Array) -> jax.Array:
+    """Rows `ids` [...] of a quantized table [rows, cols] -> [..., cols] float, dequantizing only those rows."""
+    return dequantize({name: jnp.take(part, ids, axis=0) for name, part in q.items()})
+
+
+def float_dtype(q: dict):
+    """The dtype a quantized weight dequantizes to."""
+    return q["scale"].dtype
+
+
+# --- whole param trees ---
+
+
+def _paths(tree: dict, prefix=()):
+    """(path, leaf) for every leaf, a quantized dict counting as one leaf."""
+    for key, value in tree.items():
+        path = (*prefix, key)
+        if is_quantized(value) or not isinstance(value, dict):
+            yield path, value
+        else:
+            yield from _paths(value, path)
+
+
+def formats_of(params: dict) -> dict[str, str]:
+    """{"layers_0/attn/q_proj/kernel": "int4:32:min", ...} for the quantized weights of a param tree."""
+    return {"/".join(path): format_of(leaf).name for path, leaf in _paths(params) if is_quantized(leaf)}
+
+
+def map_floats(fn, params: dict) -> dict:
+    """`fn` over every float array of a param tree, the scales and minimums of quantized weights included; the
+    integer values pass through untouched."""
+    return jax.tree.map(lambda a: a if jnp.issubdtype(a.dtype, jnp.integer) else fn(a), params)
+
+
+def dequantize_params(params: dict) -> dict:
+    """The param tree with every quantized weight back in its float layout (float32, or the scales' dtype)."""
+
+    def one(tree, prefix):
+        out = {}
+        for key, value in tree.items():
+            path = (*prefix, key)
+            if is_quantized(value):
+                out[key] = from_rows(dequantize(value), layout_of(path, (0, 0)))
+            elif isinstance(value, dict):
+                out[key] = one(value, path)
+            else:
+                out[key] = value
+        return out
+
+    return one(params, ())
+
+
+def with_stored(tree: dict, formats: dict[str, str], make) -> dict:
+    """A copy of a float-layout tree (shapes, axes, ...) with the leaf at each quantized path replaced by
+    make(path, leaf, layout, format): the same tree for the stored, quantized params."""
+    out = jax.tree.map(lambda x: x, tree, is_leaf=lambda x: not isinstance(x, dict))
+    for name, fmt_name in formats.items():
+        path = tuple(name.split("/"))
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        leaf = node[path[-1]]
+        shape = getattr(leaf, "shape", (0, 0))
+        node[path[-1]] = make(path, leaf, layout_of(path, shape), parse_stored(fmt_name))
+    return out
+
+
+def parse_stored(name: str) -> QuantFormat:
+    """A stored format name ("int4:32:min", "int8") -> its QuantFormat, exactly (no defaults filled in)."""
+    match = FORMAT_PATTERN.fullmatch(name)
+    if not match:
+        raise ValueError(f"unknown stored quantization format {name!r}")
+    return QuantFormat(int(match.group(1)), int(match.group(2)) if match.group(2) else None, bool(match.group(3)))
+
+
+def quantize_tree(params: dict, fmt: QuantFormat) -> tuple[dict, list[str]]:
+    """Host (numpy) params -> (params with every quantizable weight in `fmt`, names of those left float because
+    their contraction does not split into whole groups)."""
+    kept_float = []
+
+    def one(tree, prefix):
+        out = {}
+        for key, value in tree.items():
+            path = (*prefix, key)
+            if isinstance(value, dict):
+                out[key] = one(value, path)
+                continue
+            layout = layout_of(path, value.shape)
+            if layout is None:
+                out[key] = value
+            elif not fits(fmt, to_rows(value, layout).shape[1]):
+                kept_float.append("/".join(path))
+                out[key] = value
+            else:
+                out[key] = quantize_rows(to_rows(np.asarray(value, np.float32), layout), fmt)
+        return out
+
+    return one(params, ()), kept_float

@@ -1,0 +1,210 @@
+"""Quantized weights (`jaxlora.quant`): GGUF blocks re-laid bit for bit against the `gguf` package's own
+dequantization, int8/int4 round trips within their bounds, quantized models equal to their dequantized float
+selves (forward, generate, LoRA gradients), checkpoints that save and load bit-exactly, and bad input refused."""
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import hf_model, random_ids, save_hf
+
+import jaxlora
+from jaxlora import quant
+from jaxlora.checkpoint import read_config
+from jaxlora.convert.gguf_blocks import BLOCKS, relayout
+from jaxlora.errors import UsageError
+from jaxlora.lora import Adapters
+from jaxlora.lora import init as lora_init
+from jaxlora.train import token_loss
+
+# hidden 64 and mlp 96 split into groups of 8, 16, 32; vocab 97 and 3 layers as the other tiny models.
+SIZES = dict(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def gguf_blocks_file(path, type_name: str, rows: int, cols: int, seed: int):
+    """A GGUF file holding one [rows, cols] tensor of `type_name`, quantized by the `gguf` package where it has a
+    quantizer, else random blocks (any bytes are a valid block once the float16 fields are finite)."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    elements, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    try:
+        data = gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32), qtype)
+    except NotImplementedError:
+        blocks = rng.integers(0, 256, size=(rows * cols // elements, size), dtype=np.uint8)
+        halves = rng.normal(size=(len(blocks), 2)).astype(np.float16).view(np.uint8)
+        if type_name == "Q6_K":  # d sits last
+            blocks[:, -2:] = halves[:, :2]
+        else:  # d (and dmin) first
+            blocks[:, :4] = halves
+        data = blocks.reshape(rows, -1)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("type_name", sorted(BLOCKS))
+def test_gguf_blocks_relayout_equals_gguf_dequantization_bit_for_bit(tmp_path, type_name):
+    rows, cols = 6, 512
+    tensor = gguf.GGUFReader(str(gguf_blocks_file(tmp_path / "w.gguf", type_name, rows, cols, seed=3))).tensors[0]
+    assert tensor.tensor_type.name == type_name
+    reference = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(rows, cols)
+    kept = relayout(tensor.data, type_name, rows, cols)
+    assert all(np.issubdtype(a.dtype, np.integer) for name, a in kept.items() if name == "values")
+    ours = np.asarray(jax.jit(quant.dequantize)(jax.tree.map(jnp.asarray, kept)))
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours.view(np.uint32), reference.view(np.uint32))
+    bits = 4 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 8
+    assert quant.format_of(kept).bits == bits
+
+
+def test_float_and_rare_types_are_not_kept():
+    assert relayout(np.zeros((2, 64), np.float32), "F32", 2, 64) is None
+    assert relayout(np.zeros((2, 42), np.uint8), "IQ4_NL", 2, 64) is None
+
+
+@pytest.mark.parametrize("name, bits", [("int8", 8), ("int8:16", 8), ("int4", 4), ("int4:32", 4), ("int4:128", 4)])
+def test_round_trip_error_is_within_half_a_step(name, bits):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(24, 256)).astype(np.float32) * rng.uniform(0.01, 3, size=(24, 1)).astype(np.float32)
+    w[3] = 0.0  # a zero row: scale 0, exact zeros
+    w[5, :128] = 1.5  # constant groups
+    fmt = quant.parse_format(name)
+    q = quant.quantize_rows(w, fmt)
+    assert quant.format_of(q) == fmt and fmt.bits == bits
+    back = np.asarray(quant.dequantize(q))
+    group = 256 if fmt.group is None else fmt.group
+    step = np.repeat(q["scale"], group, axis=1)  # each element's quantization step
+    slack = 1e-6 * np.abs(w).max()  # float32 rounding of the scaling itself
+    assert (np.abs(back - w) <= step / 2 + slack).all()
+    np.testing.assert_array_equal(back[3], 0.0)
+    # The steps are the smallest that cover each group: max |w| / 127 (int8), (max - min) / 15 (int4).
+    g = w.reshape(24, -1, group)
+    smallest = (g.max(-1) - g.min(-1)) / 15 if fmt.offset else np.abs(g).max(-1) / 127
+    np.testing.assert_allclose(q["scale"], smallest, rtol=1e-6)
+    assert np.abs(back - w).max() > step.max() / 8  # and the bound is not vacuous
+
+
+def test_formats_parse_and_refuse():
+    assert quant.parse_format("int8") == quant.QuantFormat(8, None, False)
+    assert quant.parse_format("int4") == quant.QuantFormat(4, 64, True)
+    assert quant.parse_format("int4:32").name == "int4:32:min"
+    assert quant.parse_stored("int4:32:min") == quant.QuantFormat(4, 32, True)
+    for bad in ("int3", "int4:7", "int4:0", "fp8", "int4:-2"):
+        with pytest.raises(UsageError):
+            quant.parse_format(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_quant(tmp_path_factory):
+    """A tiny Llama converted to float32, and to int8 and int4 (group 16) by `convert --quantize`."""
+    root = tmp_path_factory.mktemp("quant")
+    hf = save_hf(hf_model(SIZES), root / "hf")
+    paths = {"float32": jaxlora.convert(str(hf), root / "float32")}
+    for name in ("int8", "int4:16"):
+        paths[name] = jaxlora.convert(str(hf), root / name.replace(":", "_"), quantize=name)
+    return paths
+
+
+def dequantized(params):
+    return jax.tree.map(jnp.asarray, quant.dequantize_params(params))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4:16"])
+def test_quantized_model_equals_its_dequantized_float_model(tiny_quant, name):
+    model = jaxlora.load(tiny_quant[name])
+    formats = quant.formats_of(model.params)
+    # every linear kernel and the embedding (the lm_head is untied here), nothing else
+    assert len(formats) == 3 * 7 + 2 and "embed/embedding" in formats and "lm_head/kernel" in formats
+    assert all(not quant.is_quantized(v) for v in model.params["layers_0"]["attn_norm"].values())
+    ids = random_ids((2, 13), SIZES["vocab_size"], seed=1)
+    logits = np.asarray(jaxlora.forward(model.params, model.config, ids))
+    reference = np.asarray(jaxlora.forward(dequantized(model.params), model.config, ids))
+    np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
+    floats = jaxlora.load(tiny_quant["float32"])
+    float_logits = np.asarray(jaxlora.forward(floats.params, floats.config, ids))
+    assert not np.allclose(logits, float_logits, atol=1e-5)  # quantization did change the weights
+    tokens = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12).tokens
+    expected = jaxlora.generate(dequantized(model.params), model.config, ids, max_new_tokens=12).tokens
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_tied_quantized_embedding_serves_lookup_and_head(tmp_path):
+    hf = save_hf(hf_model({**SIZES, "tie_word_embeddings": True}), tmp_path / "hf")
+    model = jaxlora.load(jaxlora.convert(str(hf), tmp_path / "jax"), quantize="int4:16")
+    assert "lm_head" not in model.params and quant.is_quantized(model.params["embed"]["embedding"])
+    ids = random_ids((1, 9), SIZES["vocab_size"], seed=2)
+    np.testing.assert_allclose(
+        np.asarray(jaxlora.forward(model.params, model.config, ids)),
+        np.asarray(jaxlora.forward(dequantized(model.params), model.config, ids)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    table = quant.dequantize(model.params["embed"]["embedding"])
+    np.testing.assert_array_equal(
+        np.asarray(jaxlora.embed(model.params, model.config, ids))[0], np.asarray(table)[ids[0]]
+    )
+
+
+def test_quantize_on_load_equals_quantized_conversion_and_saves_bit_exactly(tiny_quant):
+    converted = jaxlora.load(tiny_quant["int4:16"])
+    on_load = jaxlora.load(tiny_quant["float32"], quantize="int4:16")
+    leaves = jax.tree_util.tree_leaves_with_path(converted.params)
+    assert len(leaves) == len(jax.tree.leaves(on_load.params))
+    for path, leaf in leaves:
+        other = on_load.params
+        for key in path:
+            other = other[key.key]
+        assert leaf.dtype == other.dtype, path
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(other))
+    _, meta = read_config(tiny_quant["int4:16"])
+    assert meta["quantization"] == quant.formats_of(on_load.params)
+    nbytes = {name: sum(a.nbytes for a in jax.tree.leaves(jaxlora.load(p).params)) for name, p in tiny_quant.items()}
+    # int8: a byte a weight and a scale a row; int4 in groups of 16: half a byte plus a float32 scale and min
+    assert nbytes["int8"] < 0.27 * nbytes["float32"] and nbytes["int4:16"] < nbytes["int8"]
+
+
+def test_lora_gradients_over_a_quantized_base_equal_those_over_its_float_copy(tiny_quant):
+    model = jaxlora.load(tiny_quant["int4:16"])
+    config = model.config
+    adapters = lora_init(config, jax.random.key(0), rank=4, targets=("q_proj", "v_proj", "down_proj"))
+    weights = jax.tree.map(lambda b: b + 0.01, adapters.weights)  # B nonzero: gradients reach A too
+    ids = random_ids((2, 12), SIZES["vocab_size"], seed=5)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+
+    def loss(w, params):
+        total, count = token_loss(params, config, batch, lora=Adapters(w, adapters.config))
+        return total / count
+
+    grads = jax.grad(loss)(weights, model.params)
+    expected = jax.grad(loss)(weights, dequantized(model.params))
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5, rtol=1e-5)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4
+
+
+def test_bad_quantization_requests_are_refused(tiny_quant, tmp_path):
+    with pytest.raises(UsageError, match="already quantized"):
+        jaxlora.load(tiny_quant["int8"], quantize="int8")
+    with pytest.raises(UsageError, match="unknown quantization"):
+        jaxlora.load(tiny_quant["float32"], quantize="int2")
+    with pytest.raises(UsageError, match="GGUF"):
+        jaxlora.convert(str(tiny_quant["float32"].parent / "hf"), tmp_path / "x", quantize="keep")
+    assert not (tmp_path / "x").exists()
+    model = jaxlora.load(tiny_quant["int8"])
+    adapters = lora_init(model.config, jax.random.key(0), rank=2, targets=("q_proj",))
+    with pytest.raises(UsageError, match="quantized"):
+        jaxlora.lora.merge(model.params, adapters)
