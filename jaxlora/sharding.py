@@ -99,11 +99,11 @@ def is_primary() -> bool:
 
 
 def _units(logical: str, size: int, config: ModelConfig) -> int:
-    """How many indivisible units a dimension holds: whole heads for the head axes, else elements."""
-    if logical == "heads":
-        return config.num_heads
-    if logical == "kv_heads":
-        return config.num_kv_heads
+    """How many indivisible units a dimension holds: whole heads for a head axis that spans them (a weight's heads x
+    head_dim, or the cache's heads), else elements (a quantized weight's packed or grouped head axis among them)."""
+    heads = {"heads": config.num_heads, "kv_heads": config.num_kv_heads}.get(logical)
+    if heads is not None and size in (heads, heads * config.head_dim):
+        return heads
     return size
 
 

@@ -39,7 +39,33 @@ def report_mesh(model_path, ids, spec, reference_logits, reference_tokens):
     }
 
 
-def meshes(model_path, ids_path, uneven_path):
+def quantized(model_path, float_path, ids):
+    """int4 weights restored straight into their shardings, and quantized on load onto a mesh: one device's logits."""
+    import jaxlora
+    from jaxlora.sharding import make_mesh
+
+    single = jaxlora.load(model_path)
+    reference = np.asarray(jaxlora.forward(single.params, single.config, ids))
+    tokens = jaxlora.generate(single.params, single.config, ids, max_new_tokens=8).tokens
+    report = {}
+    for spec in ("data=2,fsdp=2,tensor=2", "tensor=8"):
+        mesh = make_mesh(spec)
+        for how, model in (("stored", jaxlora.load(model_path, mesh=mesh)), ("on_load", None)):
+            if model is None:
+                model = jaxlora.load(float_path, mesh=mesh, quantize="int4:16")
+            q = model.params["layers_0"]["attn"]["q_proj"]["kernel"]
+            logits = np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, model.config, ids))
+            report[f"{spec} {how}"] = {
+                "max_logit_diff": float(np.abs(logits - reference).max()),
+                "tokens_equal": bool(
+                    (jaxlora.generate(model.params, model.config, ids, max_new_tokens=8).tokens == tokens).all()
+                ),
+                "q_proj": {name: str(part.sharding.spec) for name, part in q.items()},
+            }
+    return report
+
+
+def meshes(model_path, ids_path, uneven_path, quantized_path):
     import jaxlora
 
     ids = np.load(ids_path)
@@ -72,6 +98,7 @@ def meshes(model_path, ids_path, uneven_path):
                 "meshes": reports,
                 "uneven": uneven_report,
                 "lora_step": lora_step(model_path, ids),
+                "quantized": quantized(quantized_path, model_path, ids),
             }
         )
     )

@@ -49,6 +49,7 @@ def checkpoints(tmp_path_factory):
     for name, config in (("even", EVEN), ("uneven", UNEVEN)):
         save_hf(hf_model(config), root / f"{name}-hf")
         paths[name] = jaxlora.convert(str(root / f"{name}-hf"), root / name)
+    paths["even-int4"] = jaxlora.convert(str(root / "even-hf"), root / "even-int4", quantize="int4:16")
     ids = random_ids((8, 9), 96, seed=3)
     np.save(root / "ids.npy", ids)
     paths["ids"] = root / "ids.npy"
@@ -75,7 +76,8 @@ def expected_spec(path: str, mesh: dict) -> str:
 
 
 def test_meshes_give_single_device_results(checkpoints):
-    proc = run_worker(["meshes", checkpoints["even"], checkpoints["ids"], checkpoints["uneven"]], devices=8)
+    paths = [checkpoints[name] for name in ("even", "ids", "uneven", "even-int4")]
+    proc = run_worker(["meshes", *paths], devices=8)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
@@ -94,6 +96,15 @@ def test_meshes_give_single_device_results(checkpoints):
     assert tensor8["q_proj_spec"] == "P(None, 'tensor')"
     assert tensor8["q_proj_shard_shapes"] == [[64, 8]]  # sharded restore: each device holds one head's columns
     assert report["lora_step"]["max_adapter_diff"] <= 1e-5 and report["lora_step"]["loss_diff"] <= 1e-5
+    for where, result in report["quantized"].items():
+        assert result["max_logit_diff"] <= 1e-5 and result["tokens_equal"], where
+    # q_proj stored [heads, embed]: values and their scales and minimums split like the float kernel (transposed)
+    assert report["quantized"]["data=2,fsdp=2,tensor=2 stored"]["q_proj"] == dict.fromkeys(
+        ("values", "scale", "min"), "P('tensor', 'fsdp')"
+    )
+    assert report["quantized"]["tensor=8 on_load"]["q_proj"] == dict.fromkeys(
+        ("values", "scale", "min"), "P('tensor', None)"
+    )
     assert report["uneven"] == {
         "tokens_equal": True,
         "q_proj_spec": "P(None, None)",  # 9 heads do not split over 4: replicated
