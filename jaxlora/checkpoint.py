@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,33 @@ def describe(path: str | os.PathLike) -> list[tuple[str, Any]]:
         ("context", config.context_length or f"unbounded (dynamic NTK from {config.max_position_embeddings})"),
         ("rope", rope_text),
         ("tied embeddings", config.tie_word_embeddings),
+        *param_group_rows(config, meta),
     ]
+
+
+def param_group_rows(config: ModelConfig, meta: dict) -> list[tuple[str, str]]:
+    """("params embed", "int8:32 31.9 MiB"), ("params layers (30)", "int4:32:min 72.0 MiB + float32 0.2 MiB"), ...:
+    each param group's storage formats and bytes (the layers together), from the config alone."""
+    formats = meta.get("quantization", {})
+    float_shapes = tree_flatten_with_path(param_shapes(config))[0]
+    totals: dict[str, dict[str, int]] = {}
+    for path, leaf in float_shapes:
+        keys = tuple(str(k.key) for k in path)
+        group = "layers" if keys[0].startswith("layers_") else keys[0]
+        name = "/".join(keys)
+        if name in formats:
+            fmt = quant.parse_stored(formats[name])
+            parts = quant.stored_shapes(leaf.shape, quant.layout_of(keys, leaf.shape), fmt)
+            kind, size = fmt.name, sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in parts.values())
+        else:
+            kind, size = meta["dtype"], math.prod(leaf.shape) * DTYPES[meta["dtype"]].itemsize
+        by_kind = totals.setdefault(group, {})
+        by_kind[kind] = by_kind.get(kind, 0) + size
+    rows = []
+    for group, by_kind in totals.items():
+        label = f"params {group}" + (f" ({config.num_layers})" if group == "layers" else "")
+        rows.append((label, " + ".join(f"{kind} {size / 2**20:.1f} MiB" for kind, size in by_kind.items())))
+    return rows
 
 
 def load_tokenizer(path: Path):

@@ -329,6 +329,9 @@ def _add_finetune_command(commands) -> None:
     tune.add_argument("--lora", dest="init_lora", help="start from these adapters (jaxlora or PEFT folder)")
     tune.add_argument("--mesh", help="train on a device mesh, e.g. data=2,tensor=4")
     tune.add_argument(
+        "--quantize", metavar="FORMAT", help="QLoRA: quantize the frozen base on load (int8, int4[:GROUP])"
+    )
+    tune.add_argument(
         "--objective",
         default="sft",
         choices=("sft", "dpo", "ipo", "orpo", "simpo"),

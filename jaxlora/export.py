@@ -8,6 +8,7 @@ maps onto plain ONNX ops for any length.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import quant
 from jaxlora.cache import KVCache
 from jaxlora.checkpoint import Model
 from jaxlora.errors import ExportError, UsageError
@@ -389,9 +391,17 @@ def run(
     cache_len: int | None = None,
     force: bool = False,
 ) -> str:
-    """Export `model` in format `fmt` (one of FORMATS); returns a one-line summary of what was written and checked."""
+    """Export `model` in format `fmt` (one of FORMATS); returns a one-line summary of what was written and checked.
+
+    Quantized weights are dequantized first: none of the formats carries jaxlora's quantized layout."""
     if batch is not None and batch < 1:
         raise UsageError(f"--batch must be at least 1, got {batch}")
+    if fmt in FORMATS and quant.formats_of(model.params):
+        model = dataclasses.replace(model, params=jax.tree.map(np.asarray, quant.dequantize_params(model.params)))
+        summary = run(
+            fmt, model, out, batch=batch, seq_len=seq_len, decode_step=decode_step, cache_len=cache_len, force=force
+        )
+        return f"{summary} (quantized weights dequantized to float32)"
     if fmt == "onnx" and decode_step:
         if cache_len is None:
             raise UsageError("--decode-step needs --cache-len N (the KV cache's slots)")

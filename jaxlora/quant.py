@@ -91,6 +91,15 @@ def layout_of(path: tuple[str, ...], shape: tuple[int, ...]) -> str | None:
     return None
 
 
+def format_for(path: tuple[str, ...], layout: str, fmt: QuantFormat) -> QuantFormat:
+    """The format a weight takes when a model is quantized to `fmt`: the token embedding and the LM head stay
+    int8 under a 4-bit format (as llama.cpp's 4-bit files keep them at 6 or 8 bits): every logit and every input
+    passes through them, and 4 bits there costs far more quality than it saves bytes."""
+    if fmt.bits == 4 and (layout == EMBEDDING or path[0] == "lm_head"):
+        return QuantFormat(8, None, False)
+    return fmt
+
+
 def fits(fmt: QuantFormat, cols: int) -> bool:
     """Whether a weight with `cols` contraction elements can take this format (whole groups, whole bytes)."""
     if fmt.group is not None and cols % fmt.group:
@@ -297,13 +306,14 @@ def quantize_tree(params: dict, fmt: QuantFormat) -> tuple[dict, list[str]]:
                 out[key] = one(value, path)
                 continue
             layout = layout_of(path, value.shape)
+            own = None if layout is None else format_for(path, layout, fmt)
             if layout is None:
                 out[key] = value
-            elif not fits(fmt, to_rows(value, layout).shape[1]):
+            elif not fits(own, to_rows(value, layout).shape[1]):
                 kept_float.append("/".join(path))
                 out[key] = value
             else:
-                out[key] = quantize_rows(to_rows(np.asarray(value, np.float32), layout), fmt)
+                out[key] = quantize_rows(to_rows(np.asarray(value, np.float32), layout), own)
         return out
 
     return one(params, ()), kept_float

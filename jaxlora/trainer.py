@@ -25,6 +25,7 @@ from jaxlora.checkpoint import DTYPES, Model, load, load_adapters, save_adapters
 from jaxlora.data import Batches, PreferencePairs, read_examples, read_pairs
 from jaxlora.errors import UsageError
 from jaxlora.losses import PREFERENCE_OBJECTIVES, PreferenceConfig
+from jaxlora.quant import formats_of
 from jaxlora.sharding import make_mesh, replicate, shard_batch
 from jaxlora.staging import check_destination, staged
 from jaxlora.train import eval_loss, eval_preference, init_state, make_optimizer, make_train_step
@@ -61,6 +62,7 @@ class RunOptions:
     resume: bool = False
     init_lora: str | None = None  # start from these adapters (jaxlora final/ or a PEFT folder)
     mesh: str | None = None  # e.g. "data=2,tensor=4": base params sharded, adapters replicated, batch over data
+    quantize: str | None = None  # "int8" / "int4[:GROUP]": quantize the frozen base on load (QLoRA)
     attention: str = "auto"  # attention implementation, see jaxlora.attention ("chunked" for long sequences)
     objective: str = "sft"  # or a preference objective on pairs: dpo, ipo, orpo, simpo (jaxlora.losses)
     beta: float = 0.1
@@ -149,7 +151,11 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     eval_examples = read(options.eval_data) if options.eval_data else None
 
     mesh = make_mesh(options.mesh) if options.mesh else None
-    model: Model = load(checkpoint, mesh=mesh, attention=options.attention)
+    model: Model = load(checkpoint, mesh=mesh, attention=options.attention, quantize=options.quantize)
+    if options.full and formats_of(model.params):
+        raise UsageError(
+            "--full trains every weight, which needs a float checkpoint: quantized weights train only LoRA"
+        )
     if model.tokenizer is None:
         raise UsageError(f"{checkpoint} has no tokenizer to read the data with")
     if preference is None:

@@ -544,3 +544,42 @@ def test_train_step_compiles_once_and_leaves_the_callers_arrays_alive(tiny, capl
         np.testing.assert_array_equal(old, np.asarray(now))
     jax.random.split(key)
     assert not np.array_equal(np.asarray(jax.tree.leaves(state.trainable.weights)[0]), jax.tree.leaves(before)[0])
+
+
+def test_qlora_trains_adapters_over_an_int4_base_and_exports_them_for_the_float_model(tiny_chat, tmp_path):
+    import copy
+
+    import torch
+    from peft import PeftModel
+
+    root, torch_model = tiny_chat
+    options = ("--quantize", "int4:16", "--targets", "q_proj,v_proj,down_proj", "--lr", "1e-2")
+    evals = ("--eval-data", str(root / "train.jsonl"), "--eval-every", "4")
+    run = subprocess.run(
+        finetune(root, tmp_path / "run", *options, *evals), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [
+        float(line.split("eval loss ")[1].split(",")[0]) for line in run.stdout.splitlines() if "eval loss" in line
+    ]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    export = subprocess.run(
+        [sys.executable, "-m", "jaxlora", "lora", "export", str(tmp_path / "run" / "final"), str(tmp_path / "peft")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    # The adapters were trained against the int4 base, and apply to the float model as PEFT adapters do.
+    model = jaxlora.load(root / "jax")
+    adapters = load_adapters(tmp_path / "run" / "final", model.config)
+    ids = np.random.default_rng(1).integers(0, 49152, (2, 12)).astype(np.int32)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    full = subprocess.run(
+        finetune(root, tmp_path / "bad", "--quantize", "int8", "--full"), capture_output=True, text=True
+    )
+    assert full.returncode == 1 and "needs a float checkpoint" in full.stderr and "Traceback" not in full.stderr

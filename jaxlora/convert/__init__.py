@@ -298,8 +298,9 @@ def convert_groups(
                         f"tensor {item.hf_names[0]} gives {'/'.join(item.param_path)} the shape {tuple(array.shape)} "
                         f"but the config implies {expected}"
                     )
-                if fmt is not None and layout is not None and quant.fits(fmt, quant.to_rows(array, layout).shape[1]):
-                    set_path(subtree, item.param_path[1:], quant.quantize_rows(quant.to_rows(array, layout), fmt))
+                own = None if fmt is None or layout is None else quant.format_for(item.param_path, layout, fmt)
+                if own is not None and quant.fits(own, quant.to_rows(array, layout).shape[1]):
+                    set_path(subtree, item.param_path[1:], quant.quantize_rows(quant.to_rows(array, layout), own))
                 else:
                     if fmt is not None and layout is not None:
                         notes.append(
