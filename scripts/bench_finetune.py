@@ -36,6 +36,15 @@ ROWS = {
     "qv8": {"title": "rank 8 on q, v", "rank": 8, "targets": ("q_proj", "v_proj"), "remat": False},
     "all16": {"title": "rank 16 on all linear layers", "rank": 16, "targets": ALL_LINEAR, "remat": False},
     "all16-remat": {"title": "rank 16 on all linear, remat", "rank": 16, "targets": ALL_LINEAR, "remat": True},
+    # QLoRA: the frozen base quantized to 4 bits on load. PEFT's QLoRA needs bitsandbytes' CUDA kernels, so its
+    # side of this row is not run (compare with the float qv8 row).
+    "qv8-int4": {
+        "title": "rank 8 on q, v, int4 base (QLoRA)",
+        "rank": 8,
+        "targets": ("q_proj", "v_proj"),
+        "remat": False,
+        "quantize": "int4:32",
+    },
 }
 ALPHA = 16.0
 LEARNING_RATE = 1e-4
@@ -66,7 +75,7 @@ def side_jaxlora(args, row: dict) -> dict:
     from jaxlora import lora
     from jaxlora.train import init_state, make_optimizer, make_train_step
 
-    model = jaxlora.load(args.checkpoint)
+    model = jaxlora.load(args.checkpoint, quantize=row.get("quantize"))
     key = jax.random.key(0)
     adapters = lora.init(model.config, key, rank=row["rank"], alpha=ALPHA, targets=row["targets"])
     optimizer = make_optimizer(LEARNING_RATE, 1000)
@@ -151,21 +160,26 @@ def table(results: dict) -> str:
     header += ("machine limit steps/s", "jaxlora of limit", "PEFT of limit", "peak RSS jaxlora / PEFT (MB)")
     rows = [header]
     for name in results["rows"]:
-        ours, theirs = results["jaxlora"][name], results["peft"][name]
+        ours, theirs = results["jaxlora"][name], results["peft"].get(name)
         limit = limits["matmul_gflops"] * 1e9 / limits["flops"][name]["total"]
-        rate_ours, rate_theirs = 1 / ours["step_s"], 1 / theirs["step_s"]
+        rate_ours = 1 / ours["step_s"]
+        rate_theirs = None if theirs is None else 1 / theirs["step_s"]
+
+        def peft(text, theirs=theirs):
+            return "-" if theirs is None else text
+
         rows.append(
             (
                 ROWS[name]["title"],
                 f"{rate_ours:.3f}",
-                f"{rate_theirs:.3f}",
-                f"{rate_ours / rate_theirs:.2f}x",
+                peft(f"{rate_theirs:.3f}" if rate_theirs else ""),
+                peft(f"{rate_ours / rate_theirs:.2f}x" if rate_theirs else ""),
                 f"{tokens * rate_ours:.0f}",
-                f"{tokens * rate_theirs:.0f}",
+                peft(f"{tokens * rate_theirs:.0f}" if rate_theirs else ""),
                 f"{limit:.3f}",
                 f"{100 * rate_ours / limit:.0f}%",
-                f"{100 * rate_theirs / limit:.0f}%",
-                f"{ours['peak_rss_mb']:.0f} / {theirs['peak_rss_mb']:.0f}",
+                peft(f"{100 * rate_theirs / limit:.0f}%" if rate_theirs else ""),
+                f"{ours['peak_rss_mb']:.0f} / " + peft(f"{theirs['peak_rss_mb']:.0f}" if theirs else ""),
             )
         )
     return markdown_table(rows)
@@ -224,7 +238,7 @@ def main():
         "peft": {},
     }
     for name in args.row_names:
-        for side in ("jaxlora", "peft"):
+        for side in ("jaxlora", "peft") if "quantize" not in ROWS[name] else ("jaxlora",):
             run = in_fresh_process(__file__, [*argv, "--side", side, "--row", name], f"{side} {name}")
             results[side][name] = run
             print(f"{side} {name}: {1 / run['step_s']:.3f} steps/s", file=sys.stderr, flush=True)

@@ -503,6 +503,41 @@ MUTANTS = [
         "-k",
         "logits_match_transformers and mixtral",
     ),
+    # Quantized weights.
+    m(
+        "Q4_K: a sub-block's high scale bits taken from the minimums' bytes",
+        "convert/gguf_blocks.py",
+        "(mixed & 15) | ((low_sc >> 6) << 4)",
+        "(mixed & 15) | ((low_m >> 6) << 4)",
+        "tests/test_quant.py",
+        "-k",
+        "bit_for_bit",
+    ),
+    m(
+        "int4 nibbles unpacked high first",
+        "quant.py",
+        "low, high = packed & 15, packed >> 4",
+        "high, low = packed & 15, packed >> 4",
+        "tests/test_quant.py",
+    ),
+    m(
+        "quantized tied head uses the embedding un-transposed",
+        "quant.py",
+        "return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))",
+        "return jax.lax.dot_general(x, w.reshape(w.shape[::-1]), (((x.ndim - 1,), (0,)), ((), ())))",
+        "tests/test_quant.py",
+        "-k",
+        "equals_its_dequantized or tied",
+    ),
+    m(
+        "int8 quantization rounds toward zero",
+        "quant.py",
+        "values = np.clip(np.round(g / safe[..., None]), -127, 127)",
+        "values = np.clip(np.trunc(g / safe[..., None]), -127, 127)",
+        "tests/test_quant.py",
+        "-k",
+        "half_a_step",
+    ),
     # The sandbox.
     Mutant(
         "sandbox shares the host's network and PID space (no --unshare-all)",

@@ -194,6 +194,8 @@ CASES = [
         "convert-config-a-list", "convert src out", "config.json", hf_source(damage=replace_file("config.json", b"[1]"))
     ),
     case("convert-unknown-family", "convert src out", "t5", hf_source({"model_type": "t5"})),
+    case("convert-quantize-unknown", "convert src out --quantize int3", "unknown quantization", hf_source()),
+    case("convert-quantize-keep-not-gguf", "convert src out --quantize keep", "must be a .gguf file", hf_source()),
     case("convert-no-model-type", "convert src out", "model_type", hf_source({"model_type": DELETE})),
     case("convert-vocab-1e12", "convert src out", "vocab_size", hf_source({"vocab_size": 10**12})),
     case("convert-hidden-2e40", "convert src out", "hidden_size", hf_source({"hidden_size": 2**40})),
@@ -315,6 +317,25 @@ CASES = [
         checkpoint_copy(edit_json("config.json", dtype="bfloat16")),
     ),  # fmt: skip
     case("generate-params-deleted", "generate ckpt --prompt hi", "params", checkpoint_copy(delete("params"))),
+    case(
+        "generate-quantization-table-lies",
+        "generate ckpt --prompt hi",
+        "q_proj",
+        checkpoint_copy(edit_json("config.json", quantization={"layers_0/attn/q_proj/kernel": "int8"})),
+    ),  # fmt: skip
+    case(
+        "generate-quantization-format-unknown",
+        "generate ckpt --prompt hi",
+        "unknown quantization format 'fp8'",
+        checkpoint_copy(edit_json("config.json", quantization={"embed/embedding": "fp8"})),
+    ),  # fmt: skip
+    case(
+        "generate-quantization-not-a-weight",
+        "generate ckpt --prompt hi",
+        "not a quantizable param",
+        checkpoint_copy(edit_json("config.json", quantization={"final_norm/scale": "int8"})),
+    ),  # fmt: skip
+    case("generate-quantize-odd-group", f"{GEN} --quantize int4:7", "even number"),
     case(
         "generate-metadata-deleted",
         "generate ckpt --prompt hi",
