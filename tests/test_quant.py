@@ -208,3 +208,23 @@ def test_bad_quantization_requests_are_refused(tiny_quant, tmp_path):
     adapters = lora_init(model.config, jax.random.key(0), rank=2, targets=("q_proj",))
     with pytest.raises(UsageError, match="quantized"):
         jaxlora.lora.merge(model.params, adapters)
+
+
+def test_export_dequantizes_and_info_shows_each_groups_formats(tiny_quant, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxlora.checkpoint import describe
+    from jaxlora.export import run
+
+    rows = dict(describe(tiny_quant["int4:16"]))
+    assert rows["params embed"].startswith("int8 ") and rows["params lm_head"].startswith("int8 ")
+    assert rows["params layers (3)"].startswith("int4:16:min ") and " + float32 " in rows["params layers (3)"]
+    model = jaxlora.load(tiny_quant["int4:16"])
+    summary = run("hf", model, tmp_path / "hf")
+    assert "dequantized to float32" in summary
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = random_ids((1, 10), SIZES["vocab_size"], seed=7)
+    with torch.no_grad():
+        theirs = exported(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jaxlora.forward(model.params, model.config, ids)), theirs, atol=1e-4)
