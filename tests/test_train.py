@@ -553,8 +553,8 @@ def test_qlora_trains_adapters_over_an_int4_base_and_exports_them_for_the_float_
     from peft import PeftModel
 
     root, torch_model = tiny_chat
-    options = ("--quantize", "int4:16", "--targets", "q_proj,v_proj,down_proj", "--lr", "1e-2")
-    evals = ("--eval-data", str(root / "train.jsonl"), "--eval-every", "4")
+    options = ("--quantize", "int4:16", "--targets", "q_proj,v_proj,down_proj", "--lr", "1e-2", "--steps", "4")
+    evals = ("--eval-data", str(root / "train.jsonl"), "--eval-every", "2", "--save-every", "4")
     run = subprocess.run(
         finetune(root, tmp_path / "run", *options, *evals), capture_output=True, text=True, timeout=300
     )
