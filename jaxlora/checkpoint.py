@@ -136,7 +136,7 @@ def check_quantization(config_file: Path, config: ModelConfig, formats) -> None:
         layout = None if shape is None else quant.layout_of(tuple(name.split("/")), shape)
         if layout is None:
             raise CheckpointError(f"{config_file}: {name} is not a quantizable param of this model")
-        if not quant.fits(fmt, quant.to_rows(np.empty(shape, np.int8), layout).shape[1]):
+        if not quant.fits(fmt, quant.rows_cols(shape, layout)[1]):
             raise CheckpointError(f"{config_file}: {name} {tuple(shape)} cannot be stored as {fmt_name}")
 
 

@@ -107,9 +107,14 @@ def fits(fmt: QuantFormat, cols: int) -> bool:
     return fmt.bits == 8 or cols % 2 == 0
 
 
+def rows_cols(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """(output channels, contraction length) of a float param of `shape`."""
+    return (shape[-1], shape[-2]) if layout == KERNEL else (shape[-2], shape[-1])
+
+
 def stored_shapes(shape: tuple[int, ...], layout: str, fmt: QuantFormat) -> dict:
     """The arrays (ShapeDtypeStruct) a float param of `shape` is stored as in format `fmt`."""
-    rows, cols = (shape[-1], shape[-2]) if layout == KERNEL else (shape[-2], shape[-1])
+    rows, cols = rows_cols(shape, layout)
     groups = 1 if fmt.group is None else cols // fmt.group
     values = (
         jax.ShapeDtypeStruct((rows, cols), jnp.int8)
@@ -260,7 +265,7 @@ def dequantize_params(params: dict) -> dict:
         for key, value in tree.items():
             path = (*prefix, key)
             if is_quantized(value):
-                out[key] = from_rows(dequantize(value), layout_of(path, (0, 0)))
+                out[key] = from_rows(dequantize(value), KERNEL if path[-1] == "kernel" else EMBEDDING)
             elif isinstance(value, dict):
                 out[key] = one(value, path)
             else:
@@ -309,7 +314,7 @@ def quantize_tree(params: dict, fmt: QuantFormat) -> tuple[dict, list[str]]:
             own = None if layout is None else format_for(path, layout, fmt)
             if layout is None:
                 out[key] = value
-            elif not fits(own, to_rows(value, layout).shape[1]):
+            elif not fits(own, rows_cols(value.shape, layout)[1]):
                 kept_float.append("/".join(path))
                 out[key] = value
             else:

@@ -299,7 +299,7 @@ def convert_groups(
                         f"but the config implies {expected}"
                     )
                 own = None if fmt is None or layout is None else quant.format_for(item.param_path, layout, fmt)
-                if own is not None and quant.fits(own, quant.to_rows(array, layout).shape[1]):
+                if own is not None and quant.fits(own, quant.rows_cols(array.shape, layout)[1]):
                     set_path(subtree, item.param_path[1:], quant.quantize_rows(quant.to_rows(array, layout), own))
                 else:
                     if fmt is not None and layout is not None:
