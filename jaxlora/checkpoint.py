@@ -124,6 +124,8 @@ def check_quantization(config_file: Path, config: ModelConfig, formats) -> None:
     """config.json's quantization table names quantizable params of this model, in formats that fit them."""
     if not isinstance(formats, dict):
         raise CheckpointError(f"{config_file}: quantization must map param paths to formats")
+    if not formats:
+        return
     shapes = {
         "/".join(str(k.key) for k in path): leaf.shape for path, leaf in tree_flatten_with_path(param_shapes(config))[0]
     }
