@@ -17,7 +17,7 @@ from jaxlora.cache import KVCache, ring_slots, ring_write
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
-from jaxlora.quant import float_dtype, is_quantized, matmul, take_rows
+from jaxlora.quant import dequantize, float_dtype, is_quantized, matmul, take_rows
 from jaxlora.rope import apply_rope, rope_cos_sin
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -268,15 +268,20 @@ class MixtureOfExperts(nn.Module):
         top_logits, top_experts = jax.lax.top_k(router_logits, c.experts_per_token)
         top_weights = jax.nn.softmax(top_logits, axis=-1)
         weights = jnp.sum(jax.nn.one_hot(top_experts, e) * top_weights[..., None], axis=-2).astype(x.dtype)
-        gate = self.param("gate", _axes(_init, "experts", "embed", "mlp"), (e, d, f), jnp.float32).astype(x.dtype)
-        up = self.param("up", _axes(_init, "experts", "embed", "mlp"), (e, d, f), jnp.float32).astype(x.dtype)
-        down = self.param("down", _axes(_init, "experts", "mlp", "embed"), (e, f, d), jnp.float32).astype(x.dtype)
+        gate = self._experts("gate", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
+        up = self._experts("up", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
+        down = self._experts("down", ("experts", "mlp", "embed"), (e, f, d), x.dtype)
         with jax.named_scope("experts"):
             hidden = ACTIVATIONS[c.activation](jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum(
                 "btd,edf->btef", x, up
             )
             out = jnp.einsum("btef,efd->bted", hidden, down)
         return jnp.einsum("bted,bte->btd", out, weights)
+
+    def _experts(self, name: str, axes: tuple[str, str, str], shape: tuple[int, int, int], dtype):
+        """A stacked expert kernel [experts, in, out] in `dtype`; a quantized one is stored [experts, out, in]."""
+        stored = weight(self, name, _axes(_init, *axes), shape)
+        return dequantize(stored, dtype).swapaxes(-1, -2) if is_quantized(stored) else stored.astype(dtype)
 
 
 class Block(nn.Module):

@@ -78,14 +78,17 @@ def columns(q: dict) -> int:
 
 
 # Which params may be quantized, and how their float layout maps onto rows x cols.
-KERNEL, EMBEDDING = "kernel", "embedding"
+KERNEL, EMBEDDING, EXPERTS = "kernel", "embedding", "experts"
 
 
 def layout_of(path: tuple[str, ...], shape: tuple[int, ...]) -> str | None:
-    """KERNEL for a linear kernel [in, out] (stored transposed), EMBEDDING for the token embedding table, None for
-    params that stay float (norms, biases, position tables, the MoE router and the stacked experts)."""
+    """KERNEL for a linear kernel [in, out] (stored transposed), EMBEDDING for the token embedding table, EXPERTS
+    for a mixture's stacked expert kernels [experts, in, out] (each stored transposed), None for params that stay
+    float (norms, biases, position tables, the MoE router)."""
     if path == ("embed", "embedding"):
         return EMBEDDING
+    if "moe" in path and path[-1] in ("gate", "up", "down") and len(shape) == 3:
+        return EXPERTS
     if path[-1] == "kernel" and len(shape) == 2 and "router" not in path:
         return KERNEL
     return None
@@ -109,21 +112,22 @@ def fits(fmt: QuantFormat, cols: int) -> bool:
 
 def rows_cols(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
     """(output channels, contraction length) of a float param of `shape`."""
-    return (shape[-1], shape[-2]) if layout == KERNEL else (shape[-2], shape[-1])
+    return (shape[-2], shape[-1]) if layout == EMBEDDING else (shape[-1], shape[-2])
 
 
 def stored_shapes(shape: tuple[int, ...], layout: str, fmt: QuantFormat) -> dict:
     """The arrays (ShapeDtypeStruct) a float param of `shape` is stored as in format `fmt`."""
     rows, cols = rows_cols(shape, layout)
+    lead = tuple(shape[:-2])  # the experts of a stacked kernel
     groups = 1 if fmt.group is None else cols // fmt.group
     values = (
-        jax.ShapeDtypeStruct((rows, cols), jnp.int8)
+        jax.ShapeDtypeStruct((*lead, rows, cols), jnp.int8)
         if fmt.bits == 8
-        else jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8)
+        else jax.ShapeDtypeStruct((*lead, rows, cols // 2), jnp.uint8)
     )
-    parts = {"values": values, "scale": jax.ShapeDtypeStruct((rows, groups), jnp.float32)}
+    parts = {"values": values, "scale": jax.ShapeDtypeStruct((*lead, rows, groups), jnp.float32)}
     if fmt.offset:
-        parts["min"] = jax.ShapeDtypeStruct((rows, groups), jnp.float32)
+        parts["min"] = jax.ShapeDtypeStruct((*lead, rows, groups), jnp.float32)
     return parts
 
 
@@ -135,7 +139,7 @@ def stored_leaf_shapes(_path, leaf, layout: str, fmt: QuantFormat) -> dict:
 def stored_axes(axes: tuple, layout: str, fmt: QuantFormat) -> dict:
     """The logical axes of each stored array: the float param's, in rows x cols order (scales follow their rows
     and their groups along the cols)."""
-    rows_cols = tuple(reversed(axes)) if layout == KERNEL else tuple(axes)
+    rows_cols = tuple(axes) if layout == EMBEDDING else (*axes[:-2], axes[-1], axes[-2])
     parts = {"values": rows_cols, "scale": rows_cols}
     if fmt.offset:
         parts["min"] = rows_cols
@@ -164,11 +168,14 @@ def unpack_nibbles(packed, signed: bool = False):
 
 
 def quantize_rows(w: np.ndarray, fmt: QuantFormat) -> dict:
-    """A float [rows, cols] weight (rows: output channels) -> its quantized arrays.
+    """A float [..., rows, cols] weight (rows: output channels) -> its quantized arrays.
 
     int8: symmetric, scale = max|w| / 127 per group. int4: asymmetric, scale = (max - min) / 15 and min per group.
     Each element is within scale / 2 of its original (plus float rounding).
     """
+    if w.ndim > 2:  # stacked experts: quantize as one tall matrix, then give back the leading axes
+        flat = quantize_rows(w.reshape(-1, w.shape[-1]), fmt)
+        return {k: v.reshape(*w.shape[:-2], w.shape[-2], v.shape[-1]) for k, v in flat.items()}
     rows, cols = w.shape
     group = cols if fmt.group is None else fmt.group
     g = np.asarray(w, np.float32).reshape(rows, cols // group, group)
@@ -187,12 +194,12 @@ def quantize_rows(w: np.ndarray, fmt: QuantFormat) -> dict:
 
 
 def to_rows(array: np.ndarray, layout: str) -> np.ndarray:
-    """A float param in its own layout -> rows x cols (a kernel [in, out] transposed)."""
-    return array.T if layout == KERNEL else array
+    """A float param in its own layout -> rows x cols (a kernel [..., in, out] transposed on its last two axes)."""
+    return array if layout == EMBEDDING else array.swapaxes(-1, -2)
 
 
 def from_rows(array, layout: str):
-    return array.T if layout == KERNEL else array
+    return array if layout == EMBEDDING else array.swapaxes(-1, -2)
 
 
 # --- computing with them (inside jit) ---
@@ -265,7 +272,7 @@ def dequantize_params(params: dict) -> dict:
         for key, value in tree.items():
             path = (*prefix, key)
             if is_quantized(value):
-                out[key] = from_rows(dequantize(value), KERNEL if path[-1] == "kernel" else EMBEDDING)
+                out[key] = from_rows(dequantize(value), EMBEDDING if path[-1] == "embedding" else KERNEL)
             elif isinstance(value, dict):
                 out[key] = one(value, path)
             else:

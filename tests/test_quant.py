@@ -228,3 +228,19 @@ def test_export_dequantizes_and_info_shows_each_groups_formats(tiny_quant, tmp_p
     with torch.no_grad():
         theirs = exported(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(jaxlora.forward(model.params, model.config, ids)), theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4:8"])
+def test_quantized_mixture_of_experts_equals_its_dequantized_float_model(tiny, name):
+    model = jaxlora.load(tiny("mixtral").jax_dir, quantize=name)
+    formats = quant.formats_of(model.params)
+    moe = model.params["layers_0"]["moe"]
+    assert all(quant.is_quantized(moe[k]) for k in ("gate", "up", "down")) and not quant.is_quantized(moe["router"])
+    assert moe["gate"]["values"].shape[0] == 4 and formats["layers_0/moe/down"].startswith(name.split(":")[0])
+    ids = random_ids((2, 11), 97, seed=8)
+    np.testing.assert_allclose(
+        np.asarray(jaxlora.forward(model.params, model.config, ids)),
+        np.asarray(jaxlora.forward(dequantized(model.params), model.config, ids)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
