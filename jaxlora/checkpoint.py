@@ -25,7 +25,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.tree_util import tree_flatten_with_path
 
 from jaxlora import compile_cache as xla_cache
 from jaxlora import quant
@@ -33,7 +32,7 @@ from jaxlora.attention import check_impl
 from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 from jaxlora.lora import Adapters, adapter_shapes, merge
-from jaxlora.model import num_params, param_shapes
+from jaxlora.model import flat_param_shapes, num_params, param_shapes
 from jaxlora.peft import export_peft, import_peft
 from jaxlora.sharding import param_shardings, put, to_host
 from jaxlora.staging import staged
@@ -126,9 +125,7 @@ def check_quantization(config_file: Path, config: ModelConfig, formats) -> None:
         raise CheckpointError(f"{config_file}: quantization must map param paths to formats")
     if not formats:
         return
-    shapes = {
-        "/".join(str(k.key) for k in path): leaf.shape for path, leaf in tree_flatten_with_path(param_shapes(config))[0]
-    }
+    shapes = {"/".join(path): shape for path, shape in flat_param_shapes(config).items()}
     for name, fmt_name in formats.items():
         try:
             fmt = quant.parse_stored(fmt_name)
@@ -273,18 +270,16 @@ def param_group_rows(config: ModelConfig, meta: dict) -> list[tuple[str, str]]:
     """("params embed", "int8:32 31.9 MiB"), ("params layers (30)", "int4:32:min 72.0 MiB + float32 0.2 MiB"), ...:
     each param group's storage formats and bytes (the layers together), from the config alone."""
     formats = meta.get("quantization", {})
-    float_shapes = tree_flatten_with_path(param_shapes(config))[0]
     totals: dict[str, dict[str, int]] = {}
-    for path, leaf in float_shapes:
-        keys = tuple(str(k.key) for k in path)
+    for keys, shape in flat_param_shapes(config).items():
         group = "layers" if keys[0].startswith("layers_") else keys[0]
         name = "/".join(keys)
         if name in formats:
             fmt = quant.parse_stored(formats[name])
-            parts = quant.stored_shapes(leaf.shape, quant.layout_of(keys, leaf.shape), fmt)
+            parts = quant.stored_shapes(shape, quant.layout_of(keys, shape), fmt)
             kind, size = fmt.name, sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in parts.values())
         else:
-            kind, size = meta["dtype"], math.prod(leaf.shape) * DTYPES[meta["dtype"]].itemsize
+            kind, size = meta["dtype"], math.prod(shape) * DTYPES[meta["dtype"]].itemsize
         by_kind = totals.setdefault(group, {})
         by_kind[kind] = by_kind.get(kind, 0) + size
     rows = []

@@ -640,15 +640,16 @@ def num_params(config: ModelConfig) -> int:
 
 
 @functools.cache
+@functools.cache
+def flat_param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every param's path (e.g. ("layers_0", "attn", "q_proj", "kernel")) -> its shape."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(param_shapes(config))
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
 def linear_kernels(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, int]]:
     """Every Linear layer's module path (e.g. ("layers_0", "attn", "q_proj")) -> its kernel shape [in, out]."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(param_shapes(config))
-    kernels = {}
-    for path, leaf in leaves:
-        keys = tuple(k.key for k in path)
-        if keys[-1] == "kernel":
-            kernels[keys[:-1]] = tuple(leaf.shape)
-    return kernels
+    return {path[:-1]: shape for path, shape in flat_param_shapes(config).items() if path[-1] == "kernel"}
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

@@ -253,6 +253,16 @@ def _paths(tree: dict, prefix=()):
             yield from _paths(value, path)
 
 
+def _map_leaves(fn, tree: dict, prefix=()) -> dict:
+    """A new tree with fn(path, leaf) at every leaf of `_paths` (a quantized dict is one leaf)."""
+    return {
+        key: fn((*prefix, key), value)
+        if is_quantized(value) or not isinstance(value, dict)
+        else _map_leaves(fn, value, (*prefix, key))
+        for key, value in tree.items()
+    }
+
+
 def formats_of(params: dict) -> dict[str, str]:
     """{"layers_0/attn/q_proj/kernel": "int4:32:min", ...} for the quantized weights of a param tree."""
     return {"/".join(path): format_of(leaf).name for path, leaf in _paths(params) if is_quantized(leaf)}
@@ -267,19 +277,12 @@ def map_floats(fn, params: dict) -> dict:
 def dequantize_params(params: dict) -> dict:
     """The param tree with every quantized weight back in its float layout (float32, or the scales' dtype)."""
 
-    def one(tree, prefix):
-        out = {}
-        for key, value in tree.items():
-            path = (*prefix, key)
-            if is_quantized(value):
-                out[key] = from_rows(dequantize(value), EMBEDDING if path[-1] == "embedding" else KERNEL)
-            elif isinstance(value, dict):
-                out[key] = one(value, path)
-            else:
-                out[key] = value
-        return out
+    def one(path, leaf):
+        if not is_quantized(leaf):
+            return leaf
+        return from_rows(dequantize(leaf), EMBEDDING if path[-1] == "embedding" else KERNEL)
 
-    return one(params, ())
+    return _map_leaves(one, params)
 
 
 def with_stored(tree: dict, formats: dict[str, str], make) -> dict:
@@ -310,22 +313,14 @@ def quantize_tree(params: dict, fmt: QuantFormat) -> tuple[dict, list[str]]:
     their contraction does not split into whole groups)."""
     kept_float = []
 
-    def one(tree, prefix):
-        out = {}
-        for key, value in tree.items():
-            path = (*prefix, key)
-            if isinstance(value, dict):
-                out[key] = one(value, path)
-                continue
-            layout = layout_of(path, value.shape)
-            own = None if layout is None else format_for(path, layout, fmt)
-            if layout is None:
-                out[key] = value
-            elif not fits(own, rows_cols(value.shape, layout)[1]):
-                kept_float.append("/".join(path))
-                out[key] = value
-            else:
-                out[key] = quantize_rows(to_rows(np.asarray(value, np.float32), layout), own)
-        return out
+    def one(path, leaf):
+        layout = layout_of(path, leaf.shape)
+        if layout is None:
+            return leaf
+        own = format_for(path, layout, fmt)
+        if not fits(own, rows_cols(leaf.shape, layout)[1]):
+            kept_float.append("/".join(path))
+            return leaf
+        return quantize_rows(to_rows(np.asarray(leaf, np.float32), layout), own)
 
-    return one(params, ()), kept_float
+    return _map_leaves(one, params), kept_float

@@ -50,9 +50,12 @@ def quantized(model_path, float_path, ids):
     report = {}
     for spec in ("data=2,fsdp=2,tensor=2", "tensor=8"):
         mesh = make_mesh(spec)
-        for how, model in (("stored", jaxlora.load(model_path, mesh=mesh)), ("on_load", None)):
-            if model is None:
-                model = jaxlora.load(float_path, mesh=mesh, quantize="int4:16")
+        loads = {
+            "stored": lambda mesh=mesh: jaxlora.load(model_path, mesh=mesh),
+            "on_load": lambda mesh=mesh: jaxlora.load(float_path, mesh=mesh, quantize="int4:16"),
+        }
+        for how, load in loads.items():
+            model = load()
             q = model.params["layers_0"]["attn"]["q_proj"]["kernel"]
             logits = np.asarray(jax.jit(jaxlora.forward, static_argnums=1)(model.params, model.config, ids))
             report[f"{spec} {how}"] = {

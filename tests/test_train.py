@@ -282,12 +282,33 @@ def run_command(root, out, *extra, objective, data):
     return finetune(root, out, "--objective", objective, *longer, *extra, data=data)
 
 
-def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
+def export_and_compare_in_peft(root, torch_model, adapters_dir, peft_dir, seed=0):
+    """`jaxlora lora export` the adapters; PEFT applies them to the float torch model and gives jaxlora's logits of
+    the float base with those adapters (1e-4). Returns the base model and the adapters."""
     import copy
 
     import torch
     from peft import PeftModel
 
+    export = subprocess.run(
+        [sys.executable, "-m", "jaxlora", "lora", "export", str(adapters_dir), str(peft_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    model = jaxlora.load(root / "jax")
+    adapters = load_adapters(adapters_dir, model.config)
+    ids = np.random.default_rng(seed).integers(0, 49152, (2, 12)).astype(np.int32)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(torch_model), str(peft_dir)).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    return model, adapters
+
+
+def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
     root, torch_model = tiny_chat
     run = subprocess.run(
         finetune(root, tmp_path / "run", "--targets", "q_proj,v_proj,down_proj"),
@@ -296,21 +317,7 @@ def test_cli_export_loads_in_peft_and_import_round_trips(tiny_chat, tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    export = subprocess.run(
-        [sys.executable, "-m", "jaxlora", "lora", "export", str(tmp_path / "run" / "final"), str(tmp_path / "peft")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert export.returncode == 0, export.stderr[-2000:]
-    model = jaxlora.load(root / "jax")
-    adapters = load_adapters(tmp_path / "run" / "final", model.config)
-    ids = np.random.default_rng(0).integers(0, 49152, (2, 12)).astype(np.int32)
-    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    model, adapters = export_and_compare_in_peft(root, torch_model, tmp_path / "run" / "final", tmp_path / "peft")
 
     back = subprocess.run(
         [
@@ -547,11 +554,6 @@ def test_train_step_compiles_once_and_leaves_the_callers_arrays_alive(tiny, capl
 
 
 def test_qlora_trains_adapters_over_an_int4_base_and_exports_them_for_the_float_model(tiny_chat, tmp_path):
-    import copy
-
-    import torch
-    from peft import PeftModel
-
     root, torch_model = tiny_chat
     options = ("--quantize", "int4:16", "--targets", "q_proj,v_proj,down_proj", "--lr", "1e-2", "--steps", "4")
     evals = ("--eval-data", str(root / "train.jsonl"), "--eval-every", "2", "--save-every", "4")
@@ -563,22 +565,8 @@ def test_qlora_trains_adapters_over_an_int4_base_and_exports_them_for_the_float_
         float(line.split("eval loss ")[1].split(",")[0]) for line in run.stdout.splitlines() if "eval loss" in line
     ]
     assert len(losses) == 2 and losses[1] < losses[0]
-    export = subprocess.run(
-        [sys.executable, "-m", "jaxlora", "lora", "export", str(tmp_path / "run" / "final"), str(tmp_path / "peft")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert export.returncode == 0, export.stderr[-2000:]
     # The adapters were trained against the int4 base, and apply to the float model as PEFT adapters do.
-    model = jaxlora.load(root / "jax")
-    adapters = load_adapters(tmp_path / "run" / "final", model.config)
-    ids = np.random.default_rng(1).integers(0, 49152, (2, 12)).astype(np.int32)
-    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        theirs = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    export_and_compare_in_peft(root, torch_model, tmp_path / "run" / "final", tmp_path / "peft", seed=1)
     full = subprocess.run(
         finetune(root, tmp_path / "bad", "--quantize", "int8", "--full"), capture_output=True, text=True
     )

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jax.tree_util import tree_flatten_with_path
 from tqdm.auto import tqdm
 
 from jaxlora import quant
@@ -28,7 +27,7 @@ from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickle
 from jaxlora.errors import ConversionError, UsageError
 from jaxlora.families import canonical_name, config_from_hf, ignored_pattern, param_from_hf, tensor_plan
 from jaxlora.families.table import TRANSPOSE
-from jaxlora.model import param_shapes, set_path
+from jaxlora.model import flat_param_shapes, set_path
 from jaxlora.staging import check_destination, check_replaceable, staged
 
 TOKENIZER_FILES = (
@@ -160,11 +159,6 @@ def open_source(src: str, config_path: str | None = None) -> Source:
     raise ConversionError(f"no such file or folder: {src}")
 
 
-def _flat_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    leaves, _ = tree_flatten_with_path(param_shapes(config))
-    return {tuple(k.key for k in path): leaf.shape for path, leaf in leaves}
-
-
 def _list(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:6])
@@ -263,7 +257,7 @@ def convert_groups(
     check_sizes(reader, config)
     check_names(reader, config)
     plan = tensor_plan(config, set(reader.names()))
-    shapes = _flat_shapes(config)
+    shapes = flat_param_shapes(config)
     assert sorted(p.param_path for p in plan) == sorted(shapes), "family table and decoder disagree"
     target = DTYPES[dtype]
     by_group: dict[str, list] = {}

@@ -58,7 +58,7 @@ def q8_0(b):
 
 def q4_0(b):
     # Signed nibbles rather than a minimum of -8 d: d * (q - 8) keeps the sign of a zero as GGUF's does.
-    return {"values": _nibbles_halves(b[:, 2:]).astype(np.int8) - 8, "scale": _f16(b[:, :2]), "bits": 4}
+    return {"values": _nibbles_halves(b[:, 2:]).astype(np.int8) - 8, "scale": _f16(b[:, :2])}
 
 
 def q4_1(b):
@@ -114,16 +114,16 @@ def q6_k(b):
     return {"values": (q.astype(np.int16) - 32).astype(np.int8), "scale": d * sc.astype(np.float32)}
 
 
-# GGML type name -> (elements per block, bytes per block, re-layout of [n, bytes] blocks)
+# GGML type name -> (elements per block, bytes per block, re-layout of [n, bytes] blocks, bits kept per value)
 BLOCKS = {
-    "Q8_0": (32, 34, q8_0),
-    "Q4_0": (32, 18, q4_0),
-    "Q4_1": (32, 20, q4_1),
-    "Q5_0": (32, 22, q5_0),
-    "Q5_1": (32, 24, q5_1),
-    "Q4_K": (SUPER, 144, q4_k),
-    "Q5_K": (SUPER, 176, q5_k),
-    "Q6_K": (SUPER, 210, q6_k),
+    "Q8_0": (32, 34, q8_0, 8),
+    "Q4_0": (32, 18, q4_0, 4),
+    "Q4_1": (32, 20, q4_1, 4),
+    "Q5_0": (32, 22, q5_0, 8),
+    "Q5_1": (32, 24, q5_1, 8),
+    "Q4_K": (SUPER, 144, q4_k, 4),
+    "Q5_K": (SUPER, 176, q5_k, 8),
+    "Q6_K": (SUPER, 210, q6_k, 8),
 }
 
 
@@ -133,12 +133,11 @@ def relayout(data: np.ndarray, type_name: str, rows: int, cols: int) -> dict | N
     that is not kept (floats, and the rarer quantizations)."""
     if type_name not in BLOCKS:
         return None
-    elements, size, unpack = BLOCKS[type_name]
+    elements, size, unpack, bits = BLOCKS[type_name]
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows * (cols // elements), size)
     parts = unpack(blocks)
     values = parts["values"].reshape(rows, cols)
-    four_bits = values.dtype == np.uint8 or parts.get("bits") == 4
-    out = {"values": pack_nibbles(values) if four_bits else values}
+    out = {"values": pack_nibbles(values) if bits == 4 else values}
     for name in ("scale", "min"):
         if name in parts:
             out[name] = np.ascontiguousarray(parts[name].reshape(rows, -1), dtype=np.float32)
