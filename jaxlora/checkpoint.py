@@ -35,7 +35,7 @@ from jaxlora.lora import Adapters, adapter_shapes, merge
 from jaxlora.model import flat_param_shapes, num_params, param_shapes
 from jaxlora.peft import export_peft, import_peft
 from jaxlora.sharding import param_shardings, put, to_host
-from jaxlora.staging import staged
+from jaxlora.staging import staged, uninterrupted
 
 log = logging.getLogger("jaxlora.checkpoint")
 
@@ -92,7 +92,8 @@ def save_param_group(path: Path, group: str, subtree: dict) -> None:
     barely compress.
     """
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
-    checkpointer.save(_params_dir(path) / group, args=ocp.args.PyTreeSave(subtree))
+    with uninterrupted():
+        checkpointer.save(_params_dir(path) / group, args=ocp.args.PyTreeSave(subtree))
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
@@ -360,8 +361,9 @@ def save_adapters(adapters: Adapters, folder: str | os.PathLike, base: str, forc
         (staging / "lora_config.json").write_text(json.dumps(meta, indent=2))
         checkpointer = ocp.StandardCheckpointer()
         # As host arrays: the saved adapters carry no mesh, so any device layout can read them back.
-        checkpointer.save((staging / "adapters").absolute(), jax.tree.map(to_host, adapters.weights))
-        checkpointer.wait_until_finished()
+        with uninterrupted():
+            checkpointer.save((staging / "adapters").absolute(), jax.tree.map(to_host, adapters.weights))
+            checkpointer.wait_until_finished()
     return folder
 
 

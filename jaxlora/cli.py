@@ -17,6 +17,7 @@ from pathlib import Path
 
 from jaxlora.config import ATTENTION_IMPLS, DTYPE_NAMES
 from jaxlora.errors import JaxloraError, UsageError
+from jaxlora.staging import raise_interrupt
 
 
 def _is_primary() -> bool:
@@ -453,15 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(signum)
-
-
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
     # SIGTERM ends a run the way Ctrl-C does: the staging of a half-written output is removed on the way out.
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_interrupt)
     try:
         args.run(args)
     except JaxloraError as e:

@@ -25,6 +25,39 @@ from jaxlora.errors import UsageError
 MARKER = ".jaxlora-output"
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
 
+# Signals received inside `uninterrupted`, raised when it ends; and how deep in `uninterrupted` we are.
+_held_signals: list[int] = []
+_uninterrupted_depth = 0
+
+
+def raise_interrupt(signum: int, _frame) -> None:
+    """Signal handler for SIGINT and SIGTERM: end the run as Ctrl-C does (KeyboardInterrupt carrying the signal
+    number), so staged outputs are removed on the way out; inside `uninterrupted` the signal waits for its end."""
+    if _uninterrupted_depth:
+        _held_signals.append(signum)
+        return
+    raise KeyboardInterrupt(signum)
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM (as handled by `raise_interrupt`) until the block ends, then raise the interrupt.
+
+    For library writes that run background threads (orbax's commit and metadata threads): an interrupt that
+    broke the main thread's wait would leave those threads writing into a staging folder being removed, and
+    failing with tracebacks at interpreter shutdown.
+    """
+    global _uninterrupted_depth
+    _uninterrupted_depth += 1
+    try:
+        yield
+    finally:
+        _uninterrupted_depth -= 1
+    if not _uninterrupted_depth and _held_signals:
+        signum = _held_signals[-1]
+        _held_signals.clear()
+        raise KeyboardInterrupt(signum)
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():

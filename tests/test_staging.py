@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from jaxlora.errors import UsageError
-from jaxlora.staging import MARKER, recognised_folder, staged, staged_files
+from jaxlora.staging import MARKER, raise_interrupt, recognised_folder, staged, staged_files, uninterrupted
 
 
 def test_force_replaces_only_our_own_output(tmp_path, monkeypatch):
@@ -79,6 +80,49 @@ def test_an_interrupted_write_leaves_nothing_and_the_next_run_clears_old_leftove
     with staged(tmp_path / "out") as staging:
         (staging / "new").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["out"])
+
+
+def test_a_signal_inside_uninterrupted_waits_for_the_block_to_finish():
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with uninterrupted():
+                with uninterrupted():  # nested: held until the outermost block ends
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)  # the handler has run by now
+                    finished.append("inner")
+                finished.append("outer")
+        assert raised.value.args == (signal.SIGTERM,)
+        assert finished == ["inner", "outer"]
+        # Outside the block the signal interrupts at once, and nothing is left held from before.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        with uninterrupted():
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_param_group_save_completes_before_a_signal_ends_the_run(tmp_path):
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from jaxlora.checkpoint import save_param_group
+
+    group = {f"w{i}": np.full((1024, 1024), i, np.float32) for i in range(16)}  # 64 MB: a save of ~0.1 s or more
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(KeyboardInterrupt):
+            save_param_group(tmp_path, "layers_0", group)
+            time.sleep(5)  # only if the signal came after the save: it interrupts this sleep instead
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # orbax's writer threads finished inside the save: the group is whole, and no write goes on after the interrupt.
+    restored = ocp.StandardCheckpointer().restore((tmp_path / "params" / "layers_0").absolute())
+    assert sorted(restored) == sorted(group) and all((restored[k] == group[k]).all() for k in group)
 
 
 def test_sigterm_during_convert_exits_cleanly_and_leaves_nothing(smollm2_gguf, tmp_path):
