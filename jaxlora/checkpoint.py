@@ -214,7 +214,8 @@ def restore_params(
     for group, subtree in target.items():
         check_stored_group(params_dir / group, subtree, own_dtypes=True)
         try:
-            params[group] = checkpointer.restore(params_dir / group, subtree)
+            with uninterrupted():  # Ctrl-C waits for orbax's reader threads: no traceback from them at exit
+                params[group] = checkpointer.restore(params_dir / group, subtree)
         except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
             raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {one_line(e)})") from None
         if quantize is not None:
@@ -402,7 +403,8 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig) -> Adapters:
     check_stored_group(folder / "adapters", expected)
     target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=device), expected)
     try:
-        weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
+        with uninterrupted():
+            weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
     except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
         raise CheckpointError(f"cannot restore {folder / 'adapters'} ({type(e).__name__}: {one_line(e)})") from None
     return Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
