@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jaxlora import compile_cache as xla_cache
 from jaxlora import quant
 from jaxlora.attention import check_impl
-from jaxlora.config import DTYPE_NAMES, LoraConfig, ModelConfig
+from jaxlora.config import DTYPE_NAMES, MOE_IMPLS, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
 from jaxlora.lora import Adapters, adapter_shapes, merge
 from jaxlora.model import flat_param_shapes, num_params, param_shapes
@@ -313,6 +313,7 @@ def load(
     lora: str | None = None,
     compile_cache: bool | None = None,
     quantize: str | None = None,
+    moe: str = "auto",
 ) -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
@@ -324,13 +325,16 @@ def load(
     skips the compiles this one does; None (the default) follows JAXLORA_COMPILE_CACHE (on, a folder, or unset).
     quantize: "int8" (per output channel) or "int4[:GROUP]" quantizes a float checkpoint's linear weights and
     embeddings as it loads (`jaxlora.quant`); a checkpoint converted with `--quantize` loads quantized as it is.
+    moe: how a mixture's experts run ("auto", "dense", "gathered", "blocked", "ragged"; see `jaxlora.moe`).
     """
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_impl(attention)
+    if moe not in MOE_IMPLS:
+        raise UsageError(f"unknown mixture-of-experts implementation {moe!r}; choose one of {', '.join(MOE_IMPLS)}")
     path = Path(path)
     config, meta = read_config(path)
-    config = config.with_attention(attention)
+    config = config.with_attention(attention).with_moe(moe)
     if compile_cache:
         xla_cache.enable_unless_chosen()
     elif compile_cache is None:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxlora.config import ATTENTION_IMPLS, DTYPE_NAMES
+from jaxlora.config import ATTENTION_IMPLS, DTYPE_NAMES, MOE_IMPLS
 from jaxlora.errors import JaxloraError, UsageError
 from jaxlora.staging import raise_interrupt
 
@@ -66,6 +66,7 @@ def _load(args, mesh=None):
         dtype=getattr(args, "dtype", None),
         mesh=mesh,
         attention=getattr(args, "attention", "auto"),
+        moe=getattr(args, "moe", "auto"),
         lora=args.lora,
         quantize=getattr(args, "quantize", None),
         # generate and chat: on unless --no-compile-cache; other commands: as JAXLORA_COMPILE_CACHE says
@@ -267,18 +268,27 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
     parser.add_argument("--quantize", metavar="FORMAT", help="quantize a float checkpoint on load: int8, int4[:GROUP]")
     parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
-    parser.add_argument("--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, tensor; -1: rest)")
+    parser.add_argument(
+        "--mesh", help="shard over devices, e.g. data=1,tensor=8 (axes data, fsdp, expert, tensor; -1: rest)"
+    )
     parser.add_argument("--lora", help="apply LoRA adapters (a jaxlora runs/NAME/final or a PEFT folder)")
-    _add_attention_flag(parser)
+    _add_impl_flags(parser)
 
 
-def _add_attention_flag(parser: argparse.ArgumentParser) -> None:
+def _add_impl_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention",
         default="auto",
         choices=ATTENTION_IMPLS,
         help="attention implementation: xla (reference), chunked (flash-style, memory linear in length), cudnn "
         "(GPU), splash (TPU); auto picks per platform and length",
+    )
+    parser.add_argument(
+        "--moe",
+        default="auto",
+        choices=MOE_IMPLS,
+        help="mixture-of-experts dispatch: dense (every expert on every token), gathered, blocked (sorted grouped "
+        "matmuls), ragged (lax.ragged_dot); auto picks per platform and token count",
     )
 
 
@@ -341,7 +351,7 @@ def _add_finetune_command(commands) -> None:
     tune.add_argument("--beta", type=float, default=0.1, help="preference objectives' beta (default 0.1)")
     tune.add_argument("--label-smoothing", type=float, default=0.0, help="dpo/simpo: conservative label noise")
     tune.add_argument("--simpo-gamma", type=float, default=0.5, help="simpo's target reward margin")
-    _add_attention_flag(tune)
+    _add_impl_flags(tune)
     tune.set_defaults(run=cmd_finetune)
 
 

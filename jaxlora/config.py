@@ -13,6 +13,7 @@ from jaxlora.errors import ConfigError
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+MOE_IMPLS = ("auto", "dense", "gathered", "blocked", "ragged")  # see jaxlora.moe
 # The largest sizes any config may claim, far above every released model (Llama 3.1 405B: 126 layers, hidden
 # 16384, MLP 53248; Gemma 3: a vocabulary of 262144): a hostile or mistyped config fails here, before anything
 # sized by it is built or allocated.
@@ -109,6 +110,8 @@ class ModelConfig:
     reprefill_past_original_context: bool = False
     # How attention is computed (a runtime choice, not part of the model): see `jaxlora.attention`.
     attention_impl: str = "auto"
+    # How a mixture's experts are computed (a runtime choice too): see `jaxlora.moe`.
+    moe_impl: str = "auto"
 
     def __post_init__(self):
         # Sizes first: everything after (and everything built from this config) is sized by them.
@@ -145,6 +148,7 @@ class ModelConfig:
             "rotary_style": ("half", "interleaved"),
             "residual": ("sequential", "parallel", "parallel_shared_norm"),
             "attention_impl": ATTENTION_IMPLS,
+            "moe_impl": MOE_IMPLS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -163,6 +167,10 @@ class ModelConfig:
         """This config with another attention implementation (see ATTENTION_IMPLS)."""
         return dataclasses.replace(self, attention_impl=impl)
 
+    def with_moe(self, impl: str) -> ModelConfig:
+        """This config with another mixture-of-experts implementation (see MOE_IMPLS)."""
+        return dataclasses.replace(self, moe_impl=impl)
+
     @property
     def rope_dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
@@ -176,9 +184,9 @@ class ModelConfig:
         return self.mlp_kind == "gated"
 
     def to_dict(self) -> dict[str, Any]:
-        """The model's description as saved with a checkpoint (the runtime attention choice is left out)."""
+        """The model's description as saved with a checkpoint (the runtime attention and MoE choices are left out)."""
         data = dataclasses.asdict(self)
-        del data["attention_impl"]
+        del data["attention_impl"], data["moe_impl"]
         return data
 
     @classmethod

@@ -65,8 +65,9 @@ def input_shapes(batch: int | None, seq_len: int | None) -> tuple[jax.ShapeDtype
 
 def _exportable(model: Model) -> tuple[dict, object]:
     """The params as host arrays (constants of the exported graph) and the config on the plain-ops attention core
-    (its masked softmax maps onto ONNX for any length; "auto" would compare symbolic lengths)."""
-    return jax.tree.map(to_host, model.params), model.config.with_attention("xla")
+    (its masked softmax maps onto ONNX for any length; "auto" would compare symbolic lengths) and dense experts
+    (plain einsums; sparse dispatch sorts and scans, with shapes that follow the symbolic token count)."""
+    return jax.tree.map(to_host, model.params), model.config.with_attention("xla").with_moe("dense")
 
 
 def forward_fn(model: Model):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxlora import moe
 from jaxlora.attention import attend
 from jaxlora.cache import KVCache, ring_slots, ring_write
 from jaxlora.config import LoraConfig, ModelConfig
@@ -255,8 +256,7 @@ class MLP(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     """Mixtral's sparse MLP: a router picks experts_per_token gated MLPs per token, weighted by a softmax over the
-    picked logits. Computed densely (every expert on every token, unpicked weights zero): XLA-friendly, and
-    num_experts / experts_per_token times the FLOPs of the sparse form."""
+    picked logits. The experts run as `config.moe_impl` says (`jaxlora.moe`: sparse dispatch by default)."""
 
     config: ModelConfig
 
@@ -264,19 +264,24 @@ class MixtureOfExperts(nn.Module):
     def __call__(self, x):
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.intermediate_size
-        router_logits = Linear(e, axes=("embed", "experts"), name="router")(x).astype(jnp.float32)  # [b, t, e]
-        top_logits, top_experts = jax.lax.top_k(router_logits, c.experts_per_token)
-        top_weights = jax.nn.softmax(top_logits, axis=-1)
-        weights = jnp.sum(jax.nn.one_hot(top_experts, e) * top_weights[..., None], axis=-2).astype(x.dtype)
+        router_logits = Linear(e, axes=("embed", "experts"), name="router")(x)  # [b, t, e]
+        weights, experts = moe.route(router_logits, c.experts_per_token)
         gate = self._experts("gate", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
         up = self._experts("up", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
         down = self._experts("down", ("experts", "mlp", "embed"), (e, f, d), x.dtype)
+        tokens = x.reshape(-1, d)
         with jax.named_scope("experts"):
-            hidden = ACTIVATIONS[c.activation](jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum(
-                "btd,edf->btef", x, up
+            out = moe.mixture(
+                tokens,
+                weights.reshape(tokens.shape[0], -1),
+                experts.reshape(tokens.shape[0], -1),
+                gate,
+                up,
+                down,
+                ACTIVATIONS[c.activation],
+                c.moe_impl,
             )
-            out = jnp.einsum("btef,efd->bted", hidden, down)
-        return jnp.einsum("bted,bte->btd", out, weights)
+        return out.reshape(x.shape)
 
     def _experts(self, name: str, axes: tuple[str, str, str], shape: tuple[int, int, int], dtype):
         """A stacked expert kernel [experts, in, out] in `dtype`; a quantized one is stored [experts, out, in]."""

@@ -2,7 +2,8 @@
 
 Params declare their logical axes where the decoder defines them (`model.logical_axes`); nothing else knows
 about the mesh. Megatron-style tensor parallelism splits attention heads and the MLP over `tensor`, FSDP splits
-the embedding dimension over `fsdp`, and batches split over `data`. An axis that does not divide evenly (9 query
+the embedding dimension over `fsdp`, a mixture's experts split over `expert` (expert parallelism), and batches
+split over `data`. An axis that does not divide evenly (9 query
 heads over 4 devices, as in SmolLM2) is replicated instead, with a logged note.
 """
 
@@ -23,7 +24,7 @@ from jaxlora.model import logical_axes, param_shapes
 
 log = logging.getLogger("jaxlora.sharding")
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (None: replicated)
 RULES: dict[str, str | None] = {
@@ -33,7 +34,7 @@ RULES: dict[str, str | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
-    "experts": None,
+    "experts": "expert",
     "head_dim": None,
     "norm": None,
     "positions": None,
@@ -70,7 +71,7 @@ def parse_mesh_spec(spec: str, device_count: int) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
-    """A mesh over `devices` (default: all, across processes) with axes data, fsdp, tensor."""
+    """A mesh over `devices` (default: all, across processes) with axes data, fsdp, expert, tensor."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices)) if isinstance(spec, str) else {**dict.fromkeys(MESH_AXES, 1), **spec}
     shape = tuple(sizes[a] for a in MESH_AXES)

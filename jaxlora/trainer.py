@@ -64,6 +64,7 @@ class RunOptions:
     mesh: str | None = None  # e.g. "data=2,tensor=4": base params sharded, adapters replicated, batch over data
     quantize: str | None = None  # "int8" / "int4[:GROUP]": quantize the frozen base on load (QLoRA)
     attention: str = "auto"  # attention implementation, see jaxlora.attention ("chunked" for long sequences)
+    moe: str = "auto"  # mixture-of-experts dispatch, see jaxlora.moe
     objective: str = "sft"  # or a preference objective on pairs: dpo, ipo, orpo, simpo (jaxlora.losses)
     beta: float = 0.1
     label_smoothing: float = 0.0  # dpo, simpo
@@ -151,7 +152,7 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     eval_examples = read(options.eval_data) if options.eval_data else None
 
     mesh = make_mesh(options.mesh) if options.mesh else None
-    model: Model = load(checkpoint, mesh=mesh, attention=options.attention, quantize=options.quantize)
+    model: Model = load(checkpoint, mesh=mesh, attention=options.attention, quantize=options.quantize, moe=options.moe)
     if options.full and formats_of(model.params):
         raise UsageError(
             "--full trains every weight, which needs a float checkpoint: quantized weights train only LoRA"

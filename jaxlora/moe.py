@@ -1,0 +1,144 @@
+"""Mixture-of-experts dispatch: a router picks `k` of `e` gated MLPs per token; four ways to compute them.
+
+All four take the same arrays and give the same numbers (up to the order of float additions):
+
+- `dense`: every expert on every token, unpicked weights zero. e / k times the FLOPs; XLA-friendly everywhere.
+- `gathered`: each token's picked experts' kernels gathered ([tokens, k, d, f]) and applied. Reads only the
+  picked weights: the fastest for a handful of tokens (decoding at a small batch) with many experts.
+- `blocked`: (token, expert) pairs sorted by expert, each expert's run padded to a multiple of a block, then one
+  `lax.scan` over blocks, each a plain matmul with its expert's kernels (empty trailing blocks skipped). Grouped
+  matmuls in pure JAX: what XLA:CPU runs fastest for prefill-sized batches.
+- `ragged`: the same sorted pairs through `jax.lax.ragged_dot` (grouped matmul kernels on TPU; on XLA:CPU it
+  runs many times slower than dense, measured in scripts/bench_moe.py).
+
+`auto` picks per platform and token count (static shapes, so per compiled program): `ragged` on TPU; elsewhere
+`gathered` when a call has at most half as many (token, expert) pairs as experts, else `blocked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.config import MOE_IMPLS
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing: (weights [..., k] float32, softmax over the picked logits; experts [..., k] int32)."""
+    top_logits, top_experts = jax.lax.top_k(router_logits.astype(jnp.float32), k)
+    return jax.nn.softmax(top_logits, axis=-1), top_experts
+
+
+def pick_impl(impl: str, pairs: int, num_experts: int) -> str:
+    """The implementation `auto` stands for, for a call with `pairs` (token, expert) pairs."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "tpu":
+        return "ragged"
+    return "gathered" if 2 * pairs <= num_experts else "blocked"
+
+
+def mixture(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    act: Activation,
+    impl: str = "auto",
+) -> jax.Array:
+    """sum_j weights[t, j] * down(act(x gate) * (x up)) of expert experts[t, j], for x [tokens, d].
+
+    gate, up: [e, d, f]; down: [e, f, d]; weights [tokens, k] (cast to x's dtype); experts [tokens, k].
+    """
+    tokens, k = experts.shape
+    impl = pick_impl(impl, tokens * k, gate.shape[0])
+    weights = weights.astype(x.dtype)
+    if impl == "dense":
+        return _dense(x, weights, experts, gate, up, down, act)
+    if impl == "gathered":
+        out = _gathered(x, experts, gate, up, down, act)
+    elif impl == "blocked":
+        out = _blocked(x, experts, gate, up, down, act)
+    elif impl == "ragged":
+        out = _ragged(x, experts, gate, up, down, act)
+    else:
+        raise ValueError(f"unknown mixture-of-experts implementation {impl!r}; choose one of {', '.join(MOE_IMPLS)}")
+    return jnp.einsum("tkd,tk->td", out, weights)
+
+
+def _dense(x, weights, experts, gate, up, down, act):
+    per_expert = jnp.sum(jax.nn.one_hot(experts, gate.shape[0], dtype=x.dtype) * weights[..., None], axis=-2)
+    hidden = act(jnp.einsum("td,edf->tef", x, gate)) * jnp.einsum("td,edf->tef", x, up)
+    return jnp.einsum("ted,te->td", jnp.einsum("tef,efd->ted", hidden, down), per_expert)
+
+
+def _gathered(x, experts, gate, up, down, act):
+    """[tokens, k, d]: each pair's expert applied to its token, with the picked kernels gathered."""
+    hidden = act(jnp.einsum("td,tkdf->tkf", x, gate[experts])) * jnp.einsum("td,tkdf->tkf", x, up[experts])
+    return jnp.einsum("tkf,tkfd->tkd", hidden, down[experts])
+
+
+class _Sorted:
+    """(token, expert) pairs sorted by expert: `order` [pairs] (pair index, i.e. token * k + j, in sorted order),
+    `sizes` [e] (pairs per expert) and the token of each sorted pair."""
+
+    def __init__(self, experts: jax.Array, num_experts: int):
+        flat = experts.reshape(-1)
+        self.k = experts.shape[1]
+        self.order = jnp.argsort(flat, stable=True)
+        self.expert = flat[self.order]
+        self.sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        self.token = self.order // self.k
+
+    def unsort(self, sorted_out: jax.Array) -> jax.Array:
+        """[pairs, d] in sorted order -> [tokens, k, d]."""
+        out = jnp.zeros_like(sorted_out).at[self.order].set(sorted_out, unique_indices=True)
+        return out.reshape(-1, self.k, out.shape[-1])
+
+
+def _block_size(pairs: int, num_experts: int) -> int:
+    """Rows per block: about a quarter of an expert's average run (padding wastes about half a block per expert),
+    a power of two in [8, 64] (measured on CPU: smaller blocks cost per-step overhead, larger ones padding)."""
+    target = max(pairs // (4 * num_experts), 1)
+    return min(64, max(8, 1 << (target.bit_length() - 1)))
+
+
+def _blocked(x, experts, gate, up, down, act):
+    num_experts = gate.shape[0]
+    pairs = experts.size
+    s = _Sorted(experts, num_experts)
+    block = _block_size(pairs, num_experts)
+    padded = -(-s.sizes // block) * block
+    padded_ends = jnp.cumsum(padded)
+    # Row of each sorted pair in the padded layout: its expert's padded start plus its rank within the expert.
+    rank = jnp.arange(pairs) - (jnp.cumsum(s.sizes) - s.sizes)[s.expert]
+    row = (padded_ends - padded)[s.expert] + rank
+    blocks = -(-(pairs + num_experts * (block - 1)) // block)  # the most any routing can need
+    rows = jnp.zeros((blocks * block, x.shape[-1]), x.dtype).at[row].set(x[s.token], unique_indices=True)
+    starts = jnp.arange(blocks) * block
+    block_expert = jnp.minimum(jnp.searchsorted(padded_ends, starts, side="right"), num_experts - 1)
+    used = starts < padded_ends[-1]
+
+    def one_block(_, inputs):
+        xb, e, is_used = inputs
+
+        def apply(xb):
+            return (act(xb @ gate[e]) * (xb @ up[e])) @ down[e]
+
+        return None, jax.lax.cond(is_used, apply, jnp.zeros_like, xb)
+
+    _, out = jax.lax.scan(one_block, None, (rows.reshape(blocks, block, -1), block_expert, used))
+    return s.unsort(out.reshape(blocks * block, -1)[row])
+
+
+def _ragged(x, experts, gate, up, down, act):
+    s = _Sorted(experts, gate.shape[0])
+    xs = x[s.token]
+    hidden = act(jax.lax.ragged_dot(xs, gate, s.sizes)) * jax.lax.ragged_dot(xs, up, s.sizes)
+    return s.unsort(jax.lax.ragged_dot(hidden, down, s.sizes))

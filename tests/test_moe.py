@@ -1,0 +1,144 @@
+"""Sparse mixture-of-experts dispatch (`jaxlora.moe`): every implementation equals the dense one, forward and
+backward; Mixtral through each equals transformers; decode and expert parallelism over fake devices."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import BASE, hf_model, random_ids, save_hf
+from test_sharding import run_worker
+
+import jaxlora
+from jaxlora import moe
+from jaxlora.errors import UsageError
+
+IMPLS = ("dense", "gathered", "blocked", "ragged")
+SPARSE = IMPLS[1:]
+
+# 16 experts, 4 per token, a hidden size no block or group divides.
+MANY_EXPERTS = dict(
+    model_type="mixtral",
+    **{**BASE, "intermediate_size": 24},
+    num_local_experts=16,
+    num_experts_per_tok=4,
+    router_jitter_noise=0.0,
+)
+
+
+def random_mixture(tokens: int, experts: int, k: int, d: int = 12, f: int = 20, seed: int = 0, skew: bool = False):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(tokens, d)).astype(np.float32)
+    logits = rng.normal(size=(tokens, experts)).astype(np.float32)
+    if skew:  # most tokens pick the same experts: one long run per expert and many empty experts
+        logits[:, :k] += 10.0
+    gate, up = (rng.normal(size=(experts, d, f)).astype(np.float32) * 0.3 for _ in range(2))
+    down = rng.normal(size=(experts, f, d)).astype(np.float32) * 0.3
+    weights, picked = moe.route(jnp.asarray(logits), k)
+    return jnp.asarray(x), weights, picked, jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down)
+
+
+def reference(x, weights, picked, gate, up, down):
+    """Token by token in numpy: the definition."""
+    x, weights, picked, gate, up, down = map(np.asarray, (x, weights, picked, gate, up, down))
+    out = np.zeros_like(x)
+    for t in range(len(x)):
+        for w, e in zip(weights[t], picked[t], strict=True):
+            h = x[t] @ gate[e]
+            out[t] += w * (((h / (1 + np.exp(-h))) * (x[t] @ up[e])) @ down[e])
+    return out
+
+
+# Token counts on both sides of `auto`'s switch and of the block sizes (8 ... 64), empty experts and long runs.
+CASES = [
+    (1, 8, 2, False),
+    (3, 16, 4, False),
+    (40, 4, 2, False),
+    (300, 8, 2, False),
+    (257, 16, 4, True),
+    (64, 64, 8, False),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("tokens", "experts", "k", "skew"), CASES)
+def test_each_dispatch_equals_the_definition(impl, tokens, experts, k, skew):
+    args = random_mixture(tokens, experts, k, seed=tokens, skew=skew)
+    got = jax.jit(moe.mixture, static_argnames=("act", "impl"))(*args, act=jax.nn.silu, impl=impl)
+    np.testing.assert_allclose(np.asarray(got), reference(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", SPARSE)
+def test_gradients_equal_the_dense_ones(impl):
+    """Training through sparse dispatch: gradients for the tokens, the routing weights and every expert kernel."""
+    x, weights, picked, gate, up, down = random_mixture(50, 8, 2, seed=7)
+    target = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+
+    def loss(x, weights, gate, up, down, impl):
+        return jnp.sum((moe.mixture(x, weights, picked, gate, up, down, jax.nn.silu, impl) - target) ** 2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
+    for want, got in zip(
+        grads(x, weights, gate, up, down, "dense"), grads(x, weights, gate, up, down, impl), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        assert np.abs(np.asarray(want)).max() > 0
+
+
+def test_auto_reads_only_picked_experts_for_a_few_tokens_and_groups_the_rest():
+    assert jax.default_backend() == "cpu"
+    assert moe.pick_impl("auto", pairs=2, num_experts=8) == "gathered"  # decoding one token
+    assert moe.pick_impl("auto", pairs=16, num_experts=8) == "blocked"  # decoding eight
+    assert moe.pick_impl("auto", pairs=4 * 512, num_experts=16) == "blocked"  # prefill
+    assert moe.pick_impl("ragged", pairs=2, num_experts=8) == "ragged"  # a choice is kept
+
+
+@pytest.fixture(scope="module")
+def many_experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe16")
+    torch_model = hf_model(MANY_EXPERTS, seed=5)
+    jaxlora.convert(str(save_hf(torch_model, root / "hf")), root / "jax")
+    return torch_model, root / "jax"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sixteen_experts_match_transformers_through_each_dispatch(many_experts, impl):
+    torch_model, path = many_experts
+    model = jaxlora.load(path, moe=impl)
+    ids = random_ids((2, 11), model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        want = torch_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        tokens = torch_model.generate(
+            torch.tensor(ids, dtype=torch.long), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[:, ids.shape[1] :].numpy()
+    np.testing.assert_allclose(np.asarray(jaxlora.forward(model.params, model.config, ids)), want, atol=1e-4)
+    # Decoding: prefill of 22 (token, expert) pairs per row, then steps of 2 x 4 pairs (gathered under auto).
+    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=16)
+    np.testing.assert_array_equal(out.tokens, tokens)
+
+
+def test_a_bad_dispatch_name_is_refused(many_experts):
+    with pytest.raises(UsageError, match="mixture-of-experts implementation"):
+        jaxlora.load(many_experts[1], moe="sparse")
+
+
+def test_expert_parallelism_on_eight_devices_equals_one(many_experts):
+    """Experts split over the `expert` mesh axis (alone and with data/tensor): logits, greedy tokens and the
+    gradients of a full fine-tuning loss equal one device's, through dense and sparse dispatch."""
+    _, path = many_experts
+    proc = run_worker(["experts", path], devices=8)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert set(report) == {"expert=8", "data=2,expert=4", "expert=2,tensor=4"}
+    for spec, by_impl in report.items():
+        for impl, result in by_impl.items():
+            assert result["max_logit_diff"] <= 1e-5, (spec, impl, result)
+            assert result["max_grad_diff"] <= 1e-5, (spec, impl, result)
+            assert result["tokens_equal"], (spec, impl)
+    assert report["expert=8"]["blocked"]["gate_spec"] == "P('expert', None, None)"
+    assert report["expert=2,tensor=4"]["blocked"]["gate_spec"] == "P('expert', None, 'tensor')"
