@@ -496,9 +496,9 @@ MUTANTS = [
     ),
     m(
         "Mixtral router weights: sigmoid instead of softmax over the picked experts",
-        "model.py",
-        "top_weights = jax.nn.softmax(top_logits, axis=-1)",
-        "top_weights = jax.nn.sigmoid(top_logits)",
+        "moe.py",
+        "return jax.nn.softmax(top_logits, axis=-1), top_experts",
+        "return jax.nn.sigmoid(top_logits), top_experts",
         PARITY,
         "-k",
         "logits_match_transformers and mixtral",
@@ -537,6 +537,34 @@ MUTANTS = [
         "tests/test_quant.py",
         "-k",
         "half_a_step",
+    ),
+    # Mixture-of-experts dispatch.
+    m(
+        "blocked experts: a block's expert read one block late (searchsorted side left)",
+        "moe.py",
+        'jnp.searchsorted(padded_ends, starts, side="right")',
+        'jnp.searchsorted(padded_ends, starts, side="left")',
+        "tests/test_moe.py",
+        "-k",
+        "definition",
+    ),
+    m(
+        "blocked experts: the last used block is skipped",
+        "moe.py",
+        "used = starts < padded_ends[-1]",
+        "used = starts + block < padded_ends[-1]",
+        "tests/test_moe.py",
+        "-k",
+        "definition",
+    ),
+    m(
+        "gathered experts: every pair takes its token's first expert",
+        "moe.py",
+        'jnp.einsum("tkf,tkfd->tkd", hidden, down[experts])',
+        'jnp.einsum("tkf,tkfd->tkd", hidden, down[experts[:, :1]].repeat(experts.shape[1], 1))',
+        "tests/test_moe.py",
+        "-k",
+        "definition",
     ),
     # The sandbox.
     Mutant(
