@@ -288,7 +288,7 @@ def _add_impl_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=MOE_IMPLS,
         help="mixture-of-experts dispatch: dense (every expert on every token), gathered, blocked (sorted grouped "
-        "matmuls), ragged (lax.ragged_dot); auto picks per platform and token count",
+        "matmuls), ragged (lax.ragged_dot); auto: ragged on TPU, blocked elsewhere",
     )
 
 

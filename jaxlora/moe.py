@@ -3,16 +3,16 @@
 All four take the same arrays and give the same numbers (up to the order of float additions):
 
 - `dense`: every expert on every token, unpicked weights zero. e / k times the FLOPs; XLA-friendly everywhere.
-- `gathered`: each token's picked experts' kernels gathered ([tokens, k, d, f]) and applied. Reads only the
-  picked weights: the fastest for a handful of tokens (decoding at a small batch) with many experts.
+- `gathered`: each token's picked experts' kernels gathered ([tokens, k, d, f]) and applied. Computes only the
+  picked experts, but the gather copies their kernels on every call.
 - `blocked`: (token, expert) pairs sorted by expert, each expert's run padded to a multiple of a block, then one
-  `lax.scan` over blocks, each a plain matmul with its expert's kernels (empty trailing blocks skipped). Grouped
-  matmuls in pure JAX: what XLA:CPU runs fastest for prefill-sized batches.
-- `ragged`: the same sorted pairs through `jax.lax.ragged_dot` (grouped matmul kernels on TPU; on XLA:CPU it
-  runs many times slower than dense, measured in scripts/bench_moe.py).
+  `lax.scan` over blocks, each a plain matmul with its expert's kernels (empty trailing blocks skipped, so only
+  the picked experts' kernels are read). Grouped matmuls in pure JAX.
+- `ragged`: the same sorted pairs through `jax.lax.ragged_dot` (grouped matmul kernels on TPU).
 
-`auto` picks per platform and token count (static shapes, so per compiled program): `ragged` on TPU; elsewhere
-`gathered` when a call has at most half as many (token, expert) pairs as experts, else `blocked`.
+`auto` is `ragged` on TPU and `blocked` elsewhere. Measured on a 2-core CPU (scripts/bench_moe.py), blocked is
+the fastest at prefill and at decode batch 1 and 8 alike, 2.5-7x dense; gathered beats dense only at decode;
+ragged_dot runs slower than dense on XLA:CPU. GPU is not measured (blocked until it is).
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.nn.softmax(top_logits, axis=-1), top_experts
 
 
-def pick_impl(impl: str, pairs: int, num_experts: int) -> str:
-    """The implementation `auto` stands for, for a call with `pairs` (token, expert) pairs."""
+def pick_impl(impl: str) -> str:
+    """The implementation `auto` stands for on this platform."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "tpu":
-        return "ragged"
-    return "gathered" if 2 * pairs <= num_experts else "blocked"
+    return "ragged" if jax.default_backend() == "tpu" else "blocked"
 
 
 def mixture(
@@ -56,8 +54,7 @@ def mixture(
 
     gate, up: [e, d, f]; down: [e, f, d]; weights [tokens, k] (cast to x's dtype); experts [tokens, k].
     """
-    tokens, k = experts.shape
-    impl = pick_impl(impl, tokens * k, gate.shape[0])
+    impl = pick_impl(impl)
     weights = weights.astype(x.dtype)
     if impl == "dense":
         return _dense(x, weights, experts, gate, up, down, act)
