@@ -39,7 +39,7 @@ COMMON = dict(
     max_position_embeddings=2048,
     router_jitter_noise=0.0,
 )
-IMPLS = ("dense", "gathered", "blocked", "ragged", "auto")
+IMPLS = ("dense", "gathered", "blocked", "ragged", "auto")  # auto: blocked off TPU
 PROMPT = 16
 
 
