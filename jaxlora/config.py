@@ -105,6 +105,11 @@ class ModelConfig:
     rope_local: RopeConfig | None = None  # Gemma 3: the RoPE of the sliding-window layers
     num_experts: int = 0  # Mixtral: a mixture of this many gated MLPs per layer (0: one dense MLP)
     experts_per_token: int = 0
+    expert_intermediate_size: int = 0  # each expert's MLP width (0: intermediate_size)
+    # The picked experts' router probabilities renormalized to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob).
+    normalize_expert_weights: bool = True
+    shared_expert_size: int = 0  # Qwen2-MoE: a gated MLP of this width on every token, times a sigmoid gate
+    dense_layers: tuple[int, ...] = ()  # layers of a mixture model with a dense MLP (of intermediate_size)
     # Phi-3 with LongRoPE: once a generated sequence reaches past the original context, transformers drops the KV
     # cache and runs the whole sequence again, so every key takes the long factors (generation does the same).
     reprefill_past_original_context: bool = False
@@ -179,6 +184,21 @@ class ModelConfig:
     def moe(self) -> bool:
         return self.num_experts > 0
 
+    def moe_layer(self, index: int) -> bool:
+        """Whether layer `index` runs a mixture of experts (else a dense MLP)."""
+        return self.moe and index not in self.dense_layers
+
+    def dense_layer(self, index: int) -> bool:
+        return not self.moe_layer(index)
+
+    def shared_layer(self, index: int) -> bool:
+        """Whether layer `index` has a shared expert beside its mixture."""
+        return self.moe_layer(index) and self.shared_expert_size > 0
+
+    @property
+    def expert_size(self) -> int:
+        return self.expert_intermediate_size or self.intermediate_size
+
     @property
     def gated_mlp(self) -> bool:
         return self.mlp_kind == "gated"
@@ -200,6 +220,7 @@ class ModelConfig:
         if data.get("rope_local") is not None:
             data["rope_local"] = RopeConfig(**data["rope_local"])
         data["layer_windows"] = tuple(data.get("layer_windows", ()))
+        data["dense_layers"] = tuple(data.get("dense_layers", ()))
         return cls(**data)
 
     @property

@@ -239,33 +239,36 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
+    width: int | None = None  # the hidden width (None: intermediate_size; a shared expert's is its own)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         act = ACTIVATIONS[c.activation]
-        up = Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="up_proj", lora=self.lora)(x)
+        width = self.width or c.intermediate_size
+        up = Linear(width, c.mlp_bias, ("embed", "mlp"), name="up_proj", lora=self.lora)(x)
         if c.gated_mlp:
-            up = (
-                act(Linear(c.intermediate_size, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora=self.lora)(x)) * up
-            )
+            up = act(Linear(width, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora=self.lora)(x)) * up
         else:
             up = act(up)
         return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj", lora=self.lora)(up)
 
 
 class MixtureOfExperts(nn.Module):
-    """Mixtral's sparse MLP: a router picks experts_per_token gated MLPs per token, weighted by a softmax over the
-    picked logits. The experts run as `config.moe_impl` says (`jaxlora.moe`: sparse dispatch by default)."""
+    """A sparse MLP (Mixtral, Qwen-MoE): a router picks experts_per_token gated MLPs per token, weighted by their
+    router probabilities (renormalized over the picked ones where the family does), plus a shared expert times
+    a sigmoid gate where the family has one (Qwen2-MoE). The experts run as `config.moe_impl` says
+    (`jaxlora.moe`: sparse dispatch by default)."""
 
     config: ModelConfig
+    lora: LoraConfig | None = None  # for the shared expert's Linear layers
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        e, d, f = c.num_experts, c.hidden_size, c.intermediate_size
+        e, d, f = c.num_experts, c.hidden_size, c.expert_size
         router_logits = Linear(e, axes=("embed", "experts"), name="router")(x)  # [b, t, e]
-        weights, experts = moe.route(router_logits, c.experts_per_token)
+        weights, experts = moe.route(router_logits, c.experts_per_token, c.normalize_expert_weights)
         gate = self._experts("gate", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
         up = self._experts("up", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
         down = self._experts("down", ("experts", "mlp", "embed"), (e, f, d), x.dtype)
@@ -281,7 +284,11 @@ class MixtureOfExperts(nn.Module):
                 ACTIVATIONS[c.activation],
                 c.moe_impl,
             )
-        return out.reshape(x.shape)
+        out = out.reshape(x.shape)
+        if c.shared_expert_size:
+            shared = MLP(c, self.lora, c.shared_expert_size, name="shared")(x)
+            out = out + jax.nn.sigmoid(Linear(1, axes=("embed", None), name="shared_gate")(x)) * shared
+        return out
 
     def _experts(self, name: str, axes: tuple[str, str, str], shape: tuple[int, int, int], dtype):
         """A stacked expert kernel [experts, in, out] in `dtype`; a quantized one is stored [experts, out, in]."""
@@ -307,7 +314,7 @@ class Block(nn.Module):
         normed = make_norm(c, "attn_norm")(x)
         attention = Attention(c, self.window, self.lora, self.index, self.sites, name="attn")
         attn_out, new_kv = attention(normed, inputs, cache_kv)
-        mlp = MixtureOfExperts(c, name="moe") if c.moe else MLP(c, self.lora, name="mlp")
+        mlp = MixtureOfExperts(c, self.lora, name="moe") if c.moe_layer(self.index) else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:
             x = x + site("hook_attn_out", make_norm(c, "post_attn_norm")(attn_out))
             x = x + site("hook_mlp_out", make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))))

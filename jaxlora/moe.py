@@ -27,10 +27,15 @@ from jaxlora.config import MOE_IMPLS
 Activation = Callable[[jax.Array], jax.Array]
 
 
-def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Top-k routing: (weights [..., k] float32, softmax over the picked logits; experts [..., k] int32)."""
-    top_logits, top_experts = jax.lax.top_k(router_logits.astype(jnp.float32), k)
-    return jax.nn.softmax(top_logits, axis=-1), top_experts
+def route(router_logits: jax.Array, k: int, normalize: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing: (weights [..., k] float32, experts [..., k] int32). The weights are the picked experts'
+    softmax probabilities over all experts, renormalized to sum to 1 with `normalize` (Mixtral; Qwen-MoE's
+    norm_topk_prob), which is the softmax over the picked logits."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    top_probs, top_experts = jax.lax.top_k(probs, k)
+    if normalize:
+        top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    return top_probs, top_experts
 
 
 def pick_impl(impl: str) -> str:

@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.families import family_for
-from jaxlora.families.table import TRANSPOSE, Split
+from jaxlora.families.table import TRANSPOSE, Split, layers_of
 from jaxlora.lora import Adapters, target_paths
 from jaxlora.model import get_path, linear_kernels, set_path
 from jaxlora.staging import staged
@@ -50,14 +50,12 @@ def hf_modules(config: ModelConfig) -> dict[tuple[str, ...], HFModule]:
     for rule in family.weights:
         if not rule.hf_name.endswith(".weight") or "{e}" in rule.hf_name or not rule.param_path.endswith("/kernel"):
             continue
-        if rule.when is not None and not getattr(config, rule.when):
-            continue
         split = rule.transform if isinstance(rule.transform, Split) else None
         # A Conv1D family's lone nn.Linear (GPT-2's untied head) would need the opposite fan_in_fan_out.
         whole = rule.transform == (None if family.conv1d_weights else TRANSPOSE)
         if split is None and not whole:
             continue
-        for i in range(config.num_layers) if "{i}" in rule.hf_name else [None]:
+        for i in layers_of(rule, config):
             path = tuple(rule.param_path.format(i=i).split("/")[:-1])
             modules[path] = HFModule(rule.hf_name.format(i=i).removesuffix(".weight"), split)
     return modules

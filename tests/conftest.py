@@ -146,6 +146,27 @@ TINY_CONFIGS = {
     "mixtral": dict(
         model_type="mixtral", **{**BASE, "intermediate_size": 72}, num_local_experts=4, num_experts_per_tok=2
     ),
+    # Qwen2-MoE: a shared expert, picked probabilities not renormalized, layer 1 dense (mlp_only_layers).
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        **BASE,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+    ),
+    # Qwen3-MoE: q/k norms, renormalized picks, a mixture only in layer 1 (decoder_sparse_step 2).
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        **BASE,
+        head_dim=12,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
     "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
     "codegen": dict(

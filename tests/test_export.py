@@ -27,6 +27,8 @@ HF_FAMILIES = [
     "gpt_neox",
     "phi3",
     "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 ]
 
 

@@ -38,7 +38,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_trained_ones_do_not(tiny):
     assert np.abs(trained - base).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "gemma2", "gpt_neox", "qwen2_moe"])
 def test_merged_equals_unmerged(tiny, name):
     model = tiny(name).load()
     targets = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -157,6 +157,25 @@ def test_adapters_on_fused_projections_export_to_peft_and_back(tiny, tmp_path, n
     back = import_peft(tmp_path / "adapter", model.config)
     again = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=back))
     np.testing.assert_allclose(again, ours, rtol=0, atol=1e-5)
+
+
+def test_adapters_on_a_mixture_with_shared_experts_export_to_peft(tiny, tmp_path):
+    """Qwen2-MoE: the MLP targets adapt the dense layer's MLP and each mixture layer's shared expert (the routed
+    experts are not Linear modules in transformers, so PEFT cannot adapt them either); PEFT gives our logits."""
+    from peft import PeftModel
+
+    m = tiny("qwen2_moe")
+    model = m.load()
+    targets = ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    adapters = nonzero(lora.init(model.config, jax.random.key(6), rank=4, alpha=8, targets=targets))
+    adapted = {"/".join(path) for path in lora.target_paths(model.config, targets)}
+    assert {"layers_0/moe/shared/gate_proj", "layers_1/mlp/gate_proj", "layers_2/moe/shared/down_proj"} <= adapted
+    export_peft(adapters, model.config, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(m.torch_model), str(tmp_path / "adapter")).eval()
+    ids = random_ids((2, 13), model.config.vocab_size, seed=6)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    assert np.abs(ours - np.asarray(jaxlora.forward(model.params, model.config, ids))).max() > 1e-2
+    np.testing.assert_allclose(ours, hf_logits(peft_model, ids), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -246,8 +246,10 @@ BF16_TOLERANCE = {
     "phi3-longrope": 0.085,  # [0.043]
     "phi3-window": 0.1,  # [0.049]
     "qwen2": 0.015,  # [0.007]
+    "qwen2_moe": 0.04,  # [0.020]
     "qwen2-window": 0.05,  # [0.024]
     "qwen3": 0.03,  # [0.016]
+    "qwen3_moe": 0.035,  # [0.018]
 }
 
 
@@ -342,3 +344,24 @@ def test_mixtral_original_per_expert_layout(tmp_path):
     ids = random_ids((2, 11), model.config.vocab_size, seed=9)
     out = np.asarray(jit_forward(model.params, model.config, ids))
     np.testing.assert_allclose(out, torch_logits(torch_model, ids), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe"])
+def test_qwen_moe_fused_expert_layout(tiny, tmp_path, name):
+    """save_pretrained writes Qwen-MoE experts one Linear each (the hub's layout, which the tiny models use);
+    transformers 5 holds them fused (experts.gate_up_proj / down_proj), as a state dict saved as is has them."""
+    from safetensors.torch import save_file
+
+    m = tiny(name)
+    state = {k: v.contiguous() for k, v in m.torch_model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    src = tmp_path / "src"
+    src.mkdir()
+    m.torch_model.config.save_pretrained(src)
+    save_file(state, src / "model.safetensors")
+    jaxlora.convert(str(src), tmp_path / "jax")
+    model = jaxlora.load(tmp_path / "jax")
+    ids = random_ids((2, 11), model.config.vocab_size, seed=9)
+    np.testing.assert_allclose(
+        jit_forward(model.params, model.config, ids), torch_logits(m.torch_model, ids), atol=ATOL
+    )

@@ -35,7 +35,18 @@ def without_positions(params, config):
 
 
 # Greedy runs for one model of each block shape (generation compiles twice per model); every model's predictions.
-GREEDY_CHECKED = {"llama-gqa", "gemma", "qwen2", "phi3-longrope", "mixtral", "gpt2", "gptj", "codegen", "gpt_neox"}
+GREEDY_CHECKED = {
+    "llama-gqa",
+    "gemma",
+    "qwen2",
+    "phi3-longrope",
+    "mixtral",
+    "qwen3_moe",
+    "gpt2",
+    "gptj",
+    "codegen",
+    "gpt_neox",
+}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

@@ -13,14 +13,15 @@ import numpy as np
 
 from jaxlora.config import SIZE_LIMITS, ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3
-from jaxlora.families.table import Family, TensorPlan, WeightRule, apply_transform
+from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3, qwen_moe
+from jaxlora.families.table import Family, TensorPlan, WeightRule, apply_transform, layers_of
 
 _FAMILIES = (
     llama.FAMILY,
     gemma2.FAMILY,
     phi3.FAMILY,
     mixtral.FAMILY,
+    qwen_moe.FAMILY,
     gpt2.FAMILY,
     gptj.FAMILY,
     codegen.FAMILY,
@@ -81,9 +82,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 def _plan(config: ModelConfig, rules: tuple[WeightRule, ...]) -> list[TensorPlan]:
     plan = []
     for rule in rules:
-        if rule.when is not None and not getattr(config, rule.when):
-            continue
-        for i in range(config.num_layers) if "{i}" in rule.hf_name else [None]:
+        for i in layers_of(rule, config):
             path = tuple(rule.param_path.format(i=i).split("/"))
             if "{e}" in rule.hf_name:
                 names = tuple(rule.hf_name.format(i=i, e=e) for e in range(config.num_experts))

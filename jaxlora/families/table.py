@@ -38,7 +38,8 @@ class WeightRule:
 
     transform: None copies as is; TRANSPOSE turns a torch Linear weight [out, in] into a kernel [in, out] (on the
     trailing two axes); a `Split` takes one part of a fused tensor.
-    when: name of a boolean ModelConfig attribute; the rule applies only when it is true.
+    when: name of a boolean ModelConfig attribute, or of a ModelConfig method of the layer index (`moe_layer`,
+    `dense_layer`, ...); the rule applies only (in the layers) where it is true.
     """
 
     hf_name: str
@@ -75,6 +76,21 @@ class TensorPlan:
     param_path: tuple[str, ...]
     transform: Transform
     stacked: bool = False
+
+
+def applies(rule: WeightRule, config: ModelConfig, layer: int | None) -> bool:
+    """Whether `rule` fills a param of `config` (in layer `layer`, for a per-layer rule)."""
+    if rule.when is None:
+        return True
+    condition = getattr(config, rule.when)
+    return bool(condition(layer) if callable(condition) else condition)
+
+
+def layers_of(rule: WeightRule, config: ModelConfig) -> list[int | None]:
+    """The layer indices a rule fills a param in ([None] for a rule outside the layers)."""
+    if "{i}" not in rule.hf_name:
+        return [None] if applies(rule, config, None) else []
+    return [i for i in range(config.num_layers) if applies(rule, config, i)]
 
 
 def apply_transform(transform: Transform, array: np.ndarray, config: ModelConfig) -> np.ndarray:
