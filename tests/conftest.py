@@ -181,8 +181,19 @@ TINY_CONFIGS = {
 class TinyModel:
     name: str
     hf_dir: Path
-    torch_model: torch.nn.Module
+    shared_torch_model: torch.nn.Module
     jax_dir: Path
+
+    @property
+    def torch_model(self) -> torch.nn.Module:
+        """The transformers model, its dynamic NTK RoPE reset: transformers keeps the frequencies of the longest
+        sequence the object has seen (until a call shorter than the original context), so without the reset its
+        results would depend on the tests that ran before on this worker."""
+        for module in self.shared_torch_model.modules():
+            if getattr(module, "rope_type", None) == "dynamic":
+                module.register_buffer("inv_freq", module.original_inv_freq.clone(), persistent=False)
+                module.max_seq_len_cached = module.original_max_seq_len
+        return self.shared_torch_model
 
     def load(self):
         return jaxlora.load(self.jax_dir)

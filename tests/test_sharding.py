@@ -180,7 +180,8 @@ def test_bad_mesh_specs_are_one_line_errors():
     ):
         with pytest.raises(UsageError, match=message):
             parse_mesh_spec(spec, 8)
-    assert parse_mesh_spec("data=2,tensor=-1", 8) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert parse_mesh_spec("data=2,tensor=-1", 8) == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4}
+    assert parse_mesh_spec("expert=-1", 8) == {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}
 
 
 @pytest.mark.real
@@ -219,4 +220,4 @@ def test_cli_distributed_generates_like_one_process(tiny_with_tokenizer):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     # stdout carries the text alone: gloo's C++ log lines ("[Gloo] Rank 0 is connected ...") go to stderr.
     assert outputs[0][0] == alone.stdout and outputs[1][0] == ""
-    assert "onto mesh {'data': 1, 'fsdp': 1, 'tensor': 8}" in outputs[0][1]
+    assert "onto mesh {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 8}" in outputs[0][1]
