@@ -102,6 +102,13 @@ class ModelConfig:
     attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     sandwich_norm: bool = False  # Gemma 2/3: norms before and after each sublayer
+    pre_norm: bool = True  # False: no norm before the sublayers (OLMo 2: sandwich_norm's "after" norms only)
+    norm_scale_in_float32: bool = False  # OLMo 2: RMSNorm multiplies by its weight in float32, then casts
+    qk_norm_span: str = "head"  # "head": q/k norms over head_dim (Qwen3, Gemma 3); "all": over all heads (OLMo 2)
+    no_rope_layers: tuple[int, ...] = ()  # SmolLM3: layers whose attention has no RoPE
+    embedding_multiplier: float | None = None  # Granite: embeddings times this
+    residual_multiplier: float = 1.0  # Granite: each sublayer's output times this before it joins the residual
+    logits_divisor: float = 1.0  # Granite's logits_scaling: logits divided by this
     rope_local: RopeConfig | None = None  # Gemma 3: the RoPE of the sliding-window layers
     num_experts: int = 0  # Mixtral: a mixture of this many gated MLPs per layer (0: one dense MLP)
     experts_per_token: int = 0
@@ -152,6 +159,7 @@ class ModelConfig:
             "activation": ("silu", "gelu", "gelu_tanh"),
             "rotary_style": ("half", "interleaved"),
             "residual": ("sequential", "parallel", "parallel_shared_norm"),
+            "qk_norm_span": ("head", "all"),
             "attention_impl": ATTENTION_IMPLS,
             "moe_impl": MOE_IMPLS,
         }
@@ -221,6 +229,7 @@ class ModelConfig:
             data["rope_local"] = RopeConfig(**data["rope_local"])
         data["layer_windows"] = tuple(data.get("layer_windows", ()))
         data["dense_layers"] = tuple(data.get("dense_layers", ()))
+        data["no_rope_layers"] = tuple(data.get("no_rope_layers", ()))
         return cls(**data)
 
     @property

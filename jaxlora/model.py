@@ -122,6 +122,7 @@ class Norm(nn.Module):
     kind: str = "rms"
     weight_offset: float = 0.0
     axis: str = "norm"
+    scale_in_float32: bool = False  # multiply by the weight before casting back (OLMo 2; Gemma's offset does too)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -133,13 +134,15 @@ class Norm(nn.Module):
             normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
             return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.weight_offset:
+        if self.weight_offset or self.scale_in_float32:
             return (normed * (self.weight_offset + scale.astype(jnp.float32))).astype(x.dtype)
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def make_norm(config: ModelConfig, name: str | None = None) -> Norm:
-    return Norm(config.norm_eps, config.norm_kind, config.norm_weight_offset, name=name)
+def make_norm(config: ModelConfig, name: str | None = None, axis: str = "norm") -> Norm:
+    return Norm(
+        config.norm_eps, config.norm_kind, config.norm_weight_offset, axis, config.norm_scale_in_float32, name=name
+    )
 
 
 class AttentionInputs(NamedTuple):
@@ -169,16 +172,19 @@ class Attention(nn.Module):
         q = Linear(c.num_heads * c.head_dim, c.qkv_bias, ("embed", "heads"), name="q_proj", lora=self.lora)(x)
         k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="k_proj", lora=self.lora)(x)
         v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, ("embed", "kv_heads"), name="v_proj", lora=self.lora)(x)
+        if c.qk_norm and c.qk_norm_span == "all":  # over the whole projection, every head at once
+            q = make_norm(c, "q_norm", "heads")(q)
+            k = make_norm(c, "k_norm", "kv_heads")(k)
         q = q.reshape(b, t, c.num_heads, c.head_dim)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
+        if c.qk_norm and c.qk_norm_span == "head":
             q = Norm(c.norm_eps, "rms", c.norm_weight_offset, "head_dim", name="q_norm")(q)
             k = Norm(c.norm_eps, "rms", c.norm_weight_offset, "head_dim", name="k_norm")(k)
         q, k, v = (
             at_site(self, self.sites, here + name, a) for name, a in (("hook_q", q), ("hook_k", k), ("hook_v", v))
         )
-        if not c.learned_positions:
+        if not c.learned_positions and self.index not in c.no_rope_layers:
             q = apply_rope(q, cos, sin, c.rotary_style)
             k = apply_rope(k, cos, sin, c.rotary_style)
         on_pattern = None
@@ -310,17 +316,25 @@ class Block(nn.Module):
         def site(name, value):
             return at_site(self, self.sites, here + name, value)
 
+        def pre_norm(name, x):
+            return make_norm(c, name)(x) if c.pre_norm else x
+
+        def scaled(out):  # Granite: a sublayer's output times residual_multiplier (in float32, as torch rounds it)
+            if c.residual_multiplier == 1.0:
+                return out
+            return (out.astype(jnp.float32) * c.residual_multiplier).astype(out.dtype)
+
         x = site("hook_resid_pre", x)
-        normed = make_norm(c, "attn_norm")(x)
+        normed = pre_norm("attn_norm", x)
         attention = Attention(c, self.window, self.lora, self.index, self.sites, name="attn")
         attn_out, new_kv = attention(normed, inputs, cache_kv)
         mlp = MixtureOfExperts(c, self.lora, name="moe") if c.moe_layer(self.index) else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:
             x = x + site("hook_attn_out", make_norm(c, "post_attn_norm")(attn_out))
-            x = x + site("hook_mlp_out", make_norm(c, "post_mlp_norm")(mlp(make_norm(c, "mlp_norm")(x))))
+            x = x + site("hook_mlp_out", make_norm(c, "post_mlp_norm")(mlp(pre_norm("mlp_norm", x))))
         elif c.residual == "sequential":
-            x = x + site("hook_attn_out", attn_out)
-            x = x + site("hook_mlp_out", mlp(make_norm(c, "mlp_norm")(x)))
+            x = x + site("hook_attn_out", scaled(attn_out))
+            x = x + site("hook_mlp_out", scaled(mlp(pre_norm("mlp_norm", x))))
         else:
             # Parallel: attention and MLP both read the block's input (GPT-J/CodeGen through the same norm).
             mlp_in = normed if c.residual == "parallel_shared_norm" else make_norm(c, "mlp_norm")(x)
@@ -334,6 +348,8 @@ def embedding_rows(embedding: jax.Array | dict, config: ModelConfig, input_ids) 
     x = take_rows(embedding, input_ids) if is_quantized(embedding) else jnp.take(embedding, input_ids, axis=0)
     if config.embed_scale:
         x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
+    if config.embedding_multiplier is not None:  # in float32, rounded once, as torch multiplies by a Python float
+        x = (x.astype(jnp.float32) * config.embedding_multiplier).astype(x.dtype)
     return x
 
 
@@ -411,6 +427,8 @@ class Decoder(nn.Module):
             logits = jnp.dot(x, embedding.T.astype(x.dtype))
         else:
             logits = self.lm_head(x)
+        if c.logits_divisor != 1.0:
+            logits = logits.astype(jnp.float32) / c.logits_divisor
         if c.final_softcap is not None:
             logits = c.final_softcap * jnp.tanh(logits.astype(jnp.float32) / c.final_softcap)
         return logits.astype(jnp.float32), new_cache

@@ -73,6 +73,8 @@ def _next_token_nll(params, config, batch, weights, lora, remat, dtype, key, gro
         nll = -next_token_logprobs(logits, ids) * weights
         return nll.sum() if groups is None else jax.ops.segment_sum(nll.reshape(-1), groups.reshape(-1), num_groups)
     hidden, _, _ = run_decoder(params, config, ids, positions, mask, project=False, **options)
+    if config.logits_divisor != 1.0:  # Granite: (h @ W) / s computed as (h / s) @ W (its head has no bias)
+        hidden = (hidden.astype(jnp.float32) / config.logits_divisor).astype(hidden.dtype)
     tied = config.tie_word_embeddings
     head = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
     bias = None if tied else params["lm_head"].get("bias")

@@ -167,6 +167,21 @@ TINY_CONFIGS = {
         norm_topk_prob=True,
         decoder_sparse_step=2,
     ),
+    # OLMo 2: norms after the sublayers only, q/k norms over all heads.
+    "olmo2": dict(model_type="olmo2", **BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # SmolLM3: no RoPE in every second layer here (every fourth by default).
+    "smollm3": dict(
+        model_type="smollm3", **BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layer_interval=2
+    ),
+    # Granite: every multiplier away from 1 (attention's from 1 / sqrt(head_dim)).
+    "granite": dict(
+        model_type="granite",
+        **BASE,
+        embedding_multiplier=6.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.5,
+        logits_scaling=4.0,
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
     "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
     "codegen": dict(

@@ -29,6 +29,9 @@ HF_FAMILIES = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "olmo2",
+    "smollm3",
+    "granite",
 ]
 
 

@@ -54,7 +54,20 @@ def assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["llama-gqa", "llama-tied-mha", "gemma2", "phi3", "gpt2", "gptj", "gpt_neox", "mixtral", "qwen2_moe"]
+    "name",
+    [
+        "llama-gqa",
+        "llama-tied-mha",
+        "gemma2",
+        "phi3",
+        "gpt2",
+        "gptj",
+        "gpt_neox",
+        "mixtral",
+        "qwen2_moe",
+        "olmo2",
+        "granite",
+    ],
 )
 def test_param_gradients_match_torch(tiny, name):
     """Every param, fused tensors included: our gradient tree goes back to transformers' names through the family

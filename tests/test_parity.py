@@ -233,6 +233,7 @@ BF16_TOLERANCE = {
     "gpt_neox": 0.045,  # [0.023]
     "gpt_neox-sequential": 0.045,  # [0.023]
     "gptj": 0.04,  # [0.019]
+    "granite": 0.035,  # [0.017]
     "llama-bias": 0.04,  # [0.020]
     "llama-dynamic-rope": 0.065,  # [0.033]
     "llama-gqa": 0.08,  # [0.041]
@@ -242,6 +243,7 @@ BF16_TOLERANCE = {
     "llama3-rope": 0.08,  # [0.041]
     "mistral-window": 0.11,  # [0.053]
     "mixtral": 0.065,  # [0.033]
+    "olmo2": 0.045,  # [0.021]
     "phi3": 0.11,  # [0.055]
     "phi3-longrope": 0.085,  # [0.043]
     "phi3-window": 0.1,  # [0.049]
@@ -250,6 +252,7 @@ BF16_TOLERANCE = {
     "qwen2-window": 0.05,  # [0.024]
     "qwen3": 0.03,  # [0.016]
     "qwen3_moe": 0.035,  # [0.018]
+    "smollm3": 0.02,  # [0.0098]
 }
 
 

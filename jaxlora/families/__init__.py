@@ -13,11 +13,14 @@ import numpy as np
 
 from jaxlora.config import SIZE_LIMITS, ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, mixtral, phi3, qwen_moe
+from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, llama_kin, mixtral, olmo2, phi3, qwen_moe
 from jaxlora.families.table import Family, TensorPlan, WeightRule, apply_transform, layers_of
 
 _FAMILIES = (
     llama.FAMILY,
+    llama_kin.SMOLLM3,
+    llama_kin.GRANITE,
+    olmo2.FAMILY,
     gemma2.FAMILY,
     phi3.FAMILY,
     mixtral.FAMILY,
