@@ -323,12 +323,15 @@ def _cudnn_attention(q, k, v, mask, spec: AttentionSpec) -> jax.Array:
     return out * jnp.any(mask, axis=-1)[:, :, None, None].astype(out.dtype)
 
 
-def _splash_attention(q, k, v, query_slots, key_valid, segments, spec: AttentionSpec) -> jax.Array:
+def _splash_attention(
+    q, k, v, query_slots, key_valid, segments, spec: AttentionSpec, interpret: bool = False
+) -> jax.Array:
     """TPU splash attention for a full causal (or windowed) self-attention over one sequence per row.
 
     Padding is expressed with segment ids (padding keys in segment 0, real tokens in 1, or in their document's
     segment + 1 when rows are packed); a padding query then sees only padding keys, and its output is zeroed like
-    every implementation's.
+    every implementation's. interpret: run the Pallas kernel in interpret mode (any platform; how it is tested
+    without a TPU).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -338,7 +341,11 @@ def _splash_attention(q, k, v, query_slots, key_valid, segments, spec: Attention
         raise ConfigError("attention 'splash' covers prefill and training (queries = keys); decode uses 'xla'")
     head_mask = masks.CausalMask((t, t)) if spec.window is None else masks.LocalMask((t, t), (spec.window - 1, 0), 0)
     mha = kernel.make_splash_mha(
-        masks.MultiHeadMask([head_mask] * h), head_shards=1, q_seq_shards=1, attn_logits_soft_cap=spec.softcap
+        masks.MultiHeadMask([head_mask] * h),
+        head_shards=1,
+        q_seq_shards=1,
+        attn_logits_soft_cap=spec.softcap,
+        interpret=interpret,
     )
     groups = h // k.shape[2]
     ids = key_valid.astype(jnp.int32) if segments is None else jnp.where(key_valid, segments.astype(jnp.int32) + 1, 0)

@@ -264,6 +264,41 @@ def test_splash_equals_reference():
     np.testing.assert_allclose(out, reference(q, k, v, slots, key_valid, slots, SPEC), atol=1e-2)
 
 
+@pytest.mark.parametrize(
+    "window, softcap, kv_heads, packed",
+    [
+        (None, None, 4, False),
+        (None, None, 2, False),
+        (48, None, 2, False),
+        (None, 3.0, 1, False),
+        (None, None, 2, True),
+    ],
+    ids=["causal", "gqa", "window", "softcap-mqa", "packed"],
+)
+def test_splash_kernel_in_interpret_mode_equals_reference(window, softcap, kv_heads, packed):
+    """The TPU splash kernel itself, run by Pallas' interpreter on CPU, with the masks and segment ids jaxlora
+    builds: row 1 left-padded by 37 tokens, or (packed) row 0 holding three documents."""
+    from jaxlora.attention import _splash_attention
+
+    t = 256
+    q, k, v = qkv(t=t, h=4, kvh=kv_heads, d=32, seed=3)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    valid = np.ones((2, t), bool)
+    valid[1, :37] = False
+    segments = None
+    if packed:
+        ids = np.zeros((2, t), np.int32)
+        ids[0, :200] = np.repeat([1, 2, 3], [60, 100, 40])
+        ids[1] = valid[1]
+        segments, valid = jnp.asarray(ids), ids > 0
+    spec = AttentionSpec(window, 0.2, softcap)
+    out = _splash_attention(q, k, v, slots, jnp.asarray(valid), segments, spec, interpret=True)
+    mask = attention_mask(slots, slots, jnp.asarray(valid), window, segments)
+    want = dot_product_attention(q, k, v, mask, spec.scale, softcap) * valid[:, :, None, None]
+    assert np.abs(np.asarray(want)).max() > 0.1
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=0, atol=1e-5)
+
+
 # A packed row: documents of 5, 13 and 15 tokens, then 4 slots of padding; the other row one document, left-padded.
 PACKED_LENGTHS = (5, 13, 15)
 
