@@ -142,7 +142,9 @@ def check_attention(platform: str) -> list[tuple[str, str, str]]:
                 out = attend(q, k, v, slots, jnp.asarray(valid), impl=impl, **kw).astype(jnp.float32)
                 ref = attend(*(x.astype(jnp.float32) for x in (q, k, v)), slots, jnp.asarray(valid), impl="xla", **kw)
                 err = float(jnp.abs(jnp.where(valid[:, :, None, None], out - ref, 0)).max())
-                rows.append((name, "PASS" if err <= 3e-2 else "FAIL", f"max abs diff {err:.2e} vs float32 xla (<= 3e-2)"))
+                rows.append(
+                    (name, "PASS" if err <= 3e-2 else "FAIL", f"max abs diff {err:.2e} vs float32 xla (<= 3e-2)")
+                )
             except Exception as e:  # noqa: BLE001 (a report, not a crash)
                 rows.append((name, "FAIL", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
     return rows
