@@ -338,3 +338,26 @@ def test_load_rejects_non_checkpoints(tiny, tmp_path):
 def test_family_options_the_decoder_lacks_are_refused_by_name(name, changes, message):
     with pytest.raises(ConfigError, match=message):
         config_from_hf({**TINY_CONFIGS[name], **changes})
+
+
+def resident_mb() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def test_reading_a_safetensors_source_does_not_keep_it_resident(tmp_path):
+    """Conversion holds one tensor at a time: pages read through a shard's memory map would stay resident (and
+    count in the process's memory) for as long as the map lives, growing to the size of the source."""
+    from jaxlora.convert.readers import SafetensorsReader
+
+    rng = np.random.default_rng(0)
+    save_file({f"t{i}": rng.standard_normal((1024, 1024), np.float32) for i in range(48)}, tmp_path / "a.safetensors")
+    source_mb = (tmp_path / "a.safetensors").stat().st_size / 2**20  # 192 MB
+    reader = SafetensorsReader([tmp_path / "a.safetensors"])
+    before = resident_mb()
+    total = 0.0
+    for name in reader.names():
+        total += float(reader.get(name)[0, 0])  # each tensor read, used and let go
+    grown = resident_mb() - before
+    reader.close()
+    assert np.isfinite(total)
+    assert grown < source_mb / 4, f"reading the source left {grown:.0f} of its {source_mb:.0f} MB resident"

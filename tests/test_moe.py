@@ -126,13 +126,14 @@ def test_a_bad_dispatch_name_is_refused(many_experts):
 
 def test_expert_parallelism_on_eight_devices_equals_one(many_experts):
     """Experts split over the `expert` mesh axis (alone and with data/tensor): logits, greedy tokens and the
-    gradients of a full fine-tuning loss equal one device's, through dense and sparse dispatch."""
+    gradients of a full fine-tuning loss equal one device's, through blocked (sparse) and dense dispatch."""
     _, path = many_experts
     proc = run_worker(["experts", path], devices=8)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
     assert set(report) == {"expert=8", "data=2,expert=4", "expert=2,tensor=4"}
+    assert set(report["expert=8"]) == {"blocked", "dense"}
     for spec, by_impl in report.items():
         for impl, result in by_impl.items():
             assert result["max_logit_diff"] <= 1e-5, (spec, impl, result)

@@ -33,9 +33,14 @@ class TensorReader:
 
 
 class SafetensorsReader(TensorReader):
+    """Names and shapes from each shard's header (its handle stays open); each tensor read through a handle of its
+    own, closed at once: a shard's memory map counts every page read through it in the process's resident memory
+    until it is unmapped, so one long-lived map per shard would grow to the size of the source."""
+
     def __init__(self, files: list[Path]):
         from safetensors import SafetensorError, safe_open
 
+        self._files = files
         self._handles = []
         self._where: dict[str, int] = {}
         for path in files:
@@ -56,7 +61,10 @@ class SafetensorsReader(TensorReader):
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._handles[self._where[name]].get_tensor(name)
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[self._where[name]]), framework="numpy") as handle:
+            return handle.get_tensor(name)
 
     def close(self) -> None:
         self._handles.clear()
