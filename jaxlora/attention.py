@@ -82,9 +82,11 @@ def dot_product_attention(
     scale: float | None = None,
     softcap: float | None = None,
     on_pattern=None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """The reference: grouped-query attention with a materialized score matrix; scores are scaled by `scale`
-    (default 1 / sqrt(head_dim)), then soft-capped.
+    (default 1 / sqrt(head_dim)), then soft-capped. sinks [heads] (gpt-oss): a logit per head that joins each
+    row's softmax as one more column, taking probability but carrying no value.
 
     q [batch, q_len, heads, head_dim], k/v [batch, k_len, kv_heads, head_dim], mask [batch, q_len, k_len] bool
     -> [batch, q_len, heads, head_dim] in q's dtype. on_pattern: fn(probs) -> probs on the attention
@@ -100,7 +102,13 @@ def dot_product_attention(
             scores = softcap * jnp.tanh(scores / softcap)
         # Softmax in float32 with a finite floor, so a fully masked row stays finite; it is zeroed below.
         scores = jnp.where(mask[:, None, None], scores, _FLOOR)
-        probs = jax.nn.softmax(scores, axis=-1)
+        if sinks is None:
+            probs = jax.nn.softmax(scores, axis=-1)
+        else:
+            sink = jnp.broadcast_to(
+                sinks.astype(jnp.float32).reshape(1, kv_heads, h // kv_heads, 1, 1), (*scores.shape[:-1], 1)
+            )
+            probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
         if on_pattern is not None:
             shape = probs.shape
             probs = on_pattern(probs.reshape(b, h, t, shape[-1])).reshape(shape)
@@ -402,6 +410,7 @@ def attend(
     impl: str = "auto",
     on_pattern=None,
     segments: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Causal (optionally windowed, soft-capped) grouped-query attention with the chosen implementation.
 
@@ -411,12 +420,17 @@ def attend(
     segment (documents packed into one row).
     on_pattern: read or edit the probabilities (see `dot_product_attention`): only "xla" materializes them, so
     "auto" picks it and the other implementations refuse.
+    sinks [heads] float32 (gpt-oss's attention sinks): only the "xla" core takes them, so "auto" picks it.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     spec = AttentionSpec(window, scale, softcap)
     if on_pattern is not None:
         if impl not in ("auto", "xla"):
             raise ConfigError(f"attention probabilities need the 'xla' attention core; '{impl}' never forms them")
+        impl = "xla"
+    if sinks is not None:
+        if impl not in ("auto", "xla"):
+            raise ConfigError(f"attention sinks need the 'xla' attention core; '{impl}' does not take them")
         impl = "xla"
     chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, spec)
     if chosen == "splash" and (key_slots is not None or q.shape[1] != k.shape[1]):
@@ -432,4 +446,4 @@ def attend(
     mask = attention_mask(query_slots, key_slots, key_valid, window, segments)
     if chosen == "cudnn":
         return _cudnn_attention(q, k, v, mask, spec)
-    return dot_product_attention(q, k, v, mask, scale, softcap, on_pattern)
+    return dot_product_attention(q, k, v, mask, scale, softcap, on_pattern, sinks)

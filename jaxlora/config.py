@@ -117,6 +117,12 @@ class ModelConfig:
     normalize_expert_weights: bool = True
     shared_expert_size: int = 0  # Qwen2-MoE: a gated MLP of this width on every token, times a sigmoid gate
     dense_layers: tuple[int, ...] = ()  # layers of a mixture model with a dense MLP (of intermediate_size)
+    router_bias: bool = False  # gpt-oss: the router Linear has a bias
+    expert_bias: bool = False  # gpt-oss: each expert's gate, up and down projections have biases
+    # gpt-oss's expert activation: (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (takes no value)
     # Phi-3 with LongRoPE: once a generated sequence reaches past the original context, transformers drops the KV
     # cache and runs the whole sequence again, so every key takes the long factors (generation does the same).
     reprefill_past_original_context: bool = False

@@ -190,6 +190,9 @@ class Attention(nn.Module):
         on_pattern = None
         if self.sites is not None and self.sites.wants(here + "hook_pattern"):
             on_pattern = partial(at_site, self, self.sites, here + "hook_pattern")
+        sinks = None
+        if c.attention_sinks:
+            sinks = self.param("sinks", _axes(nn.initializers.zeros, "heads"), (c.num_heads,), jnp.float32)
         core = partial(
             attend,
             window=self.window,
@@ -197,6 +200,7 @@ class Attention(nn.Module):
             softcap=c.attn_softcap,
             impl=c.attention_impl,
             on_pattern=on_pattern,
+            sinks=sinks,
         )
         if cache_kv is None:
             out, new_kv = core(q, k, v, query_slots, key_valid, segments=segments), (k, v)
@@ -273,21 +277,28 @@ class MixtureOfExperts(nn.Module):
     def __call__(self, x):
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.expert_size
-        router_logits = Linear(e, axes=("embed", "experts"), name="router")(x)  # [b, t, e]
+        router_logits = Linear(e, c.router_bias, ("embed", "experts"), name="router")(x)  # [b, t, e]
         weights, experts = moe.route(router_logits, c.experts_per_token, c.normalize_expert_weights)
-        gate = self._experts("gate", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
-        up = self._experts("up", ("experts", "embed", "mlp"), (e, d, f), x.dtype)
-        down = self._experts("down", ("experts", "mlp", "embed"), (e, f, d), x.dtype)
+        kernels = moe.Experts(
+            self._experts("gate", ("experts", "embed", "mlp"), (e, d, f), x.dtype),
+            self._experts("up", ("experts", "embed", "mlp"), (e, d, f), x.dtype),
+            self._experts("down", ("experts", "mlp", "embed"), (e, f, d), x.dtype),
+        )
+        if c.expert_bias:
+            zeros = nn.initializers.zeros
+            kernels = kernels._replace(
+                gate_bias=self.param("gate_bias", _axes(zeros, "experts", "mlp"), (e, f), jnp.float32),
+                up_bias=self.param("up_bias", _axes(zeros, "experts", "mlp"), (e, f), jnp.float32),
+                down_bias=self.param("down_bias", _axes(zeros, "experts", "embed"), (e, d), jnp.float32),
+            )
         tokens = x.reshape(-1, d)
         with jax.named_scope("experts"):
             out = moe.mixture(
                 tokens,
                 weights.reshape(tokens.shape[0], -1),
                 experts.reshape(tokens.shape[0], -1),
-                gate,
-                up,
-                down,
-                ACTIVATIONS[c.activation],
+                kernels,
+                self._glu(),
                 c.moe_impl,
             )
         out = out.reshape(x.shape)
@@ -295,6 +306,20 @@ class MixtureOfExperts(nn.Module):
             shared = MLP(c, self.lora, c.shared_expert_size, name="shared")(x)
             out = out + jax.nn.sigmoid(Linear(1, axes=("embed", None), name="shared_gate")(x)) * shared
         return out
+
+    def _glu(self) -> moe.Glu:
+        c = self.config
+        act = ACTIVATIONS[c.activation]
+        if c.swiglu_limit is None:
+            return moe.gated(act)
+        limit, alpha = c.swiglu_limit, c.swiglu_alpha
+
+        def clamped(gate, up):  # gpt-oss
+            gate = jnp.minimum(gate, limit)
+            up = jnp.clip(up, -limit, limit)
+            return (up + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+        return clamped
 
     def _experts(self, name: str, axes: tuple[str, str, str], shape: tuple[int, int, int], dtype):
         """A stacked expert kernel [experts, in, out] in `dtype`; a quantized one is stored [experts, out, in]."""

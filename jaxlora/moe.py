@@ -18,13 +18,39 @@ ragged_dot runs slower than dense on XLA:CPU. GPU is not measured (blocked until
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxlora.config import MOE_IMPLS
 
-Activation = Callable[[jax.Array], jax.Array]
+# (gate projection, up projection) -> the hidden activation: act(gate) * up, or gpt-oss's clamped form.
+Glu = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Experts(NamedTuple):
+    """A mixture's stacked expert weights: kernels gate, up [e, d, f] and down [e, f, d]; biases gate_bias,
+    up_bias [e, f] and down_bias [e, d], or None (no biases)."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    gate_bias: jax.Array | None = None
+    up_bias: jax.Array | None = None
+    down_bias: jax.Array | None = None
+
+
+def gated(act: Callable[[jax.Array], jax.Array]) -> Glu:
+    """The usual gated MLP activation: act(gate) * up."""
+    return lambda gate, up: act(gate) * up
+
+
+def _plus(y: jax.Array, bias: jax.Array | None, index=None) -> jax.Array:
+    """y + bias (bias[index] rows, when given), or y without biases."""
+    if bias is None:
+        return y
+    return y + (bias if index is None else bias[index]).astype(y.dtype)
 
 
 def route(router_logits: jax.Array, k: int, normalize: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -46,44 +72,38 @@ def pick_impl(impl: str) -> str:
 
 
 def mixture(
-    x: jax.Array,
-    weights: jax.Array,
-    experts: jax.Array,
-    gate: jax.Array,
-    up: jax.Array,
-    down: jax.Array,
-    act: Activation,
-    impl: str = "auto",
+    x: jax.Array, weights: jax.Array, experts: jax.Array, w: Experts, glu: Glu, impl: str = "auto"
 ) -> jax.Array:
-    """sum_j weights[t, j] * down(act(x gate) * (x up)) of expert experts[t, j], for x [tokens, d].
-
-    gate, up: [e, d, f]; down: [e, f, d]; weights [tokens, k] (cast to x's dtype); experts [tokens, k].
-    """
+    """sum_j weights[t, j] * expert_e(x[t]) with e = experts[t, j] and expert_e(x) = glu(x gate_e + b, x up_e + b)
+    down_e + b, for x [tokens, d]; weights [tokens, k] (cast to x's dtype); experts [tokens, k]."""
     impl = pick_impl(impl)
     weights = weights.astype(x.dtype)
     if impl == "dense":
-        return _dense(x, weights, experts, gate, up, down, act)
+        return _dense(x, weights, experts, w, glu)
     if impl == "gathered":
-        out = _gathered(x, experts, gate, up, down, act)
+        out = _gathered(x, experts, w, glu)
     elif impl == "blocked":
-        out = _blocked(x, experts, gate, up, down, act)
+        out = _blocked(x, experts, w, glu)
     elif impl == "ragged":
-        out = _ragged(x, experts, gate, up, down, act)
+        out = _ragged(x, experts, w, glu)
     else:
         raise ValueError(f"unknown mixture-of-experts implementation {impl!r}; choose one of {', '.join(MOE_IMPLS)}")
     return jnp.einsum("tkd,tk->td", out, weights)
 
 
-def _dense(x, weights, experts, gate, up, down, act):
-    per_expert = jnp.sum(jax.nn.one_hot(experts, gate.shape[0], dtype=x.dtype) * weights[..., None], axis=-2)
-    hidden = act(jnp.einsum("td,edf->tef", x, gate)) * jnp.einsum("td,edf->tef", x, up)
-    return jnp.einsum("ted,te->td", jnp.einsum("tef,efd->ted", hidden, down), per_expert)
+def _dense(x, weights, experts, w: Experts, glu):
+    per_expert = jnp.sum(jax.nn.one_hot(experts, w.gate.shape[0], dtype=x.dtype) * weights[..., None], axis=-2)
+    gate = _plus(jnp.einsum("td,edf->tef", x, w.gate), w.gate_bias)
+    up = _plus(jnp.einsum("td,edf->tef", x, w.up), w.up_bias)
+    out = _plus(jnp.einsum("tef,efd->ted", glu(gate, up), w.down), w.down_bias)
+    return jnp.einsum("ted,te->td", out, per_expert)
 
 
-def _gathered(x, experts, gate, up, down, act):
+def _gathered(x, experts, w: Experts, glu):
     """[tokens, k, d]: each pair's expert applied to its token, with the picked kernels gathered."""
-    hidden = act(jnp.einsum("td,tkdf->tkf", x, gate[experts])) * jnp.einsum("td,tkdf->tkf", x, up[experts])
-    return jnp.einsum("tkf,tkfd->tkd", hidden, down[experts])
+    gate = _plus(jnp.einsum("td,tkdf->tkf", x, w.gate[experts]), w.gate_bias, experts)
+    up = _plus(jnp.einsum("td,tkdf->tkf", x, w.up[experts]), w.up_bias, experts)
+    return _plus(jnp.einsum("tkf,tkfd->tkd", glu(gate, up), w.down[experts]), w.down_bias, experts)
 
 
 class _Sorted:
@@ -111,8 +131,8 @@ def _block_size(pairs: int, num_experts: int) -> int:
     return min(64, max(8, 1 << (target.bit_length() - 1)))
 
 
-def _blocked(x, experts, gate, up, down, act):
-    num_experts = gate.shape[0]
+def _blocked(x, experts, w: Experts, glu):
+    num_experts = w.gate.shape[0]
     pairs = experts.size
     s = _Sorted(experts, num_experts)
     block = _block_size(pairs, num_experts)
@@ -131,7 +151,8 @@ def _blocked(x, experts, gate, up, down, act):
         xb, e, is_used = inputs
 
         def apply(xb):
-            return (act(xb @ gate[e]) * (xb @ up[e])) @ down[e]
+            hidden = glu(_plus(xb @ w.gate[e], w.gate_bias, e), _plus(xb @ w.up[e], w.up_bias, e))
+            return _plus(hidden @ w.down[e], w.down_bias, e)
 
         return None, jax.lax.cond(is_used, apply, jnp.zeros_like, xb)
 
@@ -139,8 +160,9 @@ def _blocked(x, experts, gate, up, down, act):
     return s.unsort(out.reshape(blocks * block, -1)[row])
 
 
-def _ragged(x, experts, gate, up, down, act):
-    s = _Sorted(experts, gate.shape[0])
+def _ragged(x, experts, w: Experts, glu):
+    s = _Sorted(experts, w.gate.shape[0])
     xs = x[s.token]
-    hidden = act(jax.lax.ragged_dot(xs, gate, s.sizes)) * jax.lax.ragged_dot(xs, up, s.sizes)
-    return s.unsort(jax.lax.ragged_dot(hidden, down, s.sizes))
+    gate = _plus(jax.lax.ragged_dot(xs, w.gate, s.sizes), w.gate_bias, s.expert)
+    up = _plus(jax.lax.ragged_dot(xs, w.up, s.sizes), w.up_bias, s.expert)
+    return s.unsort(_plus(jax.lax.ragged_dot(glu(gate, up), w.down, s.sizes), w.down_bias, s.expert))

@@ -182,6 +182,28 @@ TINY_CONFIGS = {
         attention_multiplier=0.5,
         logits_scaling=4.0,
     ),
+    # gpt-oss: sinks, alternating windows of 6, YaRN past 64 tokens, a clamp (1.0) that bites on these values.
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        **{**BASE, "intermediate_size": 24},
+        head_dim=12,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=6,
+        swiglu_limit=1.0,
+        rope_parameters=dict(
+            rope_type="yarn",
+            factor=4.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+            original_max_position_embeddings=64,
+            rope_theta=150000.0,
+        ),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
     "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
     "codegen": dict(
@@ -221,6 +243,8 @@ SHARPENED = {
     re.compile(r".*(q_proj|k_proj|qkv_proj|c_attn|query_key_value)\.(weight|bias)|.*\.wpe\.weight"): 16.0,
     re.compile(r".*(o_proj|attn\.c_proj|attention\.dense|out_proj)\.weight"): 8.0,
     re.compile(r"lm_head\.weight"): 4.0,
+    # gpt-oss's attention sinks (about 0.1 after the noise below): logits of a few units, so they take a real share.
+    re.compile(r".*self_attn\.sinks"): 20.0,
 }
 
 
@@ -246,10 +270,11 @@ def hf_model(config_kwargs: dict, seed: int = 0):
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    # Non-trivial norms and biases (every 1-D param): the random init leaves them at exactly 1 and 0.
+    # Non-trivial norms and biases (every 1-D param, and gpt-oss's stacked expert biases): the random init leaves
+    # them at exactly 1 and 0.
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.endswith("_bias"):
                 p.add_(0.1 * torch.randn_like(p))
     sharpen(model)
     return model

@@ -353,3 +353,22 @@ def test_segments_keep_each_packed_document_to_itself(name):
     for g, w in zip(got, want, strict=True):
         assert np.abs(np.asarray(w)).max() > 1e-2
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+
+
+def test_attention_sinks_take_probability_and_only_the_reference_core_takes_them():
+    """gpt-oss's sinks: one more logit per head in each softmax, with no value; `auto` runs them on `xla`."""
+    from jaxlora.attention import attend
+
+    q, k, v = qkv(t=9, h=4, kvh=2)
+    slots, valid = jnp.arange(9), jnp.ones((2, 9), bool)
+    sinks = jnp.asarray([-30.0, 0.0, 1.0, 3.0])
+    out = attend(q, k, v, slots, valid, sinks=sinks)
+    plain = attend(q, k, v, slots, valid, impl="xla")
+    np.testing.assert_allclose(out[:, :, 0], plain[:, :, 0], atol=1e-6)  # a sink of -30 takes nothing
+    # Head 3's sink takes e^3 / (e^3 + sum of the row's e^score): its output shrinks by exactly that share.
+    scores = jnp.einsum("bqd,bkd->bqk", q[:, :, 3], k[:, :, 1]) / np.sqrt(8)
+    scores = jnp.where(jnp.tril(jnp.ones((9, 9), bool)), scores, -jnp.inf)
+    kept = 1 - jnp.exp(3.0) / (jnp.exp(3.0) + jnp.exp(scores).sum(-1))
+    np.testing.assert_allclose(out[:, :, 3], plain[:, :, 3] * kept[..., None], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="attention sinks need the 'xla' attention core"):
+        attend(q, k, v, slots, valid, sinks=sinks, impl="chunked")

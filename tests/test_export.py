@@ -32,6 +32,7 @@ HF_FAMILIES = [
     "olmo2",
     "smollm3",
     "granite",
+    "gpt_oss",
 ]
 
 

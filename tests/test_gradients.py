@@ -67,6 +67,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
         "qwen2_moe",
         "olmo2",
         "granite",
+        "gpt_oss",
     ],
 )
 def test_param_gradients_match_torch(tiny, name):

@@ -30,7 +30,8 @@ MANY_EXPERTS = dict(
 )
 
 
-def random_mixture(tokens: int, experts: int, k: int, d: int = 12, f: int = 20, seed: int = 0, skew: bool = False):
+def random_mixture(tokens, experts, k, d=12, f=20, seed=0, skew=False, biases=False):
+    """(x, routing weights, picked experts, Experts): random, with biases on request."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(tokens, d)).astype(np.float32)
     logits = rng.normal(size=(tokens, experts)).astype(np.float32)
@@ -38,53 +39,89 @@ def random_mixture(tokens: int, experts: int, k: int, d: int = 12, f: int = 20, 
         logits[:, :k] += 10.0
     gate, up = (rng.normal(size=(experts, d, f)).astype(np.float32) * 0.3 for _ in range(2))
     down = rng.normal(size=(experts, f, d)).astype(np.float32) * 0.3
+    kernels = moe.Experts(jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down))
+    if biases:
+        kernels = kernels._replace(
+            **{
+                name: jnp.asarray(rng.normal(size=(experts, size)).astype(np.float32))
+                for name, size in (("gate_bias", f), ("up_bias", f), ("down_bias", d))
+            }
+        )
     weights, picked = moe.route(jnp.asarray(logits), k)
-    return jnp.asarray(x), weights, picked, jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down)
+    return jnp.asarray(x), weights, picked, kernels
 
 
-def reference(x, weights, picked, gate, up, down):
+def silu_glu(gate, up):
+    return gate / (1 + np.exp(-gate)) * up
+
+
+def clamped_glu(gate, up, limit=1.5, alpha=1.702):  # gpt-oss's, with a limit these values reach
+    gate = np.minimum(gate, limit)
+    return (np.clip(up, -limit, limit) + 1) * gate / (1 + np.exp(-alpha * gate))
+
+
+def reference(x, weights, picked, w: moe.Experts, glu=silu_glu):
     """Token by token in numpy: the definition."""
-    x, weights, picked, gate, up, down = map(np.asarray, (x, weights, picked, gate, up, down))
+    x, weights, picked = map(np.asarray, (x, weights, picked))
+    zero = lambda b, e: 0.0 if b is None else np.asarray(b)[e]  # noqa: E731
     out = np.zeros_like(x)
     for t in range(len(x)):
-        for w, e in zip(weights[t], picked[t], strict=True):
-            h = x[t] @ gate[e]
-            out[t] += w * (((h / (1 + np.exp(-h))) * (x[t] @ up[e])) @ down[e])
+        for weight, e in zip(weights[t], picked[t], strict=True):
+            gate = x[t] @ np.asarray(w.gate)[e] + zero(w.gate_bias, e)
+            up = x[t] @ np.asarray(w.up)[e] + zero(w.up_bias, e)
+            out[t] += weight * (glu(gate, up) @ np.asarray(w.down)[e] + zero(w.down_bias, e))
     return out
 
 
-# Token counts on both sides of `auto`'s switch and of the block sizes (8 ... 64), empty experts and long runs.
+def jax_glu(name):
+    if name == "silu":
+        return moe.gated(jax.nn.silu)
+
+    def clamped(gate, up, limit=1.5, alpha=1.702):
+        gate = jnp.minimum(gate, limit)
+        return (jnp.clip(up, -limit, limit) + 1) * (gate * jax.nn.sigmoid(gate * alpha))
+
+    return clamped
+
+
+# Token counts on both sides of the block sizes (8 ... 64), empty experts and long runs; the last two with
+# biases and gpt-oss's clamped activation.
 CASES = [
-    (1, 8, 2, False),
-    (3, 16, 4, False),
-    (40, 4, 2, False),
-    (300, 8, 2, False),
-    (257, 16, 4, True),
-    (64, 64, 8, False),
+    (1, 8, 2, False, False),
+    (3, 16, 4, False, False),
+    (40, 4, 2, False, False),
+    (300, 8, 2, False, False),
+    (257, 16, 4, True, False),
+    (64, 64, 8, False, False),
+    (3, 8, 2, False, True),
+    (120, 8, 4, True, True),
 ]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize(("tokens", "experts", "k", "skew"), CASES)
-def test_each_dispatch_equals_the_definition(impl, tokens, experts, k, skew):
-    args = random_mixture(tokens, experts, k, seed=tokens, skew=skew)
-    got = jax.jit(moe.mixture, static_argnames=("act", "impl"))(*args, act=jax.nn.silu, impl=impl)
-    np.testing.assert_allclose(np.asarray(got), reference(*args), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(("tokens", "experts", "k", "skew", "gpt_oss"), CASES)
+def test_each_dispatch_equals_the_definition(impl, tokens, experts, k, skew, gpt_oss):
+    x, weights, picked, w = random_mixture(tokens, experts, k, seed=tokens, skew=skew, biases=gpt_oss)
+    glu = "clamped" if gpt_oss else "silu"
+    got = jax.jit(moe.mixture, static_argnames=("glu", "impl"))(x, weights, picked, w, glu=jax_glu(glu), impl=impl)
+    want = reference(x, weights, picked, w, clamped_glu if gpt_oss else silu_glu)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", SPARSE)
 def test_gradients_equal_the_dense_ones(impl):
-    """Training through sparse dispatch: gradients for the tokens, the routing weights and every expert kernel."""
-    x, weights, picked, gate, up, down = random_mixture(50, 8, 2, seed=7)
+    """Training through sparse dispatch: gradients for the tokens, the routing weights, every expert kernel and
+    bias."""
+    x, weights, picked, w = random_mixture(50, 8, 2, seed=7, biases=True)
     target = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    glu = jax_glu("clamped")
 
-    def loss(x, weights, gate, up, down, impl):
-        return jnp.sum((moe.mixture(x, weights, picked, gate, up, down, jax.nn.silu, impl) - target) ** 2)
+    def loss(x, weights, w, impl):
+        return jnp.sum((moe.mixture(x, weights, picked, w, glu, impl) - target) ** 2)
 
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
-    for want, got in zip(
-        grads(x, weights, gate, up, down, "dense"), grads(x, weights, gate, up, down, impl), strict=True
-    ):
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    dense, sparse = grads(x, weights, w, "dense"), grads(x, weights, w, impl)
+    for want, got in zip(jax.tree.leaves(dense), jax.tree.leaves(sparse), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         assert np.abs(np.asarray(want)).max() > 0
 

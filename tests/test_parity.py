@@ -232,6 +232,7 @@ BF16_TOLERANCE = {
     "gpt2": 0.02,  # [0.011]
     "gpt_neox": 0.045,  # [0.023]
     "gpt_neox-sequential": 0.045,  # [0.023]
+    "gpt_oss": 0.065,  # [0.031]
     "gptj": 0.04,  # [0.019]
     "granite": 0.035,  # [0.017]
     "llama-bias": 0.04,  # [0.020]
@@ -368,3 +369,31 @@ def test_qwen_moe_fused_expert_layout(tiny, tmp_path, name):
     np.testing.assert_allclose(
         jit_forward(model.params, model.config, ids), torch_logits(m.torch_model, ids), atol=ATOL
     )
+
+
+def test_gpt_oss_mxfp4_experts_convert_like_transformers_dequantizes_them(tmp_path):
+    """gpt-oss checkpoints store expert weights as MXFP4 blocks and scales: converted, the model equals
+    transformers running the weights its own MXFP4 code dequantizes from the same bytes."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    # MXFP4 packs 32 values a block along each kernel's input: widths that divide by 32.
+    torch_model = hf_model({**TINY_CONFIGS["gpt_oss"], "hidden_size": 64, "intermediate_size": 32}, seed=4)
+    rng = np.random.default_rng(0)
+    state = {k: v.contiguous() for k, v in torch_model.state_dict().items()}
+    with torch.no_grad():
+        for name in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            experts, fan_in, fan_out = state[name].shape
+            blocks = torch.tensor(rng.integers(0, 256, (experts, fan_out, fan_in // 32, 16)), dtype=torch.uint8)
+            scales = torch.tensor(rng.integers(120, 124, (experts, fan_out, fan_in // 32)), dtype=torch.uint8)
+            dequantized = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+            torch_model.get_parameter(name).copy_(dequantized)
+            del state[name]
+            state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+    src = tmp_path / "src"
+    src.mkdir()
+    torch_model.config.save_pretrained(src)
+    save_file(state, src / "model.safetensors")
+    model = jaxlora.load(jaxlora.convert(str(src), tmp_path / "jax"))
+    ids = random_ids((2, 11), model.config.vocab_size, seed=9)
+    np.testing.assert_allclose(jit_forward(model.params, model.config, ids), torch_logits(torch_model, ids), atol=ATOL)

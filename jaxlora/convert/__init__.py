@@ -23,7 +23,13 @@ from jaxlora import quant
 from jaxlora.checkpoint import DTYPES, save_param_group, write_config
 from jaxlora.config import ModelConfig
 from jaxlora.convert.gguf import GGUFFile
-from jaxlora.convert.readers import SafetensorsReader, TensorReader, TorchPickleReader, shard_files
+from jaxlora.convert.readers import (
+    MXFP4Experts,
+    SafetensorsReader,
+    TensorReader,
+    TorchPickleReader,
+    shard_files,
+)
 from jaxlora.errors import ConversionError, UsageError
 from jaxlora.families import canonical_name, config_from_hf, ignored_pattern, param_from_hf, tensor_plan
 from jaxlora.families.table import TRANSPOSE
@@ -73,9 +79,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def _weights_reader(folder: Path) -> TensorReader:
     if (folder / "model.safetensors.index.json").is_file():
-        return SafetensorsReader(shard_files(folder, "model.safetensors.index.json"))
+        return MXFP4Experts(SafetensorsReader(shard_files(folder, "model.safetensors.index.json")))
     if (folder / "model.safetensors").is_file():
-        return SafetensorsReader([folder / "model.safetensors"])
+        return MXFP4Experts(SafetensorsReader([folder / "model.safetensors"]))
     if (folder / "pytorch_model.bin.index.json").is_file():
         return TorchPickleReader(shard_files(folder, "pytorch_model.bin.index.json"))
     if (folder / "pytorch_model.bin").is_file():

@@ -70,6 +70,53 @@ class SafetensorsReader(TensorReader):
         self._handles.clear()
 
 
+# The 16 values of an FP4 (e2m1) code, sign in the high bit.
+FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 (gpt-oss's expert weights): blocks [..., rows, groups, 16] uint8, two FP4 codes a byte (low nibble
+    first), and scales [..., rows, groups] uint8, a power of two biased by 127, per 32 values -> float32
+    [..., groups * 32, rows]: the last two axes swapped, as transformers lays the experts out ([in, out])."""
+    if blocks.dtype != np.uint8 or scales.dtype != np.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ConversionError(f"MXFP4 blocks {blocks.shape} {blocks.dtype} do not match scales {scales.shape}")
+    values = np.empty((*blocks.shape, 2), np.float32)
+    values[..., 0] = FP4_E2M1[blocks & 0x0F]
+    values[..., 1] = FP4_E2M1[blocks >> 4]
+    values = np.ldexp(values, (scales.astype(np.int32) - 127)[..., None, None])
+    return np.swapaxes(values.reshape(*blocks.shape[:-2], -1), -1, -2)
+
+
+class MXFP4Experts(TensorReader):
+    """A reader that shows each pair NAME_blocks + NAME_scales (gpt-oss's MXFP4 expert weights) as the one float32
+    tensor NAME, dequantized when it is read."""
+
+    def __init__(self, reader: TensorReader):
+        self._reader = reader
+        names = set(reader.names())
+        packed = {n.removesuffix("_blocks") for n in names if n.endswith("_blocks")}
+        self._packed = {n for n in packed if n + "_scales" in names}
+        hidden = {n + suffix for n in self._packed for suffix in ("_blocks", "_scales")}
+        self._names = [n for n in reader.names() if n not in hidden] + sorted(self._packed)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._packed:
+            return self._reader.shape(name)
+        *prefix, rows, groups, _ = self._reader.shape(name + "_blocks")
+        return (*prefix, groups * 32, rows)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._packed:
+            return self._reader.get(name)
+        return dequantize_mxfp4(self._reader.get(name + "_blocks"), self._reader.get(name + "_scales"))
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def _torch_to_numpy(tensor) -> np.ndarray:
     import ml_dtypes
     import torch

@@ -13,7 +13,20 @@ import numpy as np
 
 from jaxlora.config import SIZE_LIMITS, ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families import codegen, gemma2, gpt2, gpt_neox, gptj, llama, llama_kin, mixtral, olmo2, phi3, qwen_moe
+from jaxlora.families import (
+    codegen,
+    gemma2,
+    gpt2,
+    gpt_neox,
+    gpt_oss,
+    gptj,
+    llama,
+    llama_kin,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen_moe,
+)
 from jaxlora.families.table import Family, TensorPlan, WeightRule, apply_transform, layers_of
 
 _FAMILIES = (
@@ -25,6 +38,7 @@ _FAMILIES = (
     phi3.FAMILY,
     mixtral.FAMILY,
     qwen_moe.FAMILY,
+    gpt_oss.FAMILY,
     gpt2.FAMILY,
     gptj.FAMILY,
     codegen.FAMILY,
