@@ -182,7 +182,7 @@ TINY_CONFIGS = {
         attention_multiplier=0.5,
         logits_scaling=4.0,
     ),
-    # gpt-oss: sinks, alternating windows of 6, YaRN past 64 tokens, a clamp (1.0) that bites on these values.
+    # gpt-oss: sinks, alternating windows of 6, YaRN past 64 tokens, a clamp of 1.0.
     "gpt_oss": dict(
         model_type="gpt_oss",
         **{**BASE, "intermediate_size": 24},

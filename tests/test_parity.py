@@ -373,7 +373,8 @@ def test_qwen_moe_fused_expert_layout(tiny, tmp_path, name):
 
 def test_gpt_oss_mxfp4_experts_convert_like_transformers_dequantizes_them(tmp_path):
     """gpt-oss checkpoints store expert weights as MXFP4 blocks and scales: converted, the model equals
-    transformers running the weights its own MXFP4 code dequantizes from the same bytes."""
+    transformers running the weights its own MXFP4 code dequantizes from the same bytes. (These weights, up to
+    0.375, drive the experts' pre-activations past the clamp of 1.0, so it is tested here too.)"""
     from safetensors.torch import save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
