@@ -497,8 +497,8 @@ MUTANTS = [
     m(
         "Mixtral router weights: sigmoid instead of softmax over the picked experts",
         "moe.py",
-        "return jax.nn.softmax(top_logits, axis=-1), top_experts",
-        "return jax.nn.sigmoid(top_logits), top_experts",
+        "probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)",
+        "probs = jax.nn.sigmoid(router_logits.astype(jnp.float32))",
         PARITY,
         "-k",
         "logits_match_transformers and mixtral",
