@@ -79,6 +79,14 @@ def rope_parameters(hf) -> dict[str, Any]:
     return dict(params)
 
 
+def windows_by_layer_type(layer_types, window: int | None) -> tuple[int | None, ...]:
+    """HF `layer_types` ("full_attention" / "sliding_attention" per layer) -> each layer's window (None: full)."""
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ConfigError(f"unsupported layer_types {unknown}")
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
 def rope_config(source, max_position_embeddings: int | None = None) -> RopeConfig:
     """RoPE from an HF config object, or from one rope-parameters dict with the model's max_position_embeddings.
 

@@ -8,7 +8,14 @@ from typing import Any
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config, rope_parameters
+from jaxlora.families.common import (
+    activation,
+    hf_config_object,
+    llama_style_sizes,
+    rope_config,
+    rope_parameters,
+    windows_by_layer_type,
+)
 from jaxlora.families.llama import EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD, GATED_MLP
 from jaxlora.families.table import Family, WeightRule
 
@@ -40,10 +47,6 @@ def _ropes(hf, model_type: str):
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     model_type = raw["model_type"]
     hf = hf_config_object(raw)
-    layer_types = list(hf.layer_types)
-    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise ConfigError(f"unsupported layer_types {unknown}")
     if getattr(hf, "attention_bias", False):
         raise ConfigError(f"{model_type} with attention_bias is not supported")
     rope, rope_local = _ropes(hf, model_type)
@@ -54,7 +57,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         rope=rope,
         rope_local=rope_local,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-        layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        layer_windows=windows_by_layer_type(hf.layer_types, window),
         activation=activation(hf.hidden_activation, model_type),
         norm_weight_offset=1.0,
         embed_scale=True,

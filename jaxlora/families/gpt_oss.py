@@ -12,8 +12,14 @@ import numpy as np
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
-from jaxlora.families.llama import FINAL_NORM_AND_HEAD
+from jaxlora.families.common import (
+    activation,
+    hf_config_object,
+    llama_style_sizes,
+    rope_config,
+    windows_by_layer_type,
+)
+from jaxlora.families.llama import ATTENTION_BIASES, FINAL_NORM_AND_HEAD
 from jaxlora.families.table import TRANSPOSE, Family, Split, WeightRule
 
 _LAYER = "model.layers.{i}."
@@ -35,13 +41,10 @@ WEIGHTS = (
         WeightRule(_ATTN + "sinks", "layers_{i}/attn/sinks"),
     )
     + tuple(
-        rule
+        WeightRule(_ATTN + name + ".weight", f"layers_{{i}}/attn/{name}/kernel", TRANSPOSE)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj")
-        for rule in (
-            WeightRule(_ATTN + name + ".weight", f"layers_{{i}}/attn/{name}/kernel", TRANSPOSE),
-            WeightRule(_ATTN + name + ".bias", f"layers_{{i}}/attn/{name}/bias"),
-        )
     )
+    + ATTENTION_BIASES
     + (
         WeightRule(_LAYER + "mlp.router.weight", "layers_{i}/moe/router/kernel", TRANSPOSE),
         WeightRule(_LAYER + "mlp.router.bias", "layers_{i}/moe/router/bias"),
@@ -59,10 +62,6 @@ WEIGHTS = (
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     hf = hf_config_object(raw)
-    kinds = list(hf.layer_types)
-    unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise ConfigError(f"unsupported layer_types {unknown}")
     if not getattr(hf, "attention_bias", True):
         raise ConfigError("gpt_oss without attention_bias is not supported")
     return ModelConfig(
@@ -72,7 +71,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=True,
         o_bias=True,
-        layer_windows=tuple(hf.sliding_window if kind == "sliding_attention" else None for kind in kinds),
+        layer_windows=windows_by_layer_type(hf.layer_types, hf.sliding_window),
         activation=activation(hf.hidden_act, "gpt_oss"),
         norm_scale_in_float32=True,
         attention_sinks=True,

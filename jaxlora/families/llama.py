@@ -6,8 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from jaxlora.config import ModelConfig
-from jaxlora.errors import ConfigError
-from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
+from jaxlora.families.common import (
+    activation,
+    hf_config_object,
+    llama_style_sizes,
+    rope_config,
+    windows_by_layer_type,
+)
 from jaxlora.families.table import TRANSPOSE, Family, WeightRule
 
 _LAYER = "model.layers.{i}."
@@ -33,13 +38,17 @@ FINAL_NORM_AND_HEAD = (
     WeightRule("lm_head.weight", "lm_head/kernel", TRANSPOSE, when="untied"),
 )
 
+ATTENTION_BIASES = (
+    WeightRule(_LAYER + "self_attn.q_proj.bias", "layers_{i}/attn/q_proj/bias", when="qkv_bias"),
+    WeightRule(_LAYER + "self_attn.k_proj.bias", "layers_{i}/attn/k_proj/bias", when="qkv_bias"),
+    WeightRule(_LAYER + "self_attn.v_proj.bias", "layers_{i}/attn/v_proj/bias", when="qkv_bias"),
+    WeightRule(_LAYER + "self_attn.o_proj.bias", "layers_{i}/attn/o_proj/bias", when="o_bias"),
+)
+
 WEIGHTS = (
     EMBED_AND_ATTENTION
+    + ATTENTION_BIASES
     + (
-        WeightRule(_LAYER + "self_attn.q_proj.bias", "layers_{i}/attn/q_proj/bias", when="qkv_bias"),
-        WeightRule(_LAYER + "self_attn.k_proj.bias", "layers_{i}/attn/k_proj/bias", when="qkv_bias"),
-        WeightRule(_LAYER + "self_attn.v_proj.bias", "layers_{i}/attn/v_proj/bias", when="qkv_bias"),
-        WeightRule(_LAYER + "self_attn.o_proj.bias", "layers_{i}/attn/o_proj/bias", when="o_bias"),
         WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
         WeightRule(_LAYER + "mlp.gate_proj.bias", "layers_{i}/mlp/gate_proj/bias", when="mlp_bias"),
         WeightRule(_LAYER + "mlp.up_proj.bias", "layers_{i}/mlp/up_proj/bias", when="mlp_bias"),
@@ -60,10 +69,7 @@ def _layer_windows(hf, model_type: str, num_layers: int) -> tuple[int | None, ..
     layer_types = getattr(hf, "layer_types", None)
     if layer_types is None:
         return (None,) * num_layers
-    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise ConfigError(f"unsupported layer_types {unknown}")
-    return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    return windows_by_layer_type(layer_types, window)
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:

@@ -8,7 +8,13 @@ from typing import Any
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
 from jaxlora.families import llama
-from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
+from jaxlora.families.common import (
+    activation,
+    hf_config_object,
+    llama_style_sizes,
+    rope_config,
+    windows_by_layer_type,
+)
 from jaxlora.families.table import Family
 
 
@@ -32,15 +38,11 @@ def smollm3_config(raw: dict[str, Any]) -> ModelConfig:
     uses_rope = list(hf.no_rope_layers)  # transformers' name for the per-layer flag: 1 = RoPE, 0 = none
     if len(uses_rope) != layers:
         raise ConfigError(f"no_rope_layers has {len(uses_rope)} entries for {layers} layers")
-    kinds = list(hf.layer_types)
-    unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise ConfigError(f"unsupported layer_types {unknown}")
     window = hf.sliding_window if hf.use_sliding_window else None
     return ModelConfig(
         **_llama_fields(hf, "smollm3"),
         no_rope_layers=tuple(i for i, rope in enumerate(uses_rope) if not rope),
-        layer_windows=tuple(window if kind == "sliding_attention" else None for kind in kinds),
+        layer_windows=windows_by_layer_type(hf.layer_types, window),
     )
 
 

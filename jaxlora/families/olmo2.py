@@ -7,7 +7,7 @@ from typing import Any
 
 from jaxlora.config import ModelConfig
 from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
-from jaxlora.families.llama import FINAL_NORM_AND_HEAD, GATED_MLP
+from jaxlora.families.llama import ATTENTION_BIASES, FINAL_NORM_AND_HEAD, GATED_MLP
 from jaxlora.families.table import TRANSPOSE, Family, WeightRule
 
 _LAYER = "model.layers.{i}."
@@ -20,16 +20,13 @@ WEIGHTS = (
         WeightRule(_ATTN + "k_proj.weight", "layers_{i}/attn/k_proj/kernel", TRANSPOSE),
         WeightRule(_ATTN + "v_proj.weight", "layers_{i}/attn/v_proj/kernel", TRANSPOSE),
         WeightRule(_ATTN + "o_proj.weight", "layers_{i}/attn/o_proj/kernel", TRANSPOSE),
-        WeightRule(_ATTN + "q_proj.bias", "layers_{i}/attn/q_proj/bias", when="qkv_bias"),
-        WeightRule(_ATTN + "k_proj.bias", "layers_{i}/attn/k_proj/bias", when="qkv_bias"),
-        WeightRule(_ATTN + "v_proj.bias", "layers_{i}/attn/v_proj/bias", when="qkv_bias"),
-        WeightRule(_ATTN + "o_proj.bias", "layers_{i}/attn/o_proj/bias", when="o_bias"),
         WeightRule(_ATTN + "q_norm.weight", "layers_{i}/attn/q_norm/scale"),
         WeightRule(_ATTN + "k_norm.weight", "layers_{i}/attn/k_norm/scale"),
         # Here post_attention_layernorm normalizes the attention output, post_feedforward_layernorm the MLP's.
         WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/post_attn_norm/scale"),
         WeightRule(_LAYER + "post_feedforward_layernorm.weight", "layers_{i}/post_mlp_norm/scale"),
     )
+    + ATTENTION_BIASES
     + GATED_MLP
     + FINAL_NORM_AND_HEAD
 )

@@ -9,8 +9,14 @@ from typing import Any
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.families.common import activation, hf_config_object, llama_style_sizes, rope_config
-from jaxlora.families.llama import EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD
+from jaxlora.families.common import (
+    activation,
+    hf_config_object,
+    llama_style_sizes,
+    rope_config,
+    windows_by_layer_type,
+)
+from jaxlora.families.llama import ATTENTION_BIASES, EMBED_AND_ATTENTION, FINAL_NORM_AND_HEAD
 from jaxlora.families.mixtral import split_gate_up
 from jaxlora.families.table import TRANSPOSE, Family, Split, WeightRule
 
@@ -20,11 +26,8 @@ _SHARED = _MLP + "shared_expert."
 
 _COMMON = (
     EMBED_AND_ATTENTION
+    + ATTENTION_BIASES
     + (
-        WeightRule(_LAYER + "self_attn.q_proj.bias", "layers_{i}/attn/q_proj/bias", when="qkv_bias"),
-        WeightRule(_LAYER + "self_attn.k_proj.bias", "layers_{i}/attn/k_proj/bias", when="qkv_bias"),
-        WeightRule(_LAYER + "self_attn.v_proj.bias", "layers_{i}/attn/v_proj/bias", when="qkv_bias"),
-        WeightRule(_LAYER + "self_attn.o_proj.bias", "layers_{i}/attn/o_proj/bias", when="o_bias"),
         WeightRule(_LAYER + "post_attention_layernorm.weight", "layers_{i}/mlp_norm/scale"),
         # Dense layers.
         WeightRule(_MLP + "gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", TRANSPOSE, when="dense_layer"),
@@ -68,11 +71,7 @@ def _layer_windows(hf, model_type: str) -> tuple[int | None, ...]:
     layers = hf.num_hidden_layers
     if model_type == "qwen3_moe":  # one window for every layer, when use_sliding_window
         return (hf.sliding_window or None,) * layers
-    kinds = hf.layer_types or ["full_attention"] * layers
-    unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise ConfigError(f"unsupported layer_types {unknown}")
-    return tuple(hf.sliding_window if kind == "sliding_attention" else None for kind in kinds)
+    return windows_by_layer_type(hf.layer_types or ["full_attention"] * layers, hf.sliding_window)
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
