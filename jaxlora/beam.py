@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.cache import init_cache
+from jaxlora.cache import init_cache, map_rows
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import checked_prompt
 from jaxlora.errors import UsageError
@@ -144,7 +144,7 @@ def _beam_search(
         params, config, input_ids, positions, key_valid, cache=cache, write_index=0, logits_at=width - 1, lora=lora
     )
     # Every beam starts as the prompt; only beam 0 may be extended at the first step.
-    cache = jax.tree.map(lambda a: jnp.repeat(a, beams, axis=0), cache)
+    cache = map_rows(lambda a, axis: jnp.repeat(a, beams, axis=axis), cache)
     next_position = jnp.repeat(positions[:, -1] + 1, beams)  # [batch * beams]
     empty = jnp.full((batch, beams, new), pad_id, jnp.int32)
     start = _Beams(
@@ -205,7 +205,7 @@ def _beam_search(
 
         # Each running beam continues its parent's cache with its newest token.
         rows = (jnp.arange(batch)[:, None] * beams + running_parents).reshape(-1)
-        cache = jax.tree.map(lambda a: a[rows], s.cache)
+        cache = map_rows(lambda a, axis: jnp.take(a, rows, axis=axis), s.cache)
         write_index = width + s.step
         key_valid = jax.lax.dynamic_update_slice(cache.key_valid, jnp.ones((batch * beams, 1), bool), (0, write_index))
         last = jax.lax.dynamic_index_in_dim(running_tokens, s.step, axis=2, keepdims=False).reshape(-1, 1)

@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.config import ModelConfig
+from jaxlora.stacking import layer_stacks
 
 
 class KVCache(NamedTuple):
     """keys/values: per layer [batch, max_len or window, kv_heads, head_dim]; key_valid [batch, max_len] bool, the
-    slots that hold a real token."""
+    slots that hold a real token. A model that scans its layers (`jaxlora.stacking`) keeps one buffer per period
+    member of each stack instead, [repeats, batch, ...]: the batch axis of a buffer is `batch_axis(buffer)`."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -32,9 +34,26 @@ def layer_lengths(config: ModelConfig, max_len: int, ring: bool = True) -> tuple
     return tuple(w if ring and w is not None and w < max_len else max_len for w in config.layer_windows)
 
 
+def batch_axis(buffer: jax.Array) -> int:
+    """The batch axis of a cache buffer: 0 per layer, 1 when stacked ([repeats, batch, slots, heads, dim])."""
+    return buffer.ndim - 4
+
+
+def map_rows(fn, cache: KVCache) -> KVCache:
+    """fn(array, batch axis) applied to every array of the cache: a gather, repeat or reorder of its rows."""
+    return KVCache(
+        tuple(fn(k, batch_axis(k)) for k in cache.keys),
+        tuple(fn(v, batch_axis(v)) for v in cache.values),
+        fn(cache.key_valid, 0),
+    )
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, ring: bool = True) -> KVCache:
     """An empty cache for `max_len` slots; ring buffers for windowed layers unless `ring=False`."""
-    shapes = [(batch, n, config.num_kv_heads, config.head_dim) for n in layer_lengths(config, max_len, ring)]
+    lengths = layer_lengths(config, max_len, ring)
+    shapes = [(batch, n, config.num_kv_heads, config.head_dim) for n in lengths]
+    if config.scan_layers:  # layers of a period member share a kind, hence a length
+        shapes = [(s.repeats, *shapes[s.start + j]) for s in layer_stacks(config) for j in range(s.period)]
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for shape in shapes),
         values=tuple(jnp.zeros(shape, dtype) for shape in shapes),

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora import compile_cache as xla_cache
-from jaxlora import quant
+from jaxlora import quant, stacking
 from jaxlora.attention import check_impl
 from jaxlora.config import DTYPE_NAMES, MOE_IMPLS, LoraConfig, ModelConfig
 from jaxlora.errors import CheckpointError, ConfigError, UsageError
@@ -52,6 +52,13 @@ class Model:
     tokenizer: Any = None
     generation_config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+    def per_layer(self) -> Model:
+        """This model with its params in the per-layer layout (each layer's slice, when they are stacked)."""
+        if not self.config.scan_layers:
+            return self
+        params = stacking.unstack_tree(self.params, stacking.layer_stacks(self.config))
+        return dataclasses.replace(self, config=self.config.with_scan(False), params=params)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -314,6 +321,7 @@ def load(
     compile_cache: bool | None = None,
     quantize: str | None = None,
     moe: str = "auto",
+    scan_layers: bool | str = "auto",
 ) -> Model:
     """Load a converted checkpoint folder. dtype: cast params ("float32", "bfloat16", "float16"); None keeps.
 
@@ -326,10 +334,18 @@ def load(
     quantize: "int8" (per output channel) or "int4[:GROUP]" quantizes a float checkpoint's linear weights and
     embeddings as it loads (`jaxlora.quant`); a checkpoint converted with `--quantize` loads quantized as it is.
     moe: how a mixture's experts run ("auto", "dense", "gathered", "blocked", "ragged"; see `jaxlora.moe`).
+    scan_layers: True runs the layers as `lax.scan`s over params stacked on load (`jaxlora.stacking`: compile
+    time flat in depth), False one by one; "auto": scanned on TPU and for models of
+    `jaxlora.stacking.AUTO_SCAN_MIN_LAYERS` layers or more. The returned config says which (`config.scan_layers`).
     """
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_impl(attention)
+    scan_choice = (
+        {"on": True, "off": False}.get(scan_layers, scan_layers) if isinstance(scan_layers, str) else scan_layers
+    )
+    if scan_choice not in (True, False, "auto"):
+        raise UsageError(f"scan_layers must be True, False or 'auto', got {scan_layers!r}")
     if moe not in MOE_IMPLS:
         raise UsageError(f"unknown mixture-of-experts implementation {moe!r}; choose one of {', '.join(MOE_IMPLS)}")
     path = Path(path)
@@ -346,6 +362,9 @@ def load(
     params = restore_params(path, config, meta["dtype"], dtype, mesh, quantization, fmt)
     if lora is not None:
         params = merge(params, load_adapters(lora, config))
+    if stacking.resolve(scan_choice, config):
+        config = config.with_scan(True)
+        params = stacking.stack_params(params, config)
     generation_file = path / "generation_config.json"
     generation = {}
     if generation_file.is_file():
@@ -361,6 +380,7 @@ def load(
 def save_adapters(adapters: Adapters, folder: str | os.PathLike, base: str, force: bool = False) -> Path:
     """Write an adapter folder (lora_config.json naming the base checkpoint, adapters/), all or nothing."""
     folder = Path(folder)
+    adapters = adapters.per_layer()  # on disk, one group per layer whatever the model's layout
     with staged(folder, force) as staging:
         meta = {**dataclasses.asdict(adapters.config), "base": base}
         (staging / "lora_config.json").write_text(json.dumps(meta, indent=2))
@@ -394,10 +414,11 @@ def read_adapter_meta(folder: str | os.PathLike) -> tuple[LoraConfig, str | None
 
 
 def load_adapters(path: str | os.PathLike, config: ModelConfig) -> Adapters:
-    """A jaxlora adapter folder (runs/NAME/final) or a PEFT adapter folder, for a model of `config`."""
+    """A jaxlora adapter folder (runs/NAME/final) or a PEFT adapter folder, for a model of `config` (laid out
+    as its params are: stacked when it scans its layers)."""
     folder = Path(path)
     if (folder / "adapter_config.json").is_file():
-        return import_peft(folder, config)
+        return import_peft(folder, config).laid_out_for(config)
     if not (folder / "lora_config.json").is_file():
         raise UsageError(f"{folder} holds neither jaxlora adapters (lora_config.json) nor a PEFT adapter")
     lora_config, _ = read_adapter_meta(folder)
@@ -411,7 +432,7 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig) -> Adapters:
             weights = ocp.StandardCheckpointer().restore((folder / "adapters").absolute(), target)
     except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
         raise CheckpointError(f"cannot restore {folder / 'adapters'} ({type(e).__name__}: {one_line(e)})") from None
-    return Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config)
+    return Adapters(jax.tree.map(jax.numpy.asarray, weights), lora_config).laid_out_for(config)
 
 
 def adapters_to_peft(

@@ -67,6 +67,7 @@ def _load(args, mesh=None):
         mesh=mesh,
         attention=getattr(args, "attention", "auto"),
         moe=getattr(args, "moe", "auto"),
+        scan_layers=getattr(args, "scan_layers", "auto"),
         lora=args.lora,
         quantize=getattr(args, "quantize", None),
         # generate and chat: on unless --no-compile-cache; other commands: as JAXLORA_COMPILE_CACHE says
@@ -289,6 +290,13 @@ def _add_impl_flags(parser: argparse.ArgumentParser) -> None:
         choices=MOE_IMPLS,
         help="mixture-of-experts dispatch: dense (every expert on every token), gathered, blocked (sorted grouped "
         "matmuls), ragged (lax.ragged_dot); auto: ragged on TPU, blocked elsewhere",
+    )
+    parser.add_argument(
+        "--scan-layers",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="run the layers as lax.scans over stacked params (compile time flat in depth) or one by one; auto: "
+        "scanned on TPU and for deep models",
     )
 
 

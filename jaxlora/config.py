@@ -130,6 +130,9 @@ class ModelConfig:
     attention_impl: str = "auto"
     # How a mixture's experts are computed (a runtime choice too): see `jaxlora.moe`.
     moe_impl: str = "auto"
+    # Whether the decoder runs its layers as `lax.scan`s over stacked params (a runtime choice of the in-memory
+    # layout; checkpoints always keep one group per layer): see `jaxlora.stacking`.
+    scan_layers: bool = False
 
     def __post_init__(self):
         # Sizes first: everything after (and everything built from this config) is sized by them.
@@ -190,6 +193,10 @@ class ModelConfig:
         """This config with another mixture-of-experts implementation (see MOE_IMPLS)."""
         return dataclasses.replace(self, moe_impl=impl)
 
+    def with_scan(self, scan: bool) -> ModelConfig:
+        """This config with its layers scanned over stacked params (True) or unrolled (False)."""
+        return dataclasses.replace(self, scan_layers=bool(scan))
+
     @property
     def rope_dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
@@ -218,9 +225,10 @@ class ModelConfig:
         return self.mlp_kind == "gated"
 
     def to_dict(self) -> dict[str, Any]:
-        """The model's description as saved with a checkpoint (the runtime attention and MoE choices are left out)."""
+        """The model's description as saved with a checkpoint (the runtime attention, MoE and layout choices are
+        left out)."""
         data = dataclasses.asdict(self)
-        del data["attention_impl"], data["moe_impl"]
+        del data["attention_impl"], data["moe_impl"], data["scan_layers"]
         return data
 
     @classmethod

@@ -16,12 +16,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlora.cache import KVCache, init_cache
+from jaxlora.cache import KVCache, batch_axis, init_cache
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys
 from jaxlora.sharding import DecodeLayout
+from jaxlora.stacking import with_leading_axes
 
 STATIC = ("config", "processors", "stop_ids", "layout", "score_top")
 
@@ -64,9 +65,18 @@ def new_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: Deco
     """An empty cache, created where it will live (on a mesh: each device allocates only its shard)."""
     if layout is None:
         return init_cache(config, batch, max_len, dtype)
-    layers = config.num_layers
-    shardings = KVCache((layout.cache_kv,) * layers, (layout.cache_kv,) * layers, layout.cache_valid)
-    return jax.jit(lambda: init_cache(config, batch, max_len, dtype), out_shardings=shardings)()
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype))
+    return jax.jit(lambda: init_cache(config, batch, max_len, dtype), out_shardings=cache_shardings(shapes, layout))()
+
+
+def cache_shardings(cache: KVCache, layout: DecodeLayout) -> KVCache:
+    """Where each buffer of `cache` (arrays or shapes) lives: split like the heads, a stacked one's leading axis
+    whole."""
+
+    def kv(buffer):
+        return with_leading_axes(layout.cache_kv, batch_axis(buffer))
+
+    return KVCache(tuple(map(kv, cache.keys)), tuple(map(kv, cache.values)), layout.cache_valid)
 
 
 def place_state(state: DecodeState, layout: DecodeLayout | None) -> DecodeState:
@@ -75,11 +85,7 @@ def place_state(state: DecodeState, layout: DecodeLayout | None) -> DecodeState:
     if layout is None:
         return state
     constrain = jax.lax.with_sharding_constraint
-    cache = KVCache(
-        keys=tuple(constrain(k, layout.cache_kv) for k in state.cache.keys),
-        values=tuple(constrain(v, layout.cache_kv) for v in state.cache.values),
-        key_valid=constrain(state.cache.key_valid, layout.cache_valid),
-    )
+    cache = jax.tree.map(constrain, state.cache, cache_shardings(state.cache, layout))
     small = {
         f: jax.tree.map(lambda a: constrain(a, layout.replicated), getattr(state, f))
         for f in DecodeState._fields

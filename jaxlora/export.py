@@ -67,6 +67,7 @@ def _exportable(model: Model) -> tuple[dict, object]:
     """The params as host arrays (constants of the exported graph) and the config on the plain-ops attention core
     (its masked softmax maps onto ONNX for any length; "auto" would compare symbolic lengths) and dense experts
     (plain einsums; sparse dispatch sorts and scans, with shapes that follow the symbolic token count)."""
+    model = model.per_layer()
     return jax.tree.map(to_host, model.params), model.config.with_attention("xla").with_moe("dense")
 
 
@@ -291,6 +292,7 @@ def hf_tensor_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
 def hf_tensors(model: Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The params as transformers' tensors: each family table row run backwards. A fused HF tensor is rebuilt by
     running the family's splitter on the tensor's own element indices, which says where each part came from."""
+    model = model.per_layer()
     config = model.config
     params = jax.tree.map(lambda a: to_host(a).astype(np.float32), model.params)
     tensors: dict[str, np.ndarray] = {}

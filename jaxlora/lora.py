@@ -18,19 +18,37 @@ from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import get_path, linear_kernels, set_path
 from jaxlora.quant import is_quantized
+from jaxlora.stacking import Stack, layer_stacks, stack_tree, unstack_tree
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @struct.dataclass
 class Adapters:
-    """weights mirrors the params: {"layers_0": {"attn": {"q_proj": {"a": [in, r], "b": [r, out]}}}, ...}.
+    """weights mirrors the params: {"layers_0": {"attn": {"q_proj": {"a": [in, r], "b": [r, out]}}}, ...}, or their
+    stacked layout for a model that scans its layers (`stacks`: its `jaxlora.stacking.layer_stacks`; () when
+    per layer, as adapters are on disk).
 
-    `config` is static pytree metadata: jax transformations see only the weights.
+    `config` and `stacks` are static pytree metadata: jax transformations see only the weights.
     """
 
     weights: dict
     config: LoraConfig = struct.field(pytree_node=False)
+    stacks: tuple[Stack, ...] = struct.field(pytree_node=False, default=())
+
+    def per_layer(self) -> Adapters:
+        """These adapters in the per-layer layout (a copy of each layer's slice when stacked)."""
+        if not self.stacks:
+            return self
+        return self.replace(weights=unstack_tree(self.weights, self.stacks), stacks=())
+
+    def laid_out_for(self, config: ModelConfig) -> Adapters:
+        """These adapters in the layout of a model of `config` (stacked when it scans its layers)."""
+        adapters = self.per_layer()
+        if not config.scan_layers:
+            return adapters
+        stacks = layer_stacks(config)
+        return adapters.replace(weights=stack_tree(adapters.weights, stacks), stacks=stacks)
 
 
 def target_paths(config: ModelConfig, targets: Sequence[str]) -> dict[tuple[str, ...], tuple[int, int]]:
@@ -81,11 +99,16 @@ def init(
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(key_i, (fan_in, rank), dtype, -bound, bound)
         set_path(weights, path, {"a": a, "b": jnp.zeros((rank, fan_out), dtype)})
-    return Adapters(weights, lora_config)
+    return Adapters(weights, lora_config).laid_out_for(config)
 
 
 def _fold(params: dict, adapters: Adapters, sign: float) -> dict:
     params = jax.tree.map(lambda x: x, params)  # a new tree: the caller's params are not touched
+    scanned = any(group.startswith("stacks_") for group in params)
+    if adapters.stacks and not scanned:
+        adapters = adapters.per_layer()
+    elif scanned and not adapters.stacks:
+        raise UsageError("the params are stacked (scanned layers): lay the adapters out alike, adapters.laid_out_for")
     leaves, _ = jax.tree_util.tree_flatten_with_path(
         adapters.weights, is_leaf=lambda x: isinstance(x, dict) and "a" in x
     )
@@ -121,6 +144,7 @@ class AdapterBank:
     weights: dict
     targets: tuple[str, ...] = struct.field(pytree_node=False)
     count: int = struct.field(pytree_node=False)
+    stacks: tuple[Stack, ...] = struct.field(pytree_node=False, default=())  # as `Adapters.stacks`
 
 
 def bank(adapters: Sequence[Adapters], config: ModelConfig) -> AdapterBank:
@@ -129,6 +153,7 @@ def bank(adapters: Sequence[Adapters], config: ModelConfig) -> AdapterBank:
         raise UsageError("an adapter bank needs at least one adapter")
     rank = max(a.config.rank for a in adapters)
     targets = tuple(sorted({t for a in adapters for t in a.config.targets}))
+    adapters = [adapter.per_layer() for adapter in adapters]
     weights: dict = {}
     for path, (fan_in, fan_out) in target_paths(config, targets).items():
         a = jnp.zeros((len(adapters), fan_in, rank), jnp.float32)
@@ -140,6 +165,9 @@ def bank(adapters: Sequence[Adapters], config: ModelConfig) -> AdapterBank:
             a = a.at[k, :, :r].set(ab["a"].astype(jnp.float32))
             b = b.at[k, :r, :].set(adapter.config.scale * ab["b"].astype(jnp.float32))
         set_path(weights, path, {"a": a, "b": b})
+    if config.scan_layers:  # the layers axis leads: [layers, n, in, rank]
+        stacks = layer_stacks(config)
+        return AdapterBank(stack_tree(weights, stacks), targets, len(adapters), stacks)
     return AdapterBank(weights, targets, len(adapters))
 
 
@@ -160,8 +188,13 @@ def select(adapter_bank: AdapterBank, adapter_ids) -> Adapters:
     safe = jnp.maximum(ids, 0)
 
     def rows(ab):
-        return {"a": jnp.take(ab["a"], safe, axis=0), "b": jnp.where(present, jnp.take(ab["b"], safe, axis=0), 0.0)}
+        axis = ab["a"].ndim - 3  # the adapter axis: after the layers axis of a stacked bank
+        return {
+            "a": jnp.take(ab["a"], safe, axis=axis),
+            "b": jnp.where(present, jnp.take(ab["b"], safe, axis=axis), 0.0),
+        }
 
     weights = jax.tree.map(rows, adapter_bank.weights, is_leaf=lambda x: isinstance(x, dict) and "a" in x)
     rank = jax.tree.leaves(weights)[0].shape[-1]
-    return Adapters(weights, LoraConfig(rank=rank, alpha=float(rank), targets=adapter_bank.targets))
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=adapter_bank.targets)
+    return Adapters(weights, config, adapter_bank.stacks)

@@ -20,6 +20,7 @@ from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
 from jaxlora.quant import dequantize, float_dtype, is_quantized, matmul, take_rows
 from jaxlora.rope import apply_rope, rope_cos_sin
+from jaxlora.stacking import Stack, layer_stacks, stack_tree, unstack_tree
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -367,6 +368,45 @@ class Block(nn.Module):
         return site("hook_resid_post", x), new_kv
 
 
+class LayerPeriod(nn.Module):
+    """One scan step of a stack (`jaxlora.stacking`): its period's layers in order. Every step runs the same
+    kinds of block, so the first step's layer indices stand for all (they name no hook points: hooks run the
+    unrolled decoder)."""
+
+    config: ModelConfig
+    stack: Stack
+    lora: LoraConfig | None = None
+    remat: bool = False
+
+    def setup(self):
+        c, start = self.config, self.stack.start
+        block = nn.remat(Block) if self.remat else Block
+        self.blocks = [
+            block(c, c.layer_windows[start + j], self.lora, index=start + j) for j in range(self.stack.period)
+        ]
+
+    def __call__(self, x, inputs: AttentionInputs, local_inputs: AttentionInputs, cache_kvs):
+        new_kvs = []
+        for j, block in enumerate(self.blocks):
+            windowed = self.config.layer_windows[self.stack.start + j] is not None
+            x, new_kv = block(x, local_inputs if windowed else inputs, None if cache_kvs is None else cache_kvs[j])
+            new_kvs.append(new_kv)
+        return x, None if cache_kvs is None else tuple(new_kvs)
+
+
+def scanned_stack(config: ModelConfig, stack: Stack, lora: LoraConfig | None, remat: bool) -> nn.Module:
+    """A stack's layers as one `lax.scan` over its repeats; params, adapters and cache entries carry a leading
+    axis of `stack.repeats`."""
+    scanned = nn.scan(
+        LayerPeriod,
+        variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=stack.repeats,
+    )
+    return scanned(config, stack, lora, remat)
+
+
 def embedding_rows(embedding: jax.Array | dict, config: ModelConfig, input_ids) -> jax.Array:
     """The input embeddings of input_ids [batch, seq]: table rows, times sqrt(hidden_size) for Gemma (rounded to
     the table's dtype, as transformers' scaled embedding does). A quantized table dequantizes only those rows."""
@@ -394,8 +434,15 @@ class Decoder(nn.Module):
                 embedding_init=_axes(_init, "positions", "embed"),
                 param_dtype=jnp.float32,
             )
-        block = nn.remat(Block) if self.remat else Block
-        self.layers = [block(c, c.layer_windows[i], self.lora, index=i, sites=self.sites) for i in range(c.num_layers)]
+        if c.scan_layers:
+            if self.sites is not None:
+                raise UsageError("hook points need the unrolled decoder (run_decoder unstacks for them)")
+            self.stacks = [scanned_stack(c, stack, self.lora, self.remat) for stack in layer_stacks(c)]
+        else:
+            block = nn.remat(Block) if self.remat else Block
+            self.layers = [
+                block(c, c.layer_windows[i], self.lora, index=i, sites=self.sites) for i in range(c.num_layers)
+            ]
         self.final_norm = make_norm(c)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, c.lm_head_bias, ("embed", "vocab"), self.lora)
@@ -435,11 +482,25 @@ class Decoder(nn.Module):
             cos, sin = rope_cos_sin(positions, c, c.rope_local)
             local_inputs = inputs._replace(cos=cos, sin=sin)
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(x, local_inputs if c.layer_windows[i] is not None else inputs, cache_kv)
-            new_keys.append(k)
-            new_values.append(v)
+        if c.scan_layers:
+            # The cache holds one stacked buffer per period member of each stack, in order.
+            entry = 0
+            for stack, scanned in zip(layer_stacks(c), self.stacks, strict=True):
+                cache_kvs = None
+                if cache is not None:
+                    members = range(entry, entry + stack.period)
+                    cache_kvs = tuple((cache.keys[m], cache.values[m]) for m in members)
+                entry += stack.period
+                x, new_kvs = scanned(x, inputs, local_inputs, cache_kvs)
+                for k, v in new_kvs or ():
+                    new_keys.append(k)
+                    new_values.append(v)
+        else:
+            for i, layer in enumerate(self.layers):
+                cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
+                x, (k, v) = layer(x, local_inputs if c.layer_windows[i] is not None else inputs, cache_kv)
+                new_keys.append(k)
+                new_values.append(v)
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         x = at_site(self, self.sites, "ln_final.hook_normalized", self.final_norm(x))
@@ -520,6 +581,13 @@ def run_decoder(
     Returns logits [batch, seq or 1, vocab] float32, the updated cache (None without one) and {site: activation}
     for the captured hook points.
     """
+    if config.scan_layers and sites is not None:
+        # Hook points are named per layer: run the unrolled decoder on each layer's slice of the stacked params.
+        if cache is not None:
+            raise UsageError("hook points with a KV cache need the unrolled layout (load with scan_layers=False)")
+        stacks = layer_stacks(config)
+        params, config = unstack_tree(params, stacks), config.with_scan(False)
+        lora = None if lora is None else lora.replace(weights=unstack_tree(lora.weights, stacks), stacks=())
     model = Decoder(config, None if lora is None else lora.config, remat, sites)
     variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}
     rngs = None if dropout_key is None else {"dropout": dropout_key}
@@ -666,15 +734,18 @@ def forward(
 
 def _init_boxed(config: ModelConfig, key: jax.Array) -> dict:
     ids = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(config).init(key, ids, ids, jnp.ones((1, 1), bool))["params"]
+    return Decoder(config.with_scan(False)).init(key, ids, ids, jnp.ones((1, 1), bool))["params"]
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> dict:
-    """Random float32 params (for tests and shapes); real weights come from `jaxlora.load`."""
-    return nn.unbox(_init_boxed(config, key))
+    """Random float32 params (for tests and shapes) in the config's layout (stacked when it scans its layers);
+    real weights come from `jaxlora.load`."""
+    params = nn.unbox(_init_boxed(config, key))
+    return stack_tree(params, layer_stacks(config)) if config.scan_layers else params
 
 
-# The param-tree queries below trace the decoder's init once per config (configs are hashable) and share the
+# The param-tree queries below describe the per-layer layout of checkpoints and weight tables, whatever
+# config.scan_layers says. They trace the decoder's init once per config (configs are hashable) and share the
 # result: treat what they return as read-only.
 
 
@@ -687,7 +758,7 @@ def logical_axes(config: ModelConfig) -> dict:
 @functools.cache
 def param_shapes(config: ModelConfig) -> dict:
     """The param tree as jax.ShapeDtypeStruct leaves (float32), without allocating."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return jax.eval_shape(lambda: init_params(config.with_scan(False), jax.random.key(0)))
 
 
 def num_params(config: ModelConfig) -> int:

@@ -110,6 +110,7 @@ def export_peft(
     adapters: Adapters, config: ModelConfig, out_dir: str | os.PathLike, base_model: str = "", force: bool = False
 ) -> Path:
     """Write `adapters` as a PEFT LoRA folder (atomically: a temp folder renamed at the end)."""
+    adapters = adapters.per_layer()
     modules = hf_modules(config)
     paths = target_paths(config, adapters.config.targets)
     unmapped = sorted({p[-1] for p in paths if p not in modules})

@@ -27,6 +27,7 @@ from jaxlora.errors import UsageError
 from jaxlora.losses import PREFERENCE_OBJECTIVES, PreferenceConfig
 from jaxlora.quant import formats_of
 from jaxlora.sharding import make_mesh, replicate, shard_batch
+from jaxlora.stacking import layer_stacks, unstack_tree
 from jaxlora.staging import check_destination, staged
 from jaxlora.train import eval_loss, eval_preference, init_state, make_optimizer, make_train_step
 
@@ -65,6 +66,7 @@ class RunOptions:
     quantize: str | None = None  # "int8" / "int4[:GROUP]": quantize the frozen base on load (QLoRA)
     attention: str = "auto"  # attention implementation, see jaxlora.attention ("chunked" for long sequences)
     moe: str = "auto"  # mixture-of-experts dispatch, see jaxlora.moe
+    scan_layers: str = "auto"  # "on", "off", "auto": layers as lax.scans over stacked params (jaxlora.stacking)
     objective: str = "sft"  # or a preference objective on pairs: dpo, ipo, orpo, simpo (jaxlora.losses)
     beta: float = 0.1
     label_smoothing: float = 0.0  # dpo, simpo
@@ -152,7 +154,14 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     eval_examples = read(options.eval_data) if options.eval_data else None
 
     mesh = make_mesh(options.mesh) if options.mesh else None
-    model: Model = load(checkpoint, mesh=mesh, attention=options.attention, quantize=options.quantize, moe=options.moe)
+    model: Model = load(
+        checkpoint,
+        mesh=mesh,
+        attention=options.attention,
+        quantize=options.quantize,
+        moe=options.moe,
+        scan_layers=options.scan_layers,
+    )
     if options.full and formats_of(model.params):
         raise UsageError(
             "--full trains every weight, which needs a float checkpoint: quantized weights train only LoRA"
@@ -265,7 +274,10 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
         with staged(final, force=True) as staging:
             dtype_name = str(np.dtype(jax.tree.leaves(state.trainable)[0].dtype))
             write_config(staging, model.config, dtype=dtype_name, source=str(checkpoint))
-            for group, subtree in state.trainable.items():
+            per_layer = state.trainable
+            if model.config.scan_layers:
+                per_layer = unstack_tree(per_layer, layer_stacks(model.config))
+            for group, subtree in per_layer.items():
                 save_param_group(staging, group, subtree)
             if model.path is not None and (model.path / "tokenizer").is_dir():
                 shutil.copytree(model.path / "tokenizer", staging / "tokenizer")
