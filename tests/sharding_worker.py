@@ -3,6 +3,7 @@
 python sharding_worker.py meshes CKPT IDS.npy          # 8 devices, one process: prints a JSON report
 python sharding_worker.py process CKPT IDS.npy I PORT  # one of two jax.distributed processes, 4 devices each
 python sharding_worker.py experts CKPT                 # a mixture of experts over the `expert` axis: a JSON report
+python sharding_worker.py scanned CKPT                 # scanned layers on two meshes vs one unrolled device
 """
 
 import json
@@ -171,6 +172,49 @@ def experts(model_path):
     print(json.dumps(report))
 
 
+def scanned(model_path):
+    """Stacked params on a mesh: logits, greedy tokens and two LoRA steps vs one unrolled device."""
+    import optax
+
+    import jaxlora
+    from jaxlora import lora
+    from jaxlora.sharding import make_mesh, replicate
+    from jaxlora.train import init_state, make_train_step
+
+    ids = np.random.default_rng(0).integers(0, 97, size=(4, 13)).astype(np.int32)
+    batch = {"input_ids": ids[None], "attention_mask": np.ones_like(ids)[None], "loss_mask": np.ones_like(ids)[None]}
+
+    def results(model, mesh):
+        logits = jax.jit(jaxlora.forward, static_argnums=1)(model.params, model.config, ids)
+        tokens = jaxlora.generate(model.params, model.config, ids, max_new_tokens=10).tokens
+        adapters = lora.init(model.config, jax.random.key(0), rank=4, targets=("q_proj", "v_proj", "down_proj"))
+        # Plain SGD: its update is linear in the gradient, so what differs is the layouts' rounding, not Adam's
+        # first steps dividing near-zero gradients by their own size (3e-5 apart on one mesh, unrolled).
+        optimizer = optax.sgd(0.5)
+        state = init_state(adapters if mesh is None else replicate(adapters, mesh), optimizer, jax.random.key(1))
+        step = make_train_step(model.params, model.config, optimizer)
+        for _ in range(2):
+            state, _ = step(state, batch)
+        return np.asarray(logits), tokens, jax.tree.map(np.asarray, state.trainable.per_layer().weights)
+
+    want_logits, want_tokens, want_adapters = results(jaxlora.load(model_path, scan_layers=False), None)
+    report = {}
+    for spec in ("data=2,tensor=4", "fsdp=2,tensor=4"):
+        mesh = make_mesh(spec)
+        model = jaxlora.load(model_path, mesh=mesh, scan_layers=True)
+        logits, tokens, adapters = results(model, mesh)
+        report[spec] = {
+            "max_logit_diff": float(np.abs(logits - want_logits).max()),
+            "tokens_equal": bool((tokens == want_tokens).all()),
+            "max_adapter_diff": max(
+                float(np.abs(a - b).max())
+                for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(want_adapters), strict=True)
+            ),
+            "q_proj_spec": str(model.params["stacks_0"]["blocks_0"]["attn"]["q_proj"]["kernel"].sharding.spec),
+        }
+    print(json.dumps(report))
+
+
 def process(model_path, ids_path, process_id, port):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -204,5 +248,7 @@ if __name__ == "__main__":
         meshes(*args)
     elif mode == "experts":
         experts(*args)
+    elif mode == "scanned":
+        scanned(*args)
     else:
         process(args[0], args[1], int(args[2]), int(args[3]))
