@@ -242,7 +242,7 @@ def test_full_fine_tuning_gradients_are_the_same_in_both_layouts(deep):
     got = unstack_tree(jax.grad(loss)(scanned.params, scanned.config), layer_stacks(scanned.config))
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def kinds_config(kinds):
@@ -322,7 +322,7 @@ def test_scanned_layers_on_eight_devices_equal_one(deep):
 
 
 def test_cli_generates_the_same_text_scanned(tiny_with_tokenizer):
-    args = ["generate", tiny_with_tokenizer, "--prompt", "def add(a, b):", "--max-new-tokens", "12"]
+    args = ["generate", tiny_with_tokenizer / "jax", "--prompt", "def add(a, b):", "--max-new-tokens", "12"]
     off = run_cli(*args, "--scan-layers", "off")
     on = run_cli(*args, "--scan-layers", "on")
     assert off.returncode == 0 and on.returncode == 0, on.stderr
