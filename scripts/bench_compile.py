@@ -5,8 +5,9 @@
    of a 16-token prompt, the decode loop (a chunk of 8 steps) and a LoRA train step (rank 8 on q/v, batch 2 x
    64), in each layout. Each (depth, layout) runs in its own fresh process with no persistent compile cache.
 2. SmolLM2-135M (30 layers; float32) in each layout, each in its own fresh process: decode tok/s at batch 1 and 8
-   (greedy, 16-token prompt, the whole call minus the time to the first token), prefill tok/s of 512 tokens, and
-   its compile seconds; medians of --repeat calls after a warm-up.
+   (greedy, 16-token prompt, the whole call minus the time to the first token), prefill tok/s of 512 tokens, a
+   LoRA train step (rank 8 on q/v, batch 4 x 256) and the compile seconds of the batch-1 prefill and decode;
+   medians of --repeat calls after a warm-up.
 
     python scripts/bench_compile.py [--depths 8,32,96] [--repeat 3] [--new-tokens 33] [--checkpoint CKPT] [--json]
 """
@@ -110,9 +111,9 @@ def decode_speed(checkpoint: str, layout: str, new_tokens: int, repeat: int) -> 
     import jaxlora
     from jaxlora.generate import stream
 
-    clock = CompileClock()
     model = jaxlora.load(checkpoint, scan_layers=layout == "scanned", compile_cache=False)
     params, config = model.params, model.config
+    clock = CompileClock()  # from here: generation's programs, not loading's
     rng = np.random.default_rng(0)
     out = {}
     for batch in (1, 8):
@@ -126,15 +127,43 @@ def decode_speed(checkpoint: str, layout: str, new_tokens: int, repeat: int) -> 
 
         first()
         full()
+        if batch == 1:
+            out["generate_compile_s"] = clock.phase("prefill") + clock.phase("decode")
         warm_first = median_of(first, repeat)
         total = median_of(full, repeat)
         out[f"decode_b{batch}_tok_s"] = batch * (new_tokens - 1) / (total - warm_first)
-    out["compile_s"] = sum(clock.seconds.values())
     ids = rng.integers(0, config.vocab_size, (1, 512)).astype(np.int32)
     forward = jax.jit(jaxlora.forward, static_argnums=1)
     forward(params, config, ids).block_until_ready()
     out["prefill_tok_s"] = 512 / median_of(lambda: forward(params, config, ids).block_until_ready(), repeat)
+    out["train_step_s"] = lora_step_seconds(params, config, repeat)
     return out
+
+
+def lora_step_seconds(params, config, repeat: int) -> float:
+    """Median seconds of a LoRA train step (rank 8 on q/v, AdamW, batch 4 x 256) after a warm-up step."""
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxlora import lora
+    from jaxlora.train import init_state, make_train_step
+
+    adapters = lora.init(config, jax.random.key(1), rank=8, targets=("q_proj", "v_proj"))
+    optimizer = optax.adamw(1e-4)
+    step = make_train_step(params, config, optimizer)
+    rows = np.random.default_rng(1).integers(0, config.vocab_size, (1, 4, 256)).astype(np.int32)
+    batch = {"input_ids": rows, "attention_mask": np.ones_like(rows), "loss_mask": np.ones_like(rows)}
+    state = init_state(adapters, optimizer, jax.random.key(2))
+    state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -203,7 +232,16 @@ def main() -> None:
         )
         for layout in LAYOUTS
     }
-    rows = [("layout", "decode tok/s, batch 1", "decode tok/s, batch 8", "prefill tok/s (512)", "compile s")]
+    rows = [
+        (
+            "layout",
+            "decode tok/s, batch 1",
+            "decode tok/s, batch 8",
+            "prefill tok/s (512)",
+            "LoRA step s (4 x 256)",
+            "generate compile s",
+        )
+    ]
     for layout, r in speeds.items():
         rows.append(
             (
@@ -211,7 +249,8 @@ def main() -> None:
                 f"{r['decode_b1_tok_s']:.1f}",
                 f"{r['decode_b8_tok_s']:.1f}",
                 f"{r['prefill_tok_s']:.0f}",
-                f"{r['compile_s']:.1f}",
+                f"{r['train_step_s']:.2f}",
+                f"{r['generate_compile_s']:.1f}",
             )
         )
     print("\nSmolLM2-135M float32 (30 layers), each layout in its own process\n")

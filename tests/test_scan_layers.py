@@ -327,3 +327,35 @@ def test_cli_generates_the_same_text_scanned(tiny_with_tokenizer):
     on = run_cli(*args, "--scan-layers", "on")
     assert off.returncode == 0 and on.returncode == 0, on.stderr
     assert on.stdout == off.stdout and on.stdout.strip()
+
+
+def test_quantized_weights_scan_too(deep):
+    """int4 weights quantized on load are stacked like float ones: the scanned model gives the unrolled quantized
+    model's logits and greedy tokens."""
+    _, path = deep("qwen2_moe")
+    unrolled, scanned = both(path, quantize="int4:8")
+    assert scanned.params["stacks_2"]["blocks_0"]["moe"]["up"]["values"].shape[0] == 4
+    ids = random_ids((2, 11), scanned.config.vocab_size, seed=10)
+    np.testing.assert_allclose(
+        jit_forward(scanned.params, scanned.config, ids),
+        jit_forward(unrolled.params, unrolled.config, ids),
+        rtol=0,
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(
+        jaxlora.generate(scanned.params, scanned.config, ids, max_new_tokens=8).tokens,
+        jaxlora.generate(unrolled.params, unrolled.config, ids, max_new_tokens=8).tokens,
+    )
+
+
+def test_export_of_a_scanned_model_is_per_layer(deep, tmp_path):
+    from jaxlora.export import export_hf
+
+    _, path = deep("gemma2")
+    unrolled, scanned = both(path)
+    export_hf(scanned, tmp_path / "from-scanned")
+    export_hf(unrolled, tmp_path / "from-unrolled")
+    files = sorted(p.name for p in (tmp_path / "from-unrolled").iterdir() if p.suffix == ".safetensors")
+    assert files
+    for name in files:
+        assert (tmp_path / "from-scanned" / name).read_bytes() == (tmp_path / "from-unrolled" / name).read_bytes()

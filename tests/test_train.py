@@ -571,3 +571,36 @@ def test_qlora_trains_adapters_over_an_int4_base_and_exports_them_for_the_float_
         finetune(root, tmp_path / "bad", "--quantize", "int8", "--full"), capture_output=True, text=True
     )
     assert full.returncode == 1 and "needs a float checkpoint" in full.stderr and "Traceback" not in full.stderr
+
+
+def test_full_fine_tuning_of_a_scanned_model_writes_the_per_layer_checkpoint(tiny_chat, tmp_path):
+    """`finetune --full --scan-layers on` trains the stacked params and writes them one group per layer: the same
+    checkpoint (1e-5) as the unrolled run, loadable either way."""
+    from jaxlora.trainer import RunOptions, run
+
+    root, _ = tiny_chat
+    finals = {}
+    for layout in ("off", "on"):
+        options = RunOptions(
+            data=str(root / "train.jsonl"),
+            out=str(tmp_path / layout),
+            steps=3,
+            batch_size=2,
+            seq_len=32,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            full=True,
+            save_every=100,
+            scan_layers=layout,
+        )
+        finals[layout] = run(str(root / "jax"), options, log=lambda _: None)
+    unrolled = jaxlora.load(finals["off"], scan_layers=False)
+    scanned = jaxlora.load(finals["on"], scan_layers=False)
+    assert sorted(scanned.params) == sorted(unrolled.params)
+    for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(unrolled.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    base = jaxlora.load(root / "jax")
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), base.params, unrolled.params)
+    )
+    assert max(moved) > 1e-4
