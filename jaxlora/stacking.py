@@ -26,8 +26,9 @@ from jaxlora.errors import UsageError
 
 # The layer count from which `auto` scans off TPU. scripts/bench_compile.py measured, on a 2-core CPU: scanned
 # compile time flat in depth (about 2 s for a first generate call at 8, 32 or 96 layers) and unrolled growing by
-# about 0.18 s per layer (18.5 s at 96), while the scanned decode loop runs at 0.76x (batch 1) to 0.84x (batch 8)
-# of the unrolled one (XLA:CPU copies each layer's weight slice out of the stack before its matmul). The persistent
+# about 0.17 s per layer (17.8 s at 96), while SmolLM2's scanned decode loop runs at 0.70x (batch 1) to 0.91x
+# (batch 8) of the unrolled one (XLA:CPU copies each layer's weight slice out of the stack before its matmul;
+# a LoRA train step runs at the same speed in both). The persistent
 # compile cache pays the unrolled compile once per machine, the slower decode is paid on every token: unrolled
 # stays the default off TPU until the compile passes about 12 s (64 layers, Llama-2-70B's 80 among them).
 AUTO_SCAN_MIN_LAYERS = 64
