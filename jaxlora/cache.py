@@ -6,6 +6,7 @@ the sequence lives at entry a % window, so a long generation's memory for that l
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -67,17 +68,67 @@ def ring_slots(next_slot: jax.Array, size: int) -> jax.Array:
     return next_slot - 1 - jnp.mod(next_slot - 1 - jnp.arange(size), size)
 
 
-def ring_write(buffer: jax.Array, new: jax.Array, write_index: jax.Array, end: jax.Array | None = None) -> jax.Array:
-    """Write new [batch, t, ...] at sequence slots write_index.. into a ring [batch, size, ...].
+def ring_write(
+    buffer: jax.Array, new: jax.Array, write_index: jax.Array, end: jax.Array | None = None, layer=None
+) -> jax.Array:
+    """Write new [batch, t, ...] at sequence slots write_index.. into a ring [batch, size, ...] (or into entry
+    `layer` of a stacked ring [repeats, batch, size, ...]).
 
     Only slots before `end` (default: all t) are kept, right padding (a chat turn's) being dropped so it cannot
     evict live entries; of those only the last `size` land.
     """
-    size, t = buffer.shape[1], new.shape[1]
+    size, t = buffer.shape[-3], new.shape[1]
     new = new.astype(buffer.dtype)
     if t == 1:
-        return jax.lax.dynamic_update_slice_in_dim(buffer, new, write_index % size, axis=1)
+        return _write_at(buffer, new, write_index % size, layer)
     end = write_index + t if end is None else end
     slots = write_index + jnp.arange(t)
     entries = jnp.where((slots >= end - size) & (slots < end), slots % size, size)  # size: out of range, dropped
-    return buffer.at[:, entries].set(new, mode="drop")
+    if layer is None:
+        return buffer.at[:, entries].set(new, mode="drop")
+    return buffer.at[layer, :, entries].set(new.swapaxes(0, 1), mode="drop")
+
+
+def _write_at(buffer: jax.Array, new: jax.Array, slot, layer=None) -> jax.Array:
+    """new [batch, t, ...] written in place at `slot` of a layer's buffer, or of entry `layer` of a stacked one."""
+    if layer is None:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, slot, axis=1)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(buffer, new[None], (layer, zero, slot, zero, zero))
+
+
+class LayerCache(NamedTuple):
+    """One layer's part of the cache as its attention sees it: the layer's own key/value buffers [batch, slots,
+    kv_heads, head_dim], or a stack's buffers [repeats, batch, ...] and the layer's index in them. A scanned
+    decoder carries the stacked buffers through its scan, so each layer writes its new entries into them in place
+    and reads its slice, instead of copying its whole slice out and back every step."""
+
+    keys: jax.Array
+    values: jax.Array
+    layer: jax.Array | None = None
+
+    @property
+    def size(self) -> int:
+        """Entries per layer: the cache's slots, or a ring's window."""
+        return self.keys.shape[-3]
+
+    def read(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [batch, size, kv_heads, head_dim]."""
+        if self.layer is None:
+            return self.keys, self.values
+        take = partial(jax.lax.dynamic_index_in_dim, index=self.layer, axis=0, keepdims=False)
+        return take(self.keys), take(self.values)
+
+    def write(self, k: jax.Array, v: jax.Array, slot) -> LayerCache:
+        """k, v [batch, t, kv_heads, head_dim] written at slots slot.. (a full buffer, not a ring)."""
+        return self._replace(
+            keys=_write_at(self.keys, k.astype(self.keys.dtype), slot, self.layer),
+            values=_write_at(self.values, v.astype(self.values.dtype), slot, self.layer),
+        )
+
+    def write_ring(self, k: jax.Array, v: jax.Array, write_index, end=None) -> LayerCache:
+        """k, v written into a ring at sequence slots write_index.. (see `ring_write`)."""
+        return self._replace(
+            keys=ring_write(self.keys, k, write_index, end, self.layer),
+            values=ring_write(self.values, v, write_index, end, self.layer),
+        )

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from jaxlora import moe
 from jaxlora.attention import attend
-from jaxlora.cache import KVCache, ring_slots, ring_write
+from jaxlora.cache import KVCache, LayerCache, ring_slots
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
@@ -166,7 +166,8 @@ class Attention(nn.Module):
     sites: Sites | None = None
 
     @nn.compact
-    def __call__(self, x, inputs: AttentionInputs, cache_kv):
+    def __call__(self, x, inputs: AttentionInputs, cache: LayerCache | None):
+        """x [batch, t, hidden] -> (output [batch, t, hidden], the layer's updated cache or None)."""
         c, here = self.config, f"blocks.{self.index}.attn."
         cos, sin, query_slots, key_valid, write_index, segments = inputs
         b, t, _ = x.shape
@@ -203,39 +204,39 @@ class Attention(nn.Module):
             on_pattern=on_pattern,
             sinks=sinks,
         )
-        if cache_kv is None:
-            out, new_kv = core(q, k, v, query_slots, key_valid, segments=segments), (k, v)
-        elif cache_kv[0].shape[1] == key_valid.shape[1]:
+        if cache is None:
+            out, new_cache = core(q, k, v, query_slots, key_valid, segments=segments), None
+        elif cache.size == key_valid.shape[1]:
             # A buffer with every slot: write this call's keys/values and attend over it.
-            cached_k, cached_v = cache_kv
-            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, write_index, 0, 0))
-            out, new_kv = core(q, k.astype(q.dtype), v.astype(q.dtype), query_slots, key_valid), (k, v)
+            new_cache = cache.write(k, v, write_index)
+            keys, values = new_cache.read()
+            out = core(q, keys.astype(q.dtype), values.astype(q.dtype), query_slots, key_valid)
         else:
-            out, new_kv = self._ring_attention(core, q, k, v, query_slots, key_valid, cache_kv, write_index)
+            out, new_cache = self._ring_attention(core, q, k, v, query_slots, key_valid, cache, write_index)
         out = at_site(self, self.sites, here + "hook_z", out)
         out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora=self.lora)(
             out.reshape(b, t, c.num_heads * c.head_dim)
         )
-        return out, new_kv
+        return out, new_cache
 
     @staticmethod
-    def _ring_attention(core, q, k, v, query_slots, key_valid, cache_kv, write_index):
+    def _ring_attention(core, q, k, v, query_slots, key_valid, cache: LayerCache, write_index):
         """Attention through a windowed layer's ring buffer (see `jaxlora.cache`)."""
-        cached_k, cached_v = cache_kv
-        size, t = cached_k.shape[1], q.shape[1]
+        size, t = cache.size, q.shape[1]
 
         def valid_at(slots):
             return jnp.take(key_valid, jnp.maximum(slots, 0), axis=1) & (slots >= 0)
 
         if t == 1:
             # One new token: it replaces the entry `window` slots back, which it could not see anyway.
-            new_k, new_v = ring_write(cached_k, k, write_index), ring_write(cached_v, v, write_index)
+            new_cache = cache.write_ring(k, v, write_index)
+            new_k, new_v = new_cache.read()
             slots = ring_slots(write_index + 1, size)
             out = core(q, new_k.astype(q.dtype), new_v.astype(q.dtype), query_slots, valid_at(slots), slots)
-            return out, (new_k, new_v)
+            return out, new_cache
         # Several: earlier queries still need entries the later tokens overwrite, so attend over ring + new first.
         old_slots = ring_slots(write_index, size)
+        cached_k, cached_v = cache.read()
         keys = jnp.concatenate([cached_k.astype(q.dtype), k], axis=1)
         values = jnp.concatenate([cached_v.astype(q.dtype), v], axis=1)
         slots = jnp.concatenate([old_slots, write_index + jnp.arange(t)])
@@ -244,7 +245,7 @@ class Attention(nn.Module):
         out = core(q, keys, values, query_slots, valid, slots)
         # The ring keeps slots up to the last real one: a chat turn's right padding is overwritten by decoding.
         end = write_index + jnp.max(jnp.where(jnp.any(new_valid, axis=0), jnp.arange(1, t + 1), 0))
-        return out, (ring_write(cached_k, k, write_index, end), ring_write(cached_v, v, write_index, end))
+        return out, cache.write_ring(k, v, write_index, end)
 
 
 class MLP(nn.Module):
@@ -336,7 +337,7 @@ class Block(nn.Module):
     sites: Sites | None = None
 
     @nn.compact
-    def __call__(self, x, inputs: AttentionInputs, cache_kv):
+    def __call__(self, x, inputs: AttentionInputs, cache: LayerCache | None):
         c, here = self.config, f"blocks.{self.index}."
 
         def site(name, value):
@@ -353,7 +354,7 @@ class Block(nn.Module):
         x = site("hook_resid_pre", x)
         normed = pre_norm("attn_norm", x)
         attention = Attention(c, self.window, self.lora, self.index, self.sites, name="attn")
-        attn_out, new_kv = attention(normed, inputs, cache_kv)
+        attn_out, new_cache = attention(normed, inputs, cache)
         mlp = MixtureOfExperts(c, self.lora, name="moe") if c.moe_layer(self.index) else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:
             x = x + site("hook_attn_out", make_norm(c, "post_attn_norm")(attn_out))
@@ -365,7 +366,7 @@ class Block(nn.Module):
             # Parallel: attention and MLP both read the block's input (GPT-J/CodeGen through the same norm).
             mlp_in = normed if c.residual == "parallel_shared_norm" else make_norm(c, "mlp_norm")(x)
             x = x + site("hook_attn_out", attn_out) + site("hook_mlp_out", mlp(mlp_in))
-        return site("hook_resid_post", x), new_kv
+        return site("hook_resid_post", x), new_cache
 
 
 class LayerPeriod(nn.Module):
@@ -385,23 +386,27 @@ class LayerPeriod(nn.Module):
             block(c, c.layer_windows[start + j], self.lora, index=start + j) for j in range(self.stack.period)
         ]
 
-    def __call__(self, x, inputs: AttentionInputs, local_inputs: AttentionInputs, cache_kvs):
-        new_kvs = []
+    def __call__(self, carry, inputs: AttentionInputs, local_inputs: AttentionInputs):
+        """carry: (x, the stack's cache buffers per period member as (keys, values) [repeats, ...] or None, this
+        step's index): the buffers travel in the scan's carry, so each layer updates them in place."""
+        x, buffers, step = carry
+        updated = []
         for j, block in enumerate(self.blocks):
             windowed = self.config.layer_windows[self.stack.start + j] is not None
-            x, new_kv = block(x, local_inputs if windowed else inputs, None if cache_kvs is None else cache_kvs[j])
-            new_kvs.append(new_kv)
-        return x, None if cache_kvs is None else tuple(new_kvs)
+            cache = None if buffers is None else LayerCache(*buffers[j], step)
+            x, cache = block(x, local_inputs if windowed else inputs, cache)
+            updated.append(None if cache is None else (cache.keys, cache.values))
+        return (x, None if buffers is None else tuple(updated), step + 1), None
 
 
 def scanned_stack(config: ModelConfig, stack: Stack, lora: LoraConfig | None, remat: bool) -> nn.Module:
-    """A stack's layers as one `lax.scan` over its repeats; params, adapters and cache entries carry a leading
+    """A stack's layers as one `lax.scan` over its repeats; params, adapters and cache buffers carry a leading
     axis of `stack.repeats`."""
     scanned = nn.scan(
         LayerPeriod,
         variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast),
         length=stack.repeats,
     )
     return scanned(config, stack, lora, remat)
@@ -486,21 +491,22 @@ class Decoder(nn.Module):
             # The cache holds one stacked buffer per period member of each stack, in order.
             entry = 0
             for stack, scanned in zip(layer_stacks(c), self.stacks, strict=True):
-                cache_kvs = None
+                buffers = None
                 if cache is not None:
                     members = range(entry, entry + stack.period)
-                    cache_kvs = tuple((cache.keys[m], cache.values[m]) for m in members)
+                    buffers = tuple((cache.keys[m], cache.values[m]) for m in members)
                 entry += stack.period
-                x, new_kvs = scanned(x, inputs, local_inputs, cache_kvs)
-                for k, v in new_kvs or ():
+                (x, buffers, _), _ = scanned((x, buffers, jnp.zeros((), jnp.int32)), inputs, local_inputs)
+                for k, v in buffers or ():
                     new_keys.append(k)
                     new_values.append(v)
         else:
             for i, layer in enumerate(self.layers):
-                cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-                x, (k, v) = layer(x, local_inputs if c.layer_windows[i] is not None else inputs, cache_kv)
-                new_keys.append(k)
-                new_values.append(v)
+                layer_cache = None if cache is None else LayerCache(cache.keys[i], cache.values[i])
+                x, layer_cache = layer(x, local_inputs if c.layer_windows[i] is not None else inputs, layer_cache)
+                if layer_cache is not None:
+                    new_keys.append(layer_cache.keys)
+                    new_values.append(layer_cache.values)
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         x = at_site(self, self.sites, "ln_final.hook_normalized", self.final_norm(x))
