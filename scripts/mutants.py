@@ -566,6 +566,43 @@ MUTANTS = [
         "-k",
         "definition",
     ),
+    # Scanned layers.
+    m(
+        "scanned layers: a layer's kind ignores its RoPE switch (SmolLM3 scans as one stack)",
+        "stacking.py",
+        "index in config.no_rope_layers)",
+        "False)",
+        "tests/test_scan_layers.py",
+        "-k",
+        "logits_match and smollm3",
+    ),
+    m(
+        "scanned layers: period members read across instead of down (layer start + member * repeats + step)",
+        "stacking.py",
+        "return self.start + step * self.period + member",
+        "return self.start + member * self.repeats + step",
+        "tests/test_scan_layers.py",
+        "-k",
+        "logits_match and gemma2",
+    ),
+    m(
+        "scanned decode: every layer writes its keys into the stack's first layer",
+        "model.py",
+        "cache = None if buffers is None else LayerCache(*buffers[j], step)",
+        "cache = None if buffers is None else LayerCache(*buffers[j], 0 * step)",
+        "tests/test_scan_layers.py",
+        "-k",
+        "greedy_generation and llama",
+    ),
+    m(
+        "scanned ring prefill: a stack's several new entries land in its first layer",
+        "cache.py",
+        "return buffer.at[layer, :, entries].set(new.swapaxes(0, 1), mode=\"drop\")",
+        "return buffer.at[0, :, entries].set(new.swapaxes(0, 1), mode=\"drop\")",
+        "tests/test_scan_layers.py",
+        "-k",
+        "greedy_generation and gemma2",
+    ),
     # Families' quirks.
     m(
         "Qwen-MoE: picked router probabilities always renormalized (norm_topk_prob ignored)",

@@ -83,7 +83,7 @@ def test_scanned_logits_match_transformers_and_the_unrolled_decoder(deep, name):
 def test_scanned_greedy_generation_matches_transformers(deep, name):
     """Prefill and the decode loop over the stacked cache (ring buffers past Gemma 2's and gpt-oss's windows)."""
     torch_model, path = deep(name)
-    unrolled, scanned = both(path)
+    scanned = jaxlora.load(path, scan_layers=True)
     ids = random_ids((2, 9), scanned.config.vocab_size, seed=3)
     with torch.no_grad():
         ref = torch_model.generate(
@@ -91,8 +91,6 @@ def test_scanned_greedy_generation_matches_transformers(deep, name):
         )[:, ids.shape[1] :].numpy()
     out = jaxlora.generate(scanned.params, scanned.config, ids, max_new_tokens=16, chunk_size=4)
     np.testing.assert_array_equal(out.tokens, ref)
-    again = jaxlora.generate(unrolled.params, unrolled.config, ids, max_new_tokens=16, chunk_size=4)
-    np.testing.assert_array_equal(again.tokens, ref)
 
 
 @pytest.mark.parametrize("name", ["gemma2", "llama-gqa"])
