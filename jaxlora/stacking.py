@@ -25,12 +25,11 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 
 # The layer count from which `auto` scans off TPU. scripts/bench_compile.py measured, on a 2-core CPU: scanned
-# compile time flat in depth (about 2 s for a first generate call at 8, 32 or 96 layers) and unrolled growing by
-# about 0.17 s per layer (17.8 s at 96), while SmolLM2's scanned decode loop runs at 0.70x (batch 1) to 0.91x
-# (batch 8) of the unrolled one (XLA:CPU copies each layer's weight slice out of the stack before its matmul;
-# a LoRA train step runs at the same speed in both). The persistent
-# compile cache pays the unrolled compile once per machine, the slower decode is paid on every token: unrolled
-# stays the default off TPU until the compile passes about 12 s (64 layers, Llama-2-70B's 80 among them).
+# compile time flat in depth (about 1.6 s for a first generate call at 8, 32 or 96 layers) and unrolled growing by
+# about 0.17 s per layer (16.6 s at 96), while SmolLM2's scanned decode runs at 0.82x (batch 1) to 0.93x (batch 8)
+# of the unrolled one (prefill and a LoRA step at the same speed). The persistent compile cache pays the unrolled
+# compile once per machine, the slower decode is paid on every token: unrolled stays the default off TPU until
+# the compile passes about 12 s (64 layers; Llama-2-70B's 80 among them).
 AUTO_SCAN_MIN_LAYERS = 64
 LONGEST_PERIOD = 8
 
