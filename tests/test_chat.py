@@ -9,9 +9,12 @@ from jaxlora.chat import ChatSession
 pytestmark = pytest.mark.real
 
 
-def test_second_turn_reuses_the_cache_and_matches_a_fresh_generation(smollm2_checkpoint):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_second_turn_reuses_the_cache_and_matches_a_fresh_generation(smollm2_checkpoint, scan_layers):
+    """Also with SmolLM2's 30 layers scanned: the turn's extend and decode write into the stacked cache."""
     dst = smollm2_checkpoint
-    model = jaxlora.load(dst)
+    model = jaxlora.load(dst, scan_layers=scan_layers)
+    assert model.config.scan_layers == scan_layers
     session = ChatSession(model, max_new_tokens=40)
     replies = []
     for text in ("What is the capital of France?", "And what is the capital of Italy?"):
