@@ -1,6 +1,6 @@
 """The resumable fine-tuning run behind `jaxlora finetune`: data, the jitted step, orbax checkpoints, resume.
 
-runs/NAME/run.json        what the run was started with
+runs/NAME/run.json        what the run was started with (and its model's layers: scanned or unrolled)
 runs/NAME/checkpoints/    orbax CheckpointManager: trainable state, optimizer state, step, PRNG key, data position
 runs/NAME/final/          LoRA: lora_config.json + adapters/ (orbax); --full: a whole jaxlora checkpoint
 """
@@ -134,6 +134,16 @@ def _as_saveable(state):
     return state.replace(key=jax.random.key_data(state.key))
 
 
+def saved_layers(run_dir: Path) -> str:
+    """The layout ("scanned" or "unrolled") a run's model had, as its run.json says (runs from before scanned
+    layers, or without a readable run.json, were unrolled)."""
+    try:
+        layers = json.loads((run_dir / "run.json").read_text()).get("layers", "unrolled")
+    except (OSError, ValueError, AttributeError):
+        return "unrolled"
+    return "scanned" if layers == "scanned" else "unrolled"
+
+
 def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     """Train; returns the final folder."""
     options.check()
@@ -154,13 +164,18 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     eval_examples = read(options.eval_data) if options.eval_data else None
 
     mesh = make_mesh(options.mesh) if options.mesh else None
+    scan_layers = options.scan_layers
+    if manager_exists:  # the saved state is laid out as the run's model was: resume in that layout
+        scan_layers = "on" if saved_layers(run_dir) == "scanned" else "off"
+        if options.scan_layers not in ("auto", scan_layers):
+            log(f"resuming with the run's {saved_layers(run_dir)} layers (its checkpoints are laid out so)")
     model: Model = load(
         checkpoint,
         mesh=mesh,
         attention=options.attention,
         quantize=options.quantize,
         moe=options.moe,
-        scan_layers=options.scan_layers,
+        scan_layers=scan_layers,
     )
     if options.full and formats_of(model.params):
         raise UsageError(
@@ -211,7 +226,9 @@ def run(checkpoint: str, options: RunOptions, log=print) -> Path:
     state = init_state(trainable, optimizer, key)
     position = 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({"checkpoint": str(checkpoint), **asdict(options)}, indent=2))
+    layers = "scanned" if model.config.scan_layers else "unrolled"
+    meta = {"checkpoint": str(checkpoint), **asdict(options), "layers": layers}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     manager = _manager(run_dir, options.keep)
     if manager_exists:
         step = manager.latest_step()

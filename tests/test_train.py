@@ -604,3 +604,36 @@ def test_full_fine_tuning_of_a_scanned_model_writes_the_per_layer_checkpoint(tin
         jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), base.params, unrolled.params)
     )
     assert max(moved) > 1e-4
+
+
+def test_a_run_resumes_in_its_own_layout(tiny_chat, tmp_path):
+    """A LoRA run started scanned and resumed with --scan-layers off continues in its own (scanned) layout, from
+    its checkpoint, and ends where one uninterrupted run does."""
+    from jaxlora.trainer import RunOptions, run
+
+    root, _ = tiny_chat
+    common = dict(data=str(root / "train.jsonl"), batch_size=2, seq_len=32, warmup_steps=0, save_every=2)
+    whole = run(str(root / "jax"), RunOptions(out=str(tmp_path / "whole"), steps=4, scan_layers="on", **common))
+
+    def stop_after_step_2(line):  # Ctrl-C right after the step-2 checkpoint is saved
+        if "saved checkpoint at step 2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(
+            str(root / "jax"),
+            RunOptions(out=str(tmp_path / "split"), steps=4, scan_layers="on", **common),
+            log=stop_after_step_2,
+        )
+    said = []
+    split = run(
+        str(root / "jax"),
+        RunOptions(out=str(tmp_path / "split"), steps=4, scan_layers="off", resume=True, **common),
+        log=said.append,
+    )
+    assert any("resuming with the run's scanned layers" in line for line in said)
+    assert any("resumed from step 2" in line for line in said)
+    config = jaxlora.load(root / "jax").config
+    a, b = load_adapters(whole, config), load_adapters(split, config)
+    for x, y in zip(jax.tree.leaves(a.weights), jax.tree.leaves(b.weights), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
