@@ -597,8 +597,8 @@ MUTANTS = [
     m(
         "scanned ring prefill: a stack's several new entries land in its first layer",
         "cache.py",
-        "return buffer.at[layer, :, entries].set(new.swapaxes(0, 1), mode=\"drop\")",
-        "return buffer.at[0, :, entries].set(new.swapaxes(0, 1), mode=\"drop\")",
+        'return buffer.at[layer, :, entries].set(new.swapaxes(0, 1), mode="drop")',
+        'return buffer.at[0, :, entries].set(new.swapaxes(0, 1), mode="drop")',
         "tests/test_scan_layers.py",
         "-k",
         "greedy_generation and gemma2",
