@@ -125,9 +125,10 @@ def _write_step(buffer: jax.Array, value: jax.Array, step: int) -> jax.Array:
 
 def stack_params(params: dict, config: ModelConfig) -> dict:
     """A loaded model's params (per layer) -> the stacked layout of `config`'s stacks, one layer at a time: each
-    layer is written into its stacked buffers (allocated where the layer lives, its sharding with an unsplit
-    leading axis) and dropped, so the peak is the model plus one layer. Takes the layer groups out of `params`
-    (the caller's dict) as it goes: pass a copy to keep them."""
+    layer is written into its stack's buffers (allocated where the layer lives, its sharding with an unsplit
+    leading axis) and dropped. A stack's buffers are allocated whole before its layers are dropped, so while a
+    model of one stack is stacked it is held about twice. Takes the layer groups out of `params` (the caller's
+    dict) as it goes: pass a copy to keep them."""
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
     for k, stack in enumerate(layer_stacks(config)):
         members = {}
