@@ -341,16 +341,11 @@ def load(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_impl(attention)
-    scan_choice = (
-        {"on": True, "off": False}.get(scan_layers, scan_layers) if isinstance(scan_layers, str) else scan_layers
-    )
-    if scan_choice not in (True, False, "auto"):
-        raise UsageError(f"scan_layers must be True, False or 'auto', got {scan_layers!r}")
     if moe not in MOE_IMPLS:
         raise UsageError(f"unknown mixture-of-experts implementation {moe!r}; choose one of {', '.join(MOE_IMPLS)}")
     path = Path(path)
     config, meta = read_config(path)
-    config = config.with_attention(attention).with_moe(moe)
+    config = config.with_attention(attention).with_moe(moe).with_scan(stacking.resolve(scan_layers, config))
     if compile_cache:
         xla_cache.enable_unless_chosen()
     elif compile_cache is None:
@@ -362,8 +357,7 @@ def load(
     params = restore_params(path, config, meta["dtype"], dtype, mesh, quantization, fmt)
     if lora is not None:
         params = merge(params, load_adapters(lora, config))
-    if stacking.resolve(scan_choice, config):
-        config = config.with_scan(True)
+    if config.scan_layers:
         params = stacking.stack_params(params, config)
     generation_file = path / "generation_config.json"
     generation = {}

@@ -118,8 +118,9 @@ def _group_order(group: str) -> tuple:
     return (0 if group == "embed" else 2, group)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
-def _write_step(buffer: jax.Array, value: jax.Array, step: int) -> jax.Array:
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_step(buffer: jax.Array, value: jax.Array, step) -> jax.Array:
+    """buffer[step] = value in place (step traced: one program per leaf shape, not per layer)."""
     return buffer.at[step].set(value)
 
 
@@ -158,9 +159,11 @@ def _empty_stack(leaf: jax.Array, repeats: int) -> jax.Array:
 
 
 def resolve(choice: bool | str, config: ModelConfig) -> bool:
-    """Whether to scan: True/False as given, "auto" on TPU or from AUTO_SCAN_MIN_LAYERS layers on."""
+    """Whether to scan: True/False (or the CLI's "on"/"off") as given, "auto" on TPU or from AUTO_SCAN_MIN_LAYERS
+    layers on."""
+    choice = {"on": True, "off": False}.get(choice, choice) if isinstance(choice, str) else choice
     if choice in (True, False):
         return choice
     if choice != "auto":
-        raise UsageError(f"scan_layers must be True, False or 'auto', got {choice!r}")
+        raise UsageError(f"scan_layers must be True, False, 'on', 'off' or 'auto', got {choice!r}")
     return jax.default_backend() == "tpu" or config.num_layers >= AUTO_SCAN_MIN_LAYERS

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import in_fresh_process, markdown_table, median_of, model_sources  # noqa: E402
+from benchlib import decode_tok_s, in_fresh_process, markdown_table, median_of, model_sources  # noqa: E402
 
 LAYOUTS = ("unrolled", "scanned")
 PROMPT = 16
@@ -109,7 +109,6 @@ def decode_speed(checkpoint: str, layout: str, new_tokens: int, repeat: int) -> 
     import numpy as np
 
     import jaxlora
-    from jaxlora.generate import stream
 
     model = jaxlora.load(checkpoint, scan_layers=layout == "scanned", compile_cache=False)
     params, config = model.params, model.config
@@ -118,20 +117,9 @@ def decode_speed(checkpoint: str, layout: str, new_tokens: int, repeat: int) -> 
     out = {}
     for batch in (1, 8):
         ids = rng.integers(0, config.vocab_size, (batch, PROMPT)).astype(np.int32)
-
-        def first(ids=ids):
-            next(stream(params, config, ids, max_new_tokens=new_tokens))
-
-        def full(ids=ids):
-            np.asarray(jaxlora.generate(params, config, ids, max_new_tokens=new_tokens).tokens)
-
-        first()
-        full()
-        if batch == 1:
+        out[f"decode_b{batch}_tok_s"] = decode_tok_s(params, config, ids, new_tokens, repeat)
+        if batch == 1:  # the warm-up compiled batch 1's prefill and decode
             out["generate_compile_s"] = clock.phase("prefill") + clock.phase("decode")
-        warm_first = median_of(first, repeat)
-        total = median_of(full, repeat)
-        out[f"decode_b{batch}_tok_s"] = batch * (new_tokens - 1) / (total - warm_first)
     ids = rng.integers(0, config.vocab_size, (1, 512)).astype(np.int32)
     forward = jax.jit(jaxlora.forward, static_argnums=1)
     forward(params, config, ids).block_until_ready()

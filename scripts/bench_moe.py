@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import in_fresh_process, markdown_table, matmul_gflops, median_of  # noqa: E402
+from benchlib import decode_tok_s, in_fresh_process, markdown_table, matmul_gflops, median_of  # noqa: E402
 
 SHAPES = {
     "mixtral-shaped (8 experts, top 2)": dict(intermediate_size=1792, num_local_experts=8, num_experts_per_tok=2),
@@ -66,7 +66,6 @@ def measure(checkpoint: str, impl: str, prefill_len: int, new_tokens: int, repea
     import numpy as np
 
     import jaxlora
-    from jaxlora.generate import stream
 
     model = jaxlora.load(checkpoint, moe=impl)
     params, config = model.params, model.config
@@ -78,18 +77,7 @@ def measure(checkpoint: str, impl: str, prefill_len: int, new_tokens: int, repea
     out["prefill_tok_s"] = prefill_len / median_of(lambda: forward(params, config, ids).block_until_ready(), repeat)
     for batch in (1, 8):
         ids = rng.integers(0, config.vocab_size, (batch, PROMPT)).astype(np.int32)
-
-        def first(ids=ids):
-            next(stream(params, config, ids, max_new_tokens=new_tokens))
-
-        def full(ids=ids):
-            np.asarray(jaxlora.generate(params, config, ids, max_new_tokens=new_tokens).tokens)
-
-        first()
-        full()
-        warm_first = median_of(first, repeat)
-        total = median_of(full, repeat)
-        out[f"decode_b{batch}_tok_s"] = batch * (new_tokens - 1) / (total - warm_first)
+        out[f"decode_b{batch}_tok_s"] = decode_tok_s(params, config, ids, new_tokens, repeat)
     return out
 
 

@@ -24,6 +24,26 @@ def median_of(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def decode_tok_s(params, config, ids: np.ndarray, new_tokens: int, repeat: int) -> float:
+    """Greedy decode tok/s of `jaxlora.generate` on ids [batch, prompt]: batch x (new_tokens - 1) over the time of
+    the whole call minus the time to the first token (a `stream`'s first chunk); medians of `repeat` calls after
+    one warm-up of each (which compiles)."""
+    import jaxlora
+    from jaxlora.generate import stream
+
+    def first():
+        next(stream(params, config, ids, max_new_tokens=new_tokens))
+
+    def full():
+        np.asarray(jaxlora.generate(params, config, ids, max_new_tokens=new_tokens).tokens)
+
+    first()
+    full()
+    warm_first = median_of(first, repeat)
+    total = median_of(full, repeat)
+    return ids.shape[0] * (new_tokens - 1) / (total - warm_first)
+
+
 def read_bandwidth_gbs() -> dict[str, float]:
     """Machine read bandwidth from a large numpy reduction (1 GiB, far past the caches): on one thread, and
     split over all cores (numpy releases the GIL in reductions), which is what a decode step can use."""
