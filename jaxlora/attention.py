@@ -88,9 +88,10 @@ def dot_product_attention(
     (default 1 / sqrt(head_dim)), then soft-capped. sinks [heads] (gpt-oss): a logit per head that joins each
     row's softmax as one more column, taking probability but carrying no value.
 
-    q [batch, q_len, heads, head_dim], k/v [batch, k_len, kv_heads, head_dim], mask [batch, q_len, k_len] bool
-    -> [batch, q_len, heads, head_dim] in q's dtype. on_pattern: fn(probs) -> probs on the attention
-    probabilities [batch, heads, q_len, k_len] float32 (query head h reads kv head h // (heads / kv_heads)).
+    q [batch, q_len, heads, head_dim], k/v [batch, k_len, kv_heads, head_dim] (v's width may differ: latent
+    attention), mask [batch, q_len, k_len] bool -> [batch, q_len, heads, v's width] in q's dtype. on_pattern:
+    fn(probs) -> probs on the attention probabilities [batch, heads, q_len, k_len] float32 (query head h reads kv
+    head h // (heads / kv_heads)).
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
@@ -115,7 +116,7 @@ def dot_product_attention(
         probs = probs.astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         out = out * jnp.any(mask, axis=-1)[:, :, None, None, None].astype(out.dtype)
-    return out.reshape(b, t, h, d)
+    return out.reshape(b, t, h, v.shape[-1])
 
 
 def _blocks(length: int, block: int) -> tuple[int, int]:
@@ -197,8 +198,8 @@ def _head_major(x: jax.Array, kv_heads: int, dtype=None) -> jax.Array:
 
 def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec: AttentionSpec):
     """-> out [b, t, h, d] in q's dtype and the logsumexp [b, kvh, g, t] float32 of every query row."""
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
+    b, t, h, _ = q.shape
+    kvh, dv = k.shape[2], v.shape[-1]
     layout = _layout(spec, t, k.shape[1])
     qh = _head_major(q, kvh)
 
@@ -223,7 +224,7 @@ def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec: Atten
             return o * rescale[..., None] + pv, m_new, total
 
         shape = q_blk.shape[:-1]
-        init = (jnp.zeros((*shape, d), jnp.float32), jnp.full(shape, _FLOOR), jnp.zeros(shape, jnp.float32))
+        init = (jnp.zeros((*shape, dv), jnp.float32), jnp.full(shape, _FLOOR), jnp.zeros(shape, jnp.float32))
         lo, hi = _key_block_range(spec, slots, layout.nk, layout.kb)
         o, m, total = jax.lax.fori_loop(lo, hi, key_block, init)
         seen = total > 0
@@ -232,10 +233,10 @@ def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec: Atten
         out = jax.lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), q_start, axis=3)
         return out, jax.lax.dynamic_update_slice_in_dim(lse, block_lse, q_start, axis=3)
 
-    out = jnp.zeros(qh.shape, q.dtype)
+    out = jnp.zeros((*qh.shape[:-1], dv), q.dtype)
     lse = jnp.zeros(qh.shape[:-1], jnp.float32)
     out, lse = jax.lax.fori_loop(0, layout.nq, query_block, (out, lse))
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), lse
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dv), lse
 
 
 def _query_segments(segments, start, size: int):
@@ -414,8 +415,9 @@ def attend(
 ) -> jax.Array:
     """Causal (optionally windowed, soft-capped) grouped-query attention with the chosen implementation.
 
-    q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; query_slots [q_len] int32;
-    key_valid [batch, k_len] bool; key_slots [k_len] int32 (default 0..k_len-1). -> [batch, q_len, heads, head_dim].
+    q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim] (v may be narrower or wider:
+    latent attention); query_slots [q_len] int32; key_valid [batch, k_len] bool; key_slots [k_len] int32 (default
+    0..k_len-1). -> [batch, q_len, heads, v's width].
     segments [batch, seq] int32, self-attention only (queries = keys, no cache): a query sees only keys of its own
     segment (documents packed into one row).
     on_pattern: read or edit the probabilities (see `dot_product_attention`): only "xla" materializes them, so
@@ -432,7 +434,11 @@ def attend(
         if impl not in ("auto", "xla"):
             raise ConfigError(f"attention sinks need the 'xla' attention core; '{impl}' does not take them")
         impl = "xla"
+    if q.shape[-1] != v.shape[-1] and impl in ("cudnn", "splash"):
+        raise ConfigError(f"attention {impl!r} needs values as wide as queries; latent attention uses 'chunked'")
     chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, spec)
+    if q.shape[-1] != v.shape[-1] and chosen in ("cudnn", "splash"):
+        chosen = "chunked"
     if chosen == "splash" and (key_slots is not None or q.shape[1] != k.shape[1]):
         chosen = "chunked"  # splash covers self-attention over one sequence; cached calls go chunked
     if segments is not None and (key_slots is not None or q.shape[1] != k.shape[1]):

@@ -35,6 +35,21 @@ def layer_lengths(config: ModelConfig, max_len: int, ring: bool = True) -> tuple
     return tuple(w if ring and w is not None and w < max_len else max_len for w in config.layer_windows)
 
 
+def entry_shapes(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, width) of one slot's keys and of its values. Latent attention (DeepSeek-V3) caches one latent of
+    kv_lora_rank per token as its "keys" and the rotated key part shared by all heads as its "values": MLA's
+    point is that this is all it needs to keep (see `model.LatentAttention`)."""
+    if config.mla:
+        return (1, config.kv_lora_rank), (1, config.rope_dim)
+    return (config.num_kv_heads, config.head_dim), (config.num_kv_heads, config.head_dim)
+
+
+def bytes_per_token(config: ModelConfig, dtype=jnp.float32) -> int:
+    """The cache's bytes for one token of one row, over all layers (full-length layers: a ring's are bounded)."""
+    (kh, kd), (vh, vd) = entry_shapes(config)
+    return config.num_layers * (kh * kd + vh * vd) * jnp.dtype(dtype).itemsize
+
+
 def batch_axis(buffer: jax.Array) -> int:
     """The batch axis of a cache buffer: 0 per layer, 1 when stacked ([repeats, batch, slots, heads, dim])."""
     return buffer.ndim - 4
@@ -52,14 +67,15 @@ def map_rows(fn, cache: KVCache) -> KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, ring: bool = True) -> KVCache:
     """An empty cache for `max_len` slots; ring buffers for windowed layers unless `ring=False`."""
     lengths = layer_lengths(config, max_len, ring)
-    shapes = [(batch, n, config.num_kv_heads, config.head_dim) for n in lengths]
-    if config.scan_layers:  # layers of a period member share a kind, hence a length
-        shapes = [(s.repeats, *shapes[s.start + j]) for s in layer_stacks(config) for j in range(s.period)]
-    return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for shape in shapes),
-        values=tuple(jnp.zeros(shape, dtype) for shape in shapes),
-        key_valid=jnp.zeros((batch, max_len), bool),
-    )
+    (kh, kd), (vh, vd) = entry_shapes(config)
+
+    def buffers(heads: int, width: int) -> tuple[jax.Array, ...]:
+        shapes = [(batch, n, heads, width) for n in lengths]
+        if config.scan_layers:  # layers of a period member share a kind, hence a length
+            shapes = [(s.repeats, *shapes[s.start + j]) for s in layer_stacks(config) for j in range(s.period)]
+        return tuple(jnp.zeros(shape, dtype) for shape in shapes)
+
+    return KVCache(keys=buffers(kh, kd), values=buffers(vh, vd), key_valid=jnp.zeros((batch, max_len), bool))
 
 
 def ring_slots(next_slot: jax.Array, size: int) -> jax.Array:

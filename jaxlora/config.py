@@ -14,6 +14,7 @@ from jaxlora.errors import ConfigError
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 MOE_IMPLS = ("auto", "dense", "gathered", "blocked", "ragged")  # see jaxlora.moe
+ROUTERS = ("softmax", "sigmoid_grouped")  # see jaxlora.moe.route, route_grouped
 # The largest sizes any config may claim, far above every released model (Llama 3.1 405B: 126 layers, hidden
 # 16384, MLP 53248; Gemma 3: a vocabulary of 262144): a hostile or mistyped config fails here, before anything
 # sized by it is built or allocated.
@@ -115,13 +116,28 @@ class ModelConfig:
     expert_intermediate_size: int = 0  # each expert's MLP width (0: intermediate_size)
     # The picked experts' router probabilities renormalized to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob).
     normalize_expert_weights: bool = True
-    shared_expert_size: int = 0  # Qwen2-MoE: a gated MLP of this width on every token, times a sigmoid gate
+    shared_expert_size: int = 0  # Qwen2-MoE, DeepSeek-V3: a gated MLP of this width on every token
+    shared_expert_gated: bool = True  # Qwen2-MoE: the shared expert's output times a sigmoid gate (DeepSeek: not)
+    # How tokens pick experts: "softmax" (top-k of the softmax), or DeepSeek-V3's "sigmoid_grouped": sigmoid
+    # scores plus a learned bias choose, among the groups_per_token best of expert_groups groups; the picked
+    # experts' plain sigmoid scores weigh them (renormalized where normalize_expert_weights), times routed_scaling.
+    router: str = "softmax"
+    expert_groups: int = 1
+    groups_per_token: int = 1
+    routed_scaling: float = 1.0
     dense_layers: tuple[int, ...] = ()  # layers of a mixture model with a dense MLP (of intermediate_size)
     router_bias: bool = False  # gpt-oss: the router Linear has a bias
     expert_bias: bool = False  # gpt-oss: each expert's gate, up and down projections have biases
     # gpt-oss's expert activation: (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    # DeepSeek-V3's multi-head latent attention (MLA), when kv_lora_rank > 0: each token's keys and values come
+    # from one latent of kv_lora_rank numbers (what the KV cache holds, with a rotated key part of rotary_dim
+    # shared by all heads), its queries from one of q_lora_rank (0: straight from the hidden state). head_dim is
+    # a query's / key's width (rotary_dim of it rotated, at its end), v_head_dim a value's.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    v_head_dim: int = 0
     attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax (takes no value)
     # Phi-3 with LongRoPE: once a generated sequence reaches past the original context, transformers drops the KV
     # cache and runs the whole sequence again, so every key takes the long factors (generation does the same).
@@ -142,6 +158,10 @@ class ModelConfig:
         for name, limit in SIZE_LIMITS.items():
             if not isinstance(getattr(self, name), int) or getattr(self, name) > limit:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is past any real model's (at most {limit})")
+        for name in ("kv_lora_rank", "q_lora_rank", "v_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 16:
+                raise ConfigError(f"{name} must be an integer in 0..{1 << 16}, got {value!r}")
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
@@ -171,12 +191,29 @@ class ModelConfig:
             "qk_norm_span": ("head", "all"),
             "attention_impl": ATTENTION_IMPLS,
             "moe_impl": MOE_IMPLS,
+            "router": ROUTERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ConfigError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        if self.router == "sigmoid_grouped":
+            groups = self.expert_groups
+            if groups < 1 or self.num_experts % groups or self.num_experts // groups < 2:
+                raise ConfigError(f"{self.num_experts} experts do not split into n_group={groups} groups of at least 2")
+            if not 1 <= self.groups_per_token <= groups:
+                raise ConfigError(f"topk_group must be in 1..n_group={groups}, got {self.groups_per_token}")
+            if self.experts_per_token > self.groups_per_token * (self.num_experts // groups):
+                raise ConfigError(
+                    f"num_experts_per_tok={self.experts_per_token} is more than topk_group={self.groups_per_token} "
+                    "groups hold"
+                )
+        if self.mla:
+            if self.rotary_dim is None or self.rotary_dim >= self.head_dim:
+                raise ConfigError("latent attention needs a rotary part smaller than head_dim (qk_rope_head_dim)")
+            if any(w is not None for w in self.layer_windows) or self.qk_norm or self.attention_sinks:
+                raise ConfigError("latent attention with sliding windows, q/k norms or sinks is not supported")
 
     @property
     def context_length(self) -> int | None:
@@ -202,6 +239,29 @@ class ModelConfig:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
+    def mla(self) -> bool:
+        """Whether attention is multi-head latent attention (DeepSeek-V3)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def compressed_queries(self) -> bool:
+        """Latent attention's queries through a latent of q_lora_rank (else one q_proj)."""
+        return self.mla and self.q_lora_rank > 0
+
+    @property
+    def direct_queries(self) -> bool:
+        return self.mla and self.q_lora_rank == 0
+
+    @property
+    def compressed_query_bias(self) -> bool:
+        return self.compressed_queries and self.qkv_bias
+
+    @property
+    def value_dim(self) -> int:
+        """A value head's width (head_dim but in latent attention)."""
+        return self.v_head_dim or self.head_dim
+
+    @property
     def moe(self) -> bool:
         return self.num_experts > 0
 
@@ -215,6 +275,10 @@ class ModelConfig:
     def shared_layer(self, index: int) -> bool:
         """Whether layer `index` has a shared expert beside its mixture."""
         return self.moe_layer(index) and self.shared_expert_size > 0
+
+    def gated_shared_layer(self, index: int) -> bool:
+        """Whether layer `index` has a shared expert with a sigmoid gate (Qwen2-MoE)."""
+        return self.shared_layer(index) and self.shared_expert_gated
 
     @property
     def expert_size(self) -> int:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import quant
-from jaxlora.cache import KVCache
+from jaxlora.cache import KVCache, entry_shapes
 from jaxlora.checkpoint import Model
 from jaxlora.errors import ExportError, UsageError
 from jaxlora.families import canonical_name, ignored_pattern, tensor_plan
@@ -201,7 +201,9 @@ def _greedy_with_step(session, model: Model, prompt: np.ndarray, steps: int, cac
     config = model.config
     b, t = prompt.shape
     inputs, _ = step_io_names(config.num_layers)
-    past = [np.zeros((b, cache_len, config.num_kv_heads, config.head_dim), np.float32)] * (2 * config.num_layers)
+    (kh, kd), (vh, vd) = entry_shapes(config)
+    past = [np.zeros((b, cache_len, kh, kd), np.float32)] * config.num_layers
+    past += [np.zeros((b, cache_len, vh, vd), np.float32)] * config.num_layers
     cache_valid = np.zeros((b, cache_len), np.int32)
     cache_valid[:, :t] = 1
     positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
@@ -232,13 +234,19 @@ def export_onnx_step(
         raise UsageError(f"--cache-len must be at least 4, got {cache_len}")
     (b, t) = jax.export.symbolic_shape("batch, t", constraints=[f"t <= {cache_len}"])
     b = batch or b
-    kv = jax.ShapeDtypeStruct((b, cache_len, config.num_kv_heads, config.head_dim), jnp.float32)
-    shapes = [
-        jax.ShapeDtypeStruct((b, t), jnp.int32),
-        jax.ShapeDtypeStruct((b, t), jnp.int32),
-        jax.ShapeDtypeStruct((b, cache_len), jnp.int32),
-        jax.ShapeDtypeStruct((), jnp.int32),
-    ] + [kv] * (2 * config.num_layers)
+    (kh, kd), (vh, vd) = entry_shapes(config)
+    keys = jax.ShapeDtypeStruct((b, cache_len, kh, kd), jnp.float32)
+    values = jax.ShapeDtypeStruct((b, cache_len, vh, vd), jnp.float32)
+    shapes = (
+        [
+            jax.ShapeDtypeStruct((b, t), jnp.int32),
+            jax.ShapeDtypeStruct((b, t), jnp.int32),
+            jax.ShapeDtypeStruct((b, cache_len), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        ]
+        + [keys] * config.num_layers
+        + [values] * config.num_layers
+    )
     inputs, outputs = step_io_names(config.num_layers)
     with staged_files(out, force, recognise_onnx) as folder:
         staging = folder / out.name

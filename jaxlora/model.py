@@ -248,6 +248,122 @@ class Attention(nn.Module):
         return out, cache.write_ring(k, v, write_index, end)
 
 
+class LatentUp(nn.Module):
+    """Latent attention's up-projection (HF's kv_b_proj, kernel [kv_lora_rank, heads * (nope + v_head_dim)]): a
+    token's latent -> each head's key part without RoPE (nope wide) and its value.
+
+    mode "expand": latent [b, s, kv_lora] -> [b, s, heads, nope + v], as transformers computes (no cache).
+    With a cache the latents are never expanded: the key half is absorbed into the queries, "keys": q_nope
+    [b, t, heads, nope] -> [b, t, heads, kv_lora], so scores come straight from the cached latents; the value
+    half is applied after attention, "values": [b, t, heads, kv_lora] -> [b, t, heads, v]. LoRA adapters on
+    kv_b_proj apply in every mode, in their low-rank form."""
+
+    config: ModelConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mode: str) -> jax.Array:
+        c = self.config
+        heads, nope, rank = c.num_heads, c.head_dim - c.rope_dim, c.kv_lora_rank
+        stored = weight(self, "kernel", _axes(_init, "kv_lora", "heads"), (rank, heads * (nope + c.value_dim)))
+        kernel = dequantize(stored, x.dtype).T if is_quantized(stored) else stored.astype(x.dtype)
+        adapter = None
+        if self.has_variable("lora", "a"):
+            a, b = (self.get_variable("lora", n).astype(x.dtype) for n in ("a", "b"))
+            rows = x.shape[0]
+            if a.ndim == 2:  # one adapter for every row; per-row adapters come [batch, ...] (`lora.select`)
+                a, b = jnp.broadcast_to(a, (rows, *a.shape)), jnp.broadcast_to(b, (rows, *b.shape))
+            adapter = (a, b.reshape(rows, -1, heads, nope + c.value_dim), self.lora.scale)
+        if mode == "expand":
+            y = jnp.dot(x, kernel)
+            if adapter is not None:
+                a, b, scale = adapter
+                if self.lora.dropout > 0 and self.has_rng("dropout"):
+                    x = nn.Dropout(self.lora.dropout, deterministic=False)(x)
+                xa = jnp.einsum("bsl,blr->bsr", x, a)
+                y = y + scale * jnp.einsum("bsr,bro->bso", xa, b.reshape(*b.shape[:2], -1))
+            return y.reshape(*x.shape[:2], heads, nope + c.value_dim)
+        kernel = kernel.reshape(rank, heads, nope + c.value_dim)
+        if mode == "keys":
+            y = jnp.einsum("bthn,lhn->bthl", x, kernel[..., :nope])
+            if adapter is not None:
+                a, b, scale = adapter
+                y = y + scale * jnp.einsum("bthr,blr->bthl", jnp.einsum("bthn,brhn->bthr", x, b[..., :nope]), a)
+            return y
+        y = jnp.einsum("bthl,lhv->bthv", x, kernel[..., nope:])
+        if adapter is not None:
+            a, b, scale = adapter
+            y = y + scale * jnp.einsum("bthr,brhv->bthv", jnp.einsum("bthl,blr->bthr", x, a), b[..., nope:])
+        return y
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek-V3's multi-head latent attention (MLA): queries from a compressed latent (q_a_proj, its norm,
+    q_b_proj); keys and values from one latent of kv_lora_rank per token (kv_a_proj_with_mqa, its norm,
+    kv_b_proj), plus a rotated key part shared by all heads. The last rotary_dim dims of each query and that
+    shared part carry RoPE (DeepSeek's interleaved pairs); the rest of a key and the value come from the latent.
+
+    Without a cache the latent is expanded into per-head keys and values, as transformers does. With one, the
+    cache holds only the normed latent ("keys") and the rotated part ("values"), kv_lora_rank + rotary_dim
+    numbers per token and layer, and attention runs over them directly: each head's query is taken into latent
+    space (`LatentUp` "keys"), attends as one multi-query head over [latent, rotated part], and its output
+    leaves latent space through the value half of kv_b_proj. The same numbers, in another order."""
+
+    config: ModelConfig
+    lora: LoraConfig | None = None
+    index: int = 0
+    sites: Sites | None = None
+
+    @nn.compact
+    def __call__(self, x, inputs: AttentionInputs, cache: LayerCache | None):
+        c, here = self.config, f"blocks.{self.index}.attn."
+        cos, sin, query_slots, key_valid, write_index, segments = inputs
+        b, t, _ = x.shape
+        heads, rope, rank = c.num_heads, c.rope_dim, c.kv_lora_rank
+        nope = c.head_dim - rope
+        if c.q_lora_rank:
+            q = Linear(c.q_lora_rank, c.qkv_bias, ("embed", "q_lora"), name="q_a_proj", lora=self.lora)(x)
+            q = Norm(c.norm_eps, axis="q_lora", name="q_a_layernorm")(q)
+            q = Linear(heads * c.head_dim, False, ("q_lora", "heads"), name="q_b_proj", lora=self.lora)(q)
+        else:
+            q = Linear(heads * c.head_dim, False, ("embed", "heads"), name="q_proj", lora=self.lora)(x)
+        q = at_site(self, self.sites, here + "hook_q", q.reshape(b, t, heads, c.head_dim))
+        compressed = Linear(rank + rope, c.qkv_bias, ("embed", None), name="kv_a_proj_with_mqa", lora=self.lora)(x)
+        latent = Norm(c.norm_eps, axis="kv_lora", name="kv_a_layernorm")(compressed[..., :rank])
+        rotated = not c.learned_positions and self.index not in c.no_rope_layers
+
+        def rope_of(x):  # the last `rope` dims of x rotated by position
+            return apply_rope(x, cos, sin, c.rotary_style) if rotated else x
+
+        q_nope, q_rope = q[..., :nope], rope_of(q[..., nope:])
+        up = LatentUp(c, self.lora, name="kv_b_proj")
+        on_pattern = None
+        if self.sites is not None and self.sites.wants(here + "hook_pattern"):
+            on_pattern = partial(at_site, self, self.sites, here + "hook_pattern")
+        core = partial(attend, scale=c.attn_scale, impl=c.attention_impl, on_pattern=on_pattern)
+        if cache is None:
+            kv = up(latent, "expand")  # [b, t, heads, nope + v]
+            k_nope = kv[..., :nope]
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(compressed[..., None, rank:], (b, t, heads, rope))], -1)
+            k = at_site(self, self.sites, here + "hook_k", k)
+            v = at_site(self, self.sites, here + "hook_v", kv[..., nope:])
+            k = jnp.concatenate([k[..., :nope], rope_of(k[..., nope:])], -1)
+            query = jnp.concatenate([q_nope, q_rope], -1)
+            out, new_cache = core(query, k, v, query_slots, key_valid, segments=segments), None
+        else:
+            k_rope = rope_of(compressed[..., None, rank:])  # [b, t, 1, rope]
+            new_cache = cache.write(latent[:, :, None], k_rope, write_index)
+            latents, k_ropes = (a.astype(q.dtype) for a in new_cache.read())  # [b, slots, 1, rank], [.., rope]
+            query = jnp.concatenate([up(q_nope, "keys"), q_rope], -1)  # [b, t, heads, rank + rope]
+            keys = jnp.concatenate([latents, k_ropes], -1)
+            out = up(core(query, keys, latents, query_slots, key_valid), "values")
+        out = at_site(self, self.sites, here + "hook_z", out)
+        out = Linear(c.hidden_size, c.o_bias, ("heads", "embed"), name="o_proj", lora=self.lora)(
+            out.reshape(b, t, heads * c.value_dim)
+        )
+        return out, new_cache
+
+
 class MLP(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
@@ -279,8 +395,21 @@ class MixtureOfExperts(nn.Module):
     def __call__(self, x):
         c = self.config
         e, d, f = c.num_experts, c.hidden_size, c.expert_size
-        router_logits = Linear(e, c.router_bias, ("embed", "experts"), name="router")(x)  # [b, t, e]
-        weights, experts = moe.route(router_logits, c.experts_per_token, c.normalize_expert_weights)
+        if c.router == "sigmoid_grouped":  # DeepSeek-V3, whose router runs in float32 whatever the model's dtype
+            router_logits = Linear(e, axes=("embed", "experts"), name="router")(x.astype(jnp.float32))
+            score_bias = self.param("score_bias", _axes(nn.initializers.zeros, "experts"), (e,), jnp.float32)
+            weights, experts = moe.route_grouped(
+                router_logits,
+                score_bias,
+                c.experts_per_token,
+                c.expert_groups,
+                c.groups_per_token,
+                c.normalize_expert_weights,
+                c.routed_scaling,
+            )
+        else:
+            router_logits = Linear(e, c.router_bias, ("embed", "experts"), name="router")(x)  # [b, t, e]
+            weights, experts = moe.route(router_logits, c.experts_per_token, c.normalize_expert_weights)
         kernels = moe.Experts(
             self._experts("gate", ("experts", "embed", "mlp"), (e, d, f), x.dtype),
             self._experts("up", ("experts", "embed", "mlp"), (e, d, f), x.dtype),
@@ -306,7 +435,9 @@ class MixtureOfExperts(nn.Module):
         out = out.reshape(x.shape)
         if c.shared_expert_size:
             shared = MLP(c, self.lora, c.shared_expert_size, name="shared")(x)
-            out = out + jax.nn.sigmoid(Linear(1, axes=("embed", None), name="shared_gate")(x)) * shared
+            if c.shared_expert_gated:
+                shared = jax.nn.sigmoid(Linear(1, axes=("embed", None), name="shared_gate")(x)) * shared
+            out = out + shared
         return out
 
     def _glu(self) -> moe.Glu:
@@ -353,7 +484,10 @@ class Block(nn.Module):
 
         x = site("hook_resid_pre", x)
         normed = pre_norm("attn_norm", x)
-        attention = Attention(c, self.window, self.lora, self.index, self.sites, name="attn")
+        if c.mla:
+            attention = LatentAttention(c, self.lora, self.index, self.sites, name="attn")
+        else:
+            attention = Attention(c, self.window, self.lora, self.index, self.sites, name="attn")
         attn_out, new_cache = attention(normed, inputs, cache)
         mlp = MixtureOfExperts(c, self.lora, name="moe") if c.moe_layer(self.index) else MLP(c, self.lora, name="mlp")
         if c.sandwich_norm:

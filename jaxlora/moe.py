@@ -64,6 +64,36 @@ def route(router_logits: jax.Array, k: int, normalize: bool = True) -> tuple[jax
     return top_probs, top_experts
 
 
+def route_grouped(
+    router_logits: jax.Array,
+    score_bias: jax.Array,
+    k: int,
+    groups: int,
+    groups_per_token: int,
+    normalize: bool,
+    scaling: float,
+) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek-V3's routing: (weights [..., k] float32, experts [..., k] int32) for router_logits [..., e].
+
+    Scores are sigmoids; a learned bias (e_score_correction_bias, load balancing) is added for choosing only.
+    The experts fall into `groups` groups, each rated by the sum of its two best biased scores; a token picks
+    its `k` best biased scores within its `groups_per_token` best groups, and weighs them by their unbiased
+    scores (renormalized to sum to 1 with `normalize`), times `scaling` (routed_scaling_factor)."""
+    scores = jax.nn.sigmoid(router_logits.astype(jnp.float32))
+    choice = scores + score_bias.astype(jnp.float32)
+    e = choice.shape[-1]
+    by_group = choice.reshape(*choice.shape[:-1], groups, e // groups)
+    group_rating = jnp.sum(jax.lax.top_k(by_group, 2)[0], axis=-1)  # [..., groups]
+    _, best_groups = jax.lax.top_k(group_rating, groups_per_token)
+    in_best = jnp.any(best_groups[..., None] == jnp.arange(groups), axis=-2)  # [..., groups]
+    allowed = jnp.repeat(in_best, e // groups, axis=-1)
+    _, experts = jax.lax.top_k(jnp.where(allowed, choice, -jnp.inf), k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if normalize:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * scaling, experts
+
+
 def pick_impl(impl: str) -> str:
     """The implementation `auto` stands for on this platform."""
     if impl != "auto":

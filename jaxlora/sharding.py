@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import quant
+from jaxlora.cache import entry_shapes
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import logical_axes, param_shapes
@@ -103,7 +104,8 @@ def _units(logical: str, size: int, config: ModelConfig) -> int:
     """How many indivisible units a dimension holds: whole heads for a head axis that spans them (a weight's heads x
     head_dim, or the cache's heads), else elements (a quantized weight's packed or grouped head axis among them)."""
     heads = {"heads": config.num_heads, "kv_heads": config.num_kv_heads}.get(logical)
-    if heads is not None and size in (heads, heads * config.head_dim):
+    widths = {1, config.head_dim, config.value_dim, config.head_dim - config.rope_dim + config.value_dim}
+    if heads is not None and size in {heads * w for w in widths}:
         return heads
     return size
 
@@ -173,9 +175,10 @@ class DecodeLayout(NamedTuple):
 def decode_layout(mesh: Mesh, config: ModelConfig, batch: int) -> DecodeLayout:
     batch_spec = spec_for(("batch",), (batch,), mesh, config, "batch")
     b = batch_spec[0] if len(batch_spec) else None
+    (heads, width), _ = entry_shapes(config)  # keys and values have as many heads (one latent's, in MLA)
     kv = spec_for(
         ("batch", "cache_len", "kv_heads", "head_dim"),
-        (batch, 1, config.num_kv_heads, config.head_dim),
+        (batch, 1, heads, width),
         mesh,
         config,
         "kv cache",

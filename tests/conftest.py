@@ -204,6 +204,36 @@ TINY_CONFIGS = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # DeepSeek-V3: latent attention (compressed queries, interleaved RoPE on 6 of 14 dims, YaRN past 64 tokens with
+    # its mscale on the scores), layer 0 dense, then 8 experts in 4 groups (2 groups per token) and shared experts.
+    "deepseek_v3": dict(
+        model_type="deepseek_v3",
+        **{**BASE, "num_key_value_heads": 4},
+        moe_intermediate_size=24,
+        n_shared_experts=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        kv_lora_rank=20,
+        q_lora_rank=24,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=6,
+        v_head_dim=10,
+        rope_parameters=dict(
+            rope_type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=64,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            rope_theta=10000.0,
+        ),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=97, n_embd=40, n_layer=3, n_head=4, n_positions=64),
     "gptj": dict(model_type="gptj", vocab_size=97, n_embd=48, n_layer=3, n_head=4, rotary_dim=6, n_positions=64),
     "codegen": dict(
@@ -241,6 +271,8 @@ class TinyModel:
 # projection (which otherwise drowns under the token embedding, Gemma's scaled one above all).
 SHARPENED = {
     re.compile(r".*(q_proj|k_proj|qkv_proj|c_attn|query_key_value)\.(weight|bias)|.*\.wpe\.weight"): 16.0,
+    # Latent attention: queries, the rotated key part (the latent itself is normed) and the keys from the latent.
+    re.compile(r".*(q_b_proj|kv_a_proj_with_mqa|kv_b_proj)\.weight"): 16.0,
     re.compile(r".*(o_proj|attn\.c_proj|attention\.dense|out_proj)\.weight"): 8.0,
     re.compile(r"lm_head\.weight"): 4.0,
     # gpt-oss's attention sinks (about 0.1 after the noise below): logits of a few units, so they take a real share.

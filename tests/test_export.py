@@ -33,6 +33,7 @@ HF_FAMILIES = [
     "smollm3",
     "granite",
     "gpt_oss",
+    "deepseek_v3",
 ]
 
 

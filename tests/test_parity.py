@@ -226,6 +226,7 @@ def test_every_source_format_converts_to_the_same_logits(tmp_path, fmt):
 # each is about as far from the other as transformers' bfloat16 is from its own float32 (0.006 to 0.13).
 BF16_TOLERANCE = {
     "codegen": 0.07,  # [0.036]
+    "deepseek_v3": 0.06,  # [0.029]
     "gemma": 0.02,  # [0.011]
     "gemma2": 0.025,  # [0.013]
     "gemma3": 0.02,  # [0.011]

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,14 @@ from jaxlora.convert.readers import (
     shard_files,
 )
 from jaxlora.errors import ConversionError, UsageError
-from jaxlora.families import canonical_name, config_from_hf, ignored_pattern, param_from_hf, tensor_plan
+from jaxlora.families import (
+    canonical_name,
+    config_from_hf,
+    family_for,
+    ignored_pattern,
+    param_from_hf,
+    tensor_plan,
+)
 from jaxlora.families.table import TRANSPOSE
 from jaxlora.model import flat_param_shapes, set_path
 from jaxlora.staging import check_destination, check_replaceable, staged
@@ -174,9 +181,11 @@ def _list(names) -> str:
 class CanonicalNames(TensorReader):
     """A reader seen through the family's renames (e.g. GPT-2 checkpoints without the `transformer.` prefix)."""
 
-    def __init__(self, reader: TensorReader, config: ModelConfig):
+    def __init__(self, reader: TensorReader, config: ModelConfig, drop: Collection[str] = ()):
         self._reader = reader
         self._source = {canonical_name(config, n): n for n in reader.names()}
+        for name in drop:
+            del self._source[name]
 
     def names(self) -> list[str]:
         return list(self._source)
@@ -196,6 +205,15 @@ class CanonicalNames(TensorReader):
 
     def close(self) -> None:
         self._reader.close()
+
+
+def extra_layer_tensors(names: list[str], config: ModelConfig) -> dict[str, int]:
+    """{tensor name: its layer} for the tensors of layers past num_layers that the family drops (DeepSeek-V3's
+    multi-token prediction); none for families that refuse them."""
+    if not family_for(config.family).extra_layers_note:
+        return {}
+    layer_of = {n: int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    return {n: layer for n, layer in layer_of.items() if layer >= config.num_layers}
 
 
 def check_sizes(reader: TensorReader, config: ModelConfig) -> None:
@@ -345,8 +363,13 @@ def convert(
     check_replaceable(dst, force)  # before any heavy reading
     source = open_source(src, config_path)
     config = config_from_hf(source.hf_config)
-    reader = CanonicalNames(source.open_reader(), config)
     notes: list[str] = []
+    reader = CanonicalNames(source.open_reader(), config)
+    extra = extra_layer_tensors(reader.names(), config)
+    if extra:
+        layers = sorted({layer for layer in extra.values()})
+        notes.append(family_for(config.family).extra_layers_note.format(layers=layers, count=len(extra)))
+        reader = CanonicalNames(reader, config, drop=extra)
     quantization: dict[str, str] = {}
     try:
         with staged(dst, force) as staging:

@@ -15,6 +15,7 @@ from jaxlora.config import SIZE_LIMITS, ModelConfig
 from jaxlora.errors import ConfigError
 from jaxlora.families import (
     codegen,
+    deepseek,
     gemma2,
     gpt2,
     gpt_neox,
@@ -39,6 +40,7 @@ _FAMILIES = (
     mixtral.FAMILY,
     qwen_moe.FAMILY,
     gpt_oss.FAMILY,
+    deepseek.FAMILY,
     gpt2.FAMILY,
     gptj.FAMILY,
     codegen.FAMILY,

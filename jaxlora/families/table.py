@@ -64,6 +64,9 @@ class Family:
     # Another complete table for the same params, used when a checkpoint has its tensors and not the main
     # table's (Mixtral: one tensor per expert in the original checkpoints, fused in transformers 5's).
     alternative_weights: tuple[WeightRule, ...] = ()
+    # Tensors of layers past num_hidden_layers are dropped with this note (DeepSeek-V3's multi-token prediction;
+    # formatted with {layers} and {count}); empty: such tensors are refused like any unexpected one.
+    extra_layers_note: str = ""
     # transformers keeps this family's Linear layers as Conv1D, weight [in, out] (GPT-2): PEFT's fan_in_fan_out.
     conv1d_weights: bool = False
 
