@@ -32,6 +32,7 @@ DEEP = {
     "gpt_oss": (Stack(0, 2, 3),),
     "smollm3": (Stack(0, 2, 3),),
     "qwen2_moe": (Stack(0, 1, 1), Stack(1, 1, 1), Stack(2, 1, 4)),
+    "deepseek_v3": (Stack(0, 1, 1), Stack(1, 1, 5)),
     "gpt2": (Stack(0, 1, 6),),
     "gptj": (Stack(0, 1, 6),),
 }
