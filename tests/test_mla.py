@@ -3,6 +3,7 @@ cache and the absorbed attention it runs, the other spellings of the block, the 
 own, the multi-token-prediction layer dropped on convert, refused options, LoRA on the latent projections."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, hf_model, random_ids, save_hf
 from test_parity import torch_logits
+from test_sharding import run_worker
 
 import jaxlora
 from jaxlora import lora, moe
@@ -275,3 +277,49 @@ def test_int8_latent_projections_decode_as_they_forward(tiny):
     out = jaxlora.generate(int8.params, config, ids[:, :4], max_new_tokens=6)
     again = np.asarray(jit_forward(int8.params, config, np.concatenate([ids[:, :4], out.tokens], axis=1)))
     np.testing.assert_array_equal(again[:, 3:-1].argmax(-1), out.tokens)
+
+
+def test_latent_attention_on_eight_devices_equals_one(tiny):
+    """Heads of q_b_proj, kv_b_proj and o_proj split over `tensor`, experts over `expert`, rows over `data`; the
+    cache's one latent per token cannot split by heads and stays whole on each device of the tensor axis."""
+    proc = run_worker(["latent", tiny("deepseek_v3").jax_dir], devices=8)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    for spec, result in report.items():
+        assert result["max_logit_diff"] <= 1e-5, (spec, result)
+        assert result["tokens_equal"], spec
+    assert report["fsdp=2,tensor=4"]["kv_b_spec"] == "P(None, 'tensor')"
+    assert report["fsdp=2,tensor=4"]["o_spec"] == "P('tensor', 'fsdp')"
+
+
+def test_peft_adapters_on_the_latent_projections_round_trip(tiny, tmp_path):
+    """A PEFT adapter made on transformers' DeepSeek-V3 (kv_b_proj among its targets) gives PEFT's logits and
+    greedy tokens here, through the cached, absorbed attention too; exported back, PEFT reads the same adapter."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from test_lora import as_if_trained, hf_logits
+
+    from jaxlora.peft import export_peft, import_peft
+
+    m = tiny("deepseek_v3")
+    model = m.load()
+    torch.manual_seed(1)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=list(LATENT_TARGETS))
+    peft_model = as_if_trained(get_peft_model(copy.deepcopy(m.torch_model), peft_config), std=0.05).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    adapters = import_peft(tmp_path / "peft", model.config)
+    ids = random_ids((2, 13), model.config.vocab_size, seed=8)
+    ours = np.asarray(jaxlora.forward(model.params, model.config, ids, lora=adapters))
+    np.testing.assert_allclose(ours, hf_logits(peft_model, ids), rtol=0, atol=1e-4)
+    prompt = ids[:, :6]
+    with torch.no_grad():
+        want = peft_model.generate(
+            input_ids=torch.tensor(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[:, 6:].numpy()
+    got = jaxlora.generate(model.params, model.config, prompt, max_new_tokens=12, lora=adapters).tokens
+    np.testing.assert_array_equal(got, want)
+    export_peft(adapters, model.config, tmp_path / "back")
+    again = PeftModel.from_pretrained(copy.deepcopy(m.torch_model), str(tmp_path / "back")).eval()
+    np.testing.assert_allclose(hf_logits(again, ids), hf_logits(peft_model, ids), rtol=0, atol=1e-5)
