@@ -14,6 +14,9 @@ TransformerLens names them so interpretability code reads the same.
     blocks.{i}.hook_resid_post    the residual stream out of layer i                [batch, pos, hidden]
     ln_final.hook_normalized      the final norm's output (what the LM head reads)  [batch, pos, hidden]
 
+Latent attention (DeepSeek-V3): hook_q and hook_k are [batch, pos, heads, head_dim] (keys expanded from the
+latent, before RoPE), hook_v and hook_z [batch, pos, heads, v_head_dim].
+
 A hook is `fn(x) -> x` of the same shape and dtype, traced with the call (so it works under jit, grad and
 vmap). Reading `hook_pattern` needs the score matrix: the call uses the "xla" attention core for it.
 """
