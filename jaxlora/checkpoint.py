@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,12 +196,25 @@ def restore_params(
     mesh=None,
     quantization: dict[str, str] | None = None,
     quantize: quant.QuantFormat | None = None,
-):
+) -> dict:
     """The param tree as jax arrays, cast to `dtype` if given; with a mesh, each device reads only its shards.
 
     quantization: the checkpoint's quantized weights ({path: stored format}, from config.json); quantize: a format
     the float weights are quantized into as each param group is read (only one group is ever held in float).
     """
+    return dict(restored_groups(path, config, stored_dtype, dtype, mesh, quantization, quantize))
+
+
+def restored_groups(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    stored_dtype: str,
+    dtype: str | None = None,
+    mesh=None,
+    quantization: dict[str, str] | None = None,
+    quantize: quant.QuantFormat | None = None,
+) -> Iterator[tuple[str, dict]]:
+    """`restore_params` one param group at a time ("embed", "layers_0", ..., in that order): (group, subtree)."""
     params_dir = _params_dir(Path(path))
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has no params/ folder")
@@ -217,23 +231,25 @@ def restore_params(
         lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), stored, shardings
     )
     checkpointer = ocp.StandardCheckpointer()
-    params, kept_float = {}, []
+    kept_float = []
+    cast = dtype is not None and DTYPES[dtype] != DTYPES[stored_dtype]
     for group, subtree in target.items():
         check_stored_group(params_dir / group, subtree, own_dtypes=True)
         try:
             with uninterrupted():  # Ctrl-C waits for orbax's reader threads: no traceback from them at exit
-                params[group] = checkpointer.restore(params_dir / group, subtree)
+                restored = checkpointer.restore(params_dir / group, subtree)
         except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
             raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {one_line(e)})") from None
         if quantize is not None:
-            quantized, left = quant.quantize_tree({group: jax.tree.map(to_host, params[group])}, quantize)
+            quantized, left = quant.quantize_tree({group: jax.tree.map(to_host, restored)}, quantize)
             kept_float += left
-            params[group] = _placed(quantized, config, mesh)[group]
+            restored = _placed(quantized, config, mesh)[group]
+        if cast:
+            restored = quant.map_floats(lambda a: a.astype(DTYPES[dtype]), restored)
+        yield group, restored
+        del restored
     if kept_float:
         log.info("left in float (their inputs do not split into groups of %s): %s", quantize.group, kept_float)
-    if dtype is None or DTYPES[dtype] == DTYPES[stored_dtype]:
-        return params
-    return quant.map_floats(lambda a: a.astype(DTYPES[dtype]), params)
 
 
 def _placed(host_params: dict, config: ModelConfig, mesh) -> dict:
@@ -354,11 +370,12 @@ def load(
     fmt = None if quantize is None else quant.parse_format(quantize)
     if fmt is not None and quantization:
         raise UsageError(f"{path} is already quantized ({sorted(set(quantization.values()))[0]}, ...)")
-    params = restore_params(path, config, meta["dtype"], dtype, mesh, quantization, fmt)
+    groups = restored_groups(path, config, meta["dtype"], dtype, mesh, quantization, fmt)
     if lora is not None:
-        params = merge(params, load_adapters(lora, config))
-    if config.scan_layers:
-        params = stacking.stack_params(params, config)
+        adapters = load_adapters(lora, config.with_scan(False))
+        groups = ((group, merged_group(group, subtree, adapters)) for group, subtree in groups)
+    # Scanned: each layer goes into its stack as it is restored (the model is never held twice).
+    params = stacking.stack_groups(groups, config) if config.scan_layers else dict(groups)
     generation_file = path / "generation_config.json"
     generation = {}
     if generation_file.is_file():
@@ -369,6 +386,13 @@ def load(
         if not isinstance(generation, dict):
             raise CheckpointError(f"{generation_file} does not hold a JSON object")
     return Model(config, params, load_tokenizer(path), generation, path)
+
+
+def merged_group(group: str, subtree: dict, adapters: Adapters) -> dict:
+    """One param group with the (per-layer) adapters that touch it merged in."""
+    if group not in adapters.weights:
+        return subtree
+    return merge({group: subtree}, adapters.replace(weights={group: adapters.weights[group]}))[group]
 
 
 def save_adapters(adapters: Adapters, folder: str | os.PathLike, base: str, force: bool = False) -> Path:

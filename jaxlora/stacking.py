@@ -9,12 +9,13 @@ layer of the period with a leading axis of `repeats`:
     {"layers_0": T0, ..., "layers_5": T5}  ->  {"stacks_0": {"blocks_0": stack(T0, T1, ..., T5)}}
 
 `stack_tree` and `unstack_tree` map between the two for any tree keyed by layer group (params, LoRA weights,
-shardings); `stack_params` does it for a loaded model one layer at a time.
+shardings); `stack_groups` does it for a model as its layers are restored, one at a time.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
@@ -124,25 +125,30 @@ def _write_step(buffer: jax.Array, value: jax.Array, step) -> jax.Array:
     return buffer.at[step].set(value)
 
 
-def stack_params(params: dict, config: ModelConfig) -> dict:
-    """A loaded model's params (per layer) -> the stacked layout of `config`'s stacks, one layer at a time: each
-    layer is written into its stack's buffers (allocated where the layer lives, its sharding with an unsplit
-    leading axis) and dropped. A stack's buffers are allocated whole before its layers are dropped, so while a
-    model of one stack is stacked it is held about twice. Takes the layer groups out of `params` (the caller's
-    dict) as it goes: pass a copy to keep them."""
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    for k, stack in enumerate(layer_stacks(config)):
-        members = {}
-        for j in range(stack.period):
-            buffers = None
-            for step in range(stack.repeats):
-                layer = params.pop(f"layers_{stack.layer(j, step)}")
-                if buffers is None:
-                    buffers = jax.tree.map(lambda a, n=stack.repeats: _empty_stack(a, n), layer)
-                buffers = jax.tree.map(lambda b, a, s=step: _write_step(b, a, s), buffers, layer)
-                del layer
-            members[member_key(j)] = buffers
-        out[stack_key(k)] = members
+def stack_groups(groups: Iterable[tuple[str, dict]], config: ModelConfig) -> dict:
+    """A loaded model's param groups ("embed", "layers_0", ...: per layer, as a checkpoint stores them) -> the
+    stacked layout of `config`'s stacks. Each layer is written into its stack's buffers as it arrives (the
+    buffers allocated at the stack's first layer, where that layer lives: its sharding with an unsplit leading
+    axis) and dropped, so a stream of groups restored one at a time peaks at the stacked model plus one layer."""
+    place = {
+        stack.layer(j, step): (k, j, step, stack.repeats)
+        for k, stack in enumerate(layer_stacks(config))
+        for j in range(stack.period)
+        for step in range(stack.repeats)
+    }
+    out, members = {}, {}
+    for group, subtree in groups:
+        if not group.startswith("layers_"):
+            out[group] = subtree
+            continue
+        k, j, step, repeats = place[int(group.removeprefix("layers_"))]
+        buffers = members.get((k, j))
+        if buffers is None:
+            buffers = jax.tree.map(lambda a, n=repeats: _empty_stack(a, n), subtree)
+        members[(k, j)] = jax.tree.map(lambda b, a, s=step: _write_step(b, a, s), buffers, subtree)
+        del subtree, buffers
+    for (k, j), buffers in sorted(members.items()):
+        out.setdefault(stack_key(k), {})[member_key(j)] = buffers
     return out
 
 
