@@ -358,3 +358,29 @@ def test_export_of_a_scanned_model_is_per_layer(deep, tmp_path):
     assert files
     for name in files:
         assert (tmp_path / "from-scanned" / name).read_bytes() == (tmp_path / "from-unrolled" / name).read_bytes()
+
+
+def test_loading_scanned_holds_one_restored_layer_at_a_time(deep):
+    """Stacking streams: when a layer group is restored, every earlier one is already in its stack and gone."""
+    import weakref
+
+    from jaxlora.checkpoint import read_config, restored_groups
+    from jaxlora.stacking import stack_groups
+
+    _, path = deep("gemma2")  # a period of two: two members' buffers filled in turn
+    config, meta = read_config(path)
+    config = config.with_scan(True)
+    earlier = []
+
+    def watched():
+        for group, subtree in restored_groups(path, config, meta["dtype"]):
+            if group.startswith("layers_"):
+                assert all(ref() is None for ref in earlier), f"a layer before {group} is still held"
+                earlier.extend(weakref.ref(leaf) for leaf in jax.tree.leaves(subtree))
+            yield group, subtree
+            del subtree
+
+    stacked = stack_groups(watched(), config)
+    want = jaxlora.load(path, scan_layers=True).params
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
