@@ -1,0 +1,488 @@
+"""The serving engine: continuous batching over a paged KV cache, with prefix reuse.
+
+`max_batch` decode slots run together in jitted chunks of a few steps. Between chunks the host retires finished
+requests and admits waiting ones into free slots (each prompt prefilled alone, in a bucketed jitted call), so a
+request never waits for another one's answer to end.
+
+The KV cache is a pool of fixed-size blocks per layer plus a block table per slot: a request holds the blocks
+its prompt and `max_tokens` need (reserved when it is admitted, so a running request never runs out; one that
+cannot get them waits), not a context's worth. Block 0 is never handed out: unused table entries point at it and
+writes that must land nowhere (padding, a finished row's last steps) go there.
+
+Prefix reuse: a full block of prompt tokens is keyed by a hash of every token up to its end. A request whose
+prompt starts with cached blocks (a shared system prompt, the previous turn of a chat, an eval's few-shot
+header) takes them as they are and prefills only the rest. Blocks no request uses stay cached until space is
+needed, evicted least recently used first.
+
+Each step every slot attends over a view of its own blocks gathered in sequence order and right-aligned, so the
+slot's newest token sits at the same view slot in every row (one compiled step for any mix of lengths, sliding
+windows included); the step's new keys and values are then scattered into the slot's block. Compiled shapes
+depend only on (slots, prompt bucket, chunk): no compile per request.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import itertools
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.cache import KVCache, entry_shapes
+from jaxlora.config import ModelConfig
+from jaxlora.errors import UsageError
+from jaxlora.model import activation_dtype, apply_decoder
+from jaxlora.sampling import Processors, Sampling, SamplingArrays, next_token, row_keys
+from jaxlora.stacking import layer_stacks, unstack_tree
+
+# Every processor compiled in: a request's own values switch each off exactly (top_k 0, top_p 1, min_p 0,
+# repetition_penalty 1, temperature 0), so one program serves every mix of requests.
+ALL_PROCESSORS = Processors(sample=True, repetition_penalty=True, top_k=True, top_p=True, min_p=True)
+TRASH = 0  # the block that is never handed out
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation: prompt token ids, at most `max_tokens` new tokens, sampling values (numbers, not per-row
+    lists), a seed (the PRNG key `jax.random.key(seed)`, as `generate(key=...)` takes it for a lone prompt) and
+    the token ids that end it (kept in the output, as `generate` keeps an EOS)."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: Sampling = Sampling()
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    id: int = -1
+
+
+@dataclasses.dataclass
+class Event:
+    """What one engine step produced for a request: its new tokens, and whether (and why) it finished."""
+
+    id: int
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cached_tokens: int = 0  # prompt tokens taken from cached blocks (reported with the first event)
+
+
+class _Running(NamedTuple):
+    request: Request
+    blocks: list[int]
+    produced: list[int]
+
+
+class BlockPool:
+    """Host bookkeeping of the KV blocks: free blocks, reference counts, and the prefix cache (hash -> block)
+    with an LRU order over cached blocks no request uses."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.free = collections.deque(range(1, num_blocks))  # block 0 is TRASH
+        self.refs = [0] * num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unreferenced, LRU first
+
+    def available(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    def prefix_hashes(self, tokens: Sequence[int]) -> list[bytes]:
+        """The hash of every full block of `tokens`, each covering all tokens up to that block's end."""
+        hashes, digest = [], hashlib.sha256()
+        size = self.block_size
+        for start in range(0, len(tokens) - size + 1, size):
+            digest.update(np.asarray(tokens[start : start + size], np.int64).tobytes())
+            hashes.append(digest.copy().digest())
+        return hashes
+
+    def cached_prefix(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` (not yet referenced by the caller)."""
+        blocks = []
+        for h in hashes:
+            block = self.by_hash.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def take(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.refs[block] += 1
+            self.idle.pop(block, None)
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` fresh blocks (evicting idle cached ones, least recently used first), or None if there are not
+        enough."""
+        if count > self.available():
+            return None
+        blocks = []
+        for _ in range(count):
+            if self.free:
+                block = self.free.popleft()
+            else:
+                block, _ = self.idle.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(block)]
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def register(self, block: int, digest: bytes) -> None:
+        """Offer a full block of prompt tokens for reuse (first writer wins)."""
+        if digest not in self.by_hash and block not in self.hash_of:
+            self.by_hash[digest] = block
+            self.hash_of[block] = digest
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.hash_of:
+                    self.idle[block] = None
+                else:
+                    self.free.append(block)
+
+
+def _view_indices(table: jax.Array, positions: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Sequence positions [..., n] of a slot with block table [max_blocks] -> their rows in the flattened pool
+    (TRASH for positions < 0 or past the table) and whether each is a real position (>= 0)."""
+    blocks = jnp.take(table, jnp.clip(positions // block_size, 0, table.shape[0] - 1))
+    inside = (positions >= 0) & (positions < table.shape[0] * block_size)
+    rows = jnp.where(inside, blocks * block_size + positions % block_size, TRASH * block_size)
+    return rows, positions >= 0
+
+
+def _gather(pool: tuple[jax.Array, ...], rows: jax.Array) -> tuple[jax.Array, ...]:
+    """Each layer's pool [blocks * block_size, heads, dim] at rows [batch, n] -> [batch, n, heads, dim]."""
+    return tuple(jnp.take(layer, rows, axis=0) for layer in pool)
+
+
+def _scatter(pool: tuple[jax.Array, ...], rows: jax.Array, new: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Write new [batch, n, heads, dim] per layer at pool rows [batch, n]."""
+    return tuple(
+        layer.at[rows.reshape(-1)].set(n.reshape(-1, *n.shape[2:])) for layer, n in zip(pool, new, strict=True)
+    )
+
+
+class _Pools(NamedTuple):
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+@partial(jax.jit, static_argnames=("config", "block_size"), donate_argnames=("pools", "seen"))
+def _prefill(
+    params, pools: _Pools, table, ids, start, length, sampling: SamplingArrays, key, seen, row, *, config, block_size
+):
+    """Run one prompt's uncached part ids [1, bucket] (right-padded, `length` real) from position `start` on,
+    attending to the slot's cached blocks; write its keys/values into the slot's blocks; sample its first token.
+    seen [slots, vocab]: row `row` is reset to the prompt's tokens (repetition penalty)."""
+    bucket = ids.shape[1]
+    view_len = table.shape[0] * block_size + bucket  # room for a whole bucket past any start
+    positions = jnp.arange(view_len)
+    rows, _ = _view_indices(table, positions, block_size)
+    key_valid = (positions < start) | ((positions >= start) & (positions < start + length))
+    cache = KVCache(_gather(pools.keys, rows[None]), _gather(pools.values, rows[None]), key_valid[None])
+    logits, cache = apply_decoder(
+        params,
+        config,
+        ids,
+        (start + jnp.arange(bucket))[None],
+        key_valid[None],
+        cache=cache,
+        write_index=start,
+        logits_at=length - 1,
+    )
+    new_positions = start + jnp.arange(bucket)
+    new_rows, _ = _view_indices(table, jnp.where(jnp.arange(bucket) < length, new_positions, -1), block_size)
+
+    def new_part(layers):
+        return tuple(jax.lax.dynamic_slice_in_dim(a, start, bucket, axis=1) for a in layers)
+
+    pools = _Pools(
+        _scatter(pools.keys, new_rows[None], new_part(cache.keys)),
+        _scatter(pools.values, new_rows[None], new_part(cache.values)),
+    )
+    prompt_seen = (
+        jnp.zeros((config.vocab_size,), bool)
+        .at[jnp.where(jnp.arange(bucket) < length, ids[0], -1)]
+        .set(True, mode="drop")
+    )
+    seen = seen.at[row].set(prompt_seen)
+    keys, step_key = jax.random.split(key)
+    token, _ = next_token(logits[:, 0], sampling, ALL_PROCESSORS, step_key[None], seen[row][None])
+    seen = seen.at[row, token[0]].set(True)
+    return pools, token[0], keys, seen
+
+
+@partial(jax.jit, static_argnames=("config", "block_size", "steps"), donate_argnames=("pools", "seen"))
+def _decode(
+    params,
+    pools: _Pools,
+    tables,
+    tokens,
+    positions,
+    live,
+    keys,
+    seen,
+    sampling: SamplingArrays,
+    *,
+    config,
+    block_size,
+    steps,
+):
+    """`steps` decode steps of every slot: tokens [slots] at positions [slots] go into the cache and the next are
+    sampled. live [slots] bool: rows whose writes count (the others write to TRASH). -> pools, the sampled tokens
+    [slots, steps], keys, seen."""
+    view_len = tables.shape[1] * block_size
+
+    def step(carry, _):
+        pools, tokens, positions, keys, seen = carry
+        # Right-aligned: view slot view_len - 1 holds each row's newest position.
+        view_positions = positions[:, None] - (view_len - 1) + jnp.arange(view_len)
+        rows, key_valid = jax.vmap(partial(_view_indices, block_size=block_size))(tables, view_positions)
+        cache = KVCache(_gather(pools.keys, rows), _gather(pools.values, rows), key_valid)
+        logits, cache = apply_decoder(
+            params, config, tokens[:, None], positions[:, None], key_valid, cache=cache, write_index=view_len - 1
+        )
+        here = jnp.where(live[:, None], rows[:, -1:], TRASH * block_size)
+        pools = _Pools(
+            _scatter(pools.keys, here, tuple(k[:, -1:] for k in cache.keys)),
+            _scatter(pools.values, here, tuple(v[:, -1:] for v in cache.values)),
+        )
+        pairs = jax.vmap(jax.random.split)(keys)
+        token, _ = next_token(logits[:, 0], sampling, ALL_PROCESSORS, pairs[:, 1], seen)
+        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+        return (pools, token, positions + 1, pairs[:, 0], seen), token
+
+    (pools, _, _, keys, seen), sampled = jax.lax.scan(step, (pools, tokens, positions, keys, seen), None, length=steps)
+    return pools, sampled.T, keys, seen
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class Engine:
+    """Continuous batching over `params` (one device; scanned params are unstacked for it).
+
+    submit(...) -> request id; step() -> the events of one round (admissions, one decode chunk, retirements);
+    cancel(id) frees a request's slot and blocks at once; run(requests) drives everything to the end.
+    max_len: the longest prompt + answer a request may have (default: the model's context, at most 4096);
+    num_blocks: the pool's size (default: every slot at max_len, plus one trash block).
+    """
+
+    def __init__(
+        self,
+        params,
+        config: ModelConfig,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        chunk: int = 4,
+        buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024, 2048),
+    ):
+        if config.scan_layers:
+            params, config = unstack_tree(params, layer_stacks(config)), config.with_scan(False)
+        if max_batch < 1 or block_size < 1 or chunk < 1:
+            raise UsageError("max_batch, block_size and chunk must be at least 1")
+        self.params, self.config = params, config
+        limit = min(config.context_length or 4096, 4096)
+        self.max_len = max_len or limit
+        if self.max_len > (config.context_length or self.max_len):
+            raise UsageError(f"max_len {self.max_len} is past the model's context of {config.context_length}")
+        self.block_size, self.chunk, self.slots = block_size, chunk, max_batch
+        self.max_blocks = -(-self.max_len // block_size)
+        self.buckets = tuple(sorted(b for b in buckets if b <= self.max_len)) or (self.max_len,)
+        if self.buckets[-1] < self.max_len:
+            self.buckets += (self.max_len,)
+        num_blocks = num_blocks or max_batch * self.max_blocks + 1
+        self.pool = BlockPool(num_blocks, block_size)
+        dtype = activation_dtype(params)
+        (kh, kd), (vh, vd) = entry_shapes(config)
+        rows = num_blocks * block_size
+        self.pools = _Pools(
+            tuple(jnp.zeros((rows, kh, kd), dtype) for _ in range(config.num_layers)),
+            tuple(jnp.zeros((rows, vh, vd), dtype) for _ in range(config.num_layers)),
+        )
+        self.tables = np.zeros((max_batch, self.max_blocks), np.int32)
+        self.tokens = np.zeros(max_batch, np.int32)
+        self.positions = np.zeros(max_batch, np.int32)
+        self.keys = row_keys(jax.random.key(0), max_batch, False)
+        self.seen = jnp.zeros((max_batch, config.vocab_size), bool)
+        self.sampling = {name: np.zeros(max_batch, np.float32) for name in SamplingArrays._fields}
+        self.sampling["top_k"] = np.zeros(max_batch, np.int32)
+        self.sampling["top_p"][:] = 1.0
+        self.sampling["repetition_penalty"][:] = 1.0
+        self.running: dict[int, _Running] = {}  # slot -> request
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._ids = itertools.count()
+
+    # The host side.
+
+    def submit(self, prompt: Sequence[int], max_tokens: int, **options) -> int:
+        """Queue a request (see `Request` for the options); returns its id. Refuses what can never run."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        if max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
+        if len(prompt) + max_tokens > self.max_len:
+            raise UsageError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the engine's {self.max_len}"
+            )
+        needed = -(-(len(prompt) + max_tokens) // self.block_size)
+        if needed > len(self.pool.refs) - 1:
+            raise UsageError(f"the request needs {needed} KV blocks; the engine's pool has {len(self.pool.refs) - 1}")
+        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
+            raise UsageError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        request = Request(prompt, max_tokens, id=next(self._ids), **options)
+        request.sampling.per_row(1)  # refuses bad values now, not inside the engine
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request, waiting or running (its slot and blocks are free at once); False if unknown."""
+        for request in self.waiting:
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return True
+        for slot, running in self.running.items():
+            if running.request.id == request_id:
+                self._retire(slot)
+                return True
+        return False
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def step(self) -> list[Event]:
+        """Admit what fits, run one decode chunk, retire what finished: this round's events."""
+        events = self._admit()
+        if self.running:
+            events += self._decode_chunk()
+        return events
+
+    def run(self, requests: Iterable[dict]) -> dict[int, list[int]]:
+        """Submit every request (dicts of `submit`'s arguments) and step until all are done: {id: tokens}."""
+        ids = [self.submit(**r) for r in requests]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while not self.idle:
+            for event in self.step():
+                out[event.id] += event.tokens
+        return out
+
+    def _admit(self) -> list[Event]:
+        events = []
+        while self.waiting and len(self.running) < self.slots:
+            request = self.waiting[0]
+            size = self.block_size
+            hashes = self.pool.prefix_hashes(request.prompt[:-1])  # the last prompt token is always run
+            cached = self.pool.cached_prefix(hashes)
+            needed = -(-(len(request.prompt) + request.max_tokens) // size) - len(cached)
+            self.pool.take(cached)
+            fresh = self.pool.allocate(needed)
+            if fresh is None:  # waits for blocks (in order: no overtaking) until a request ends
+                self.pool.release(cached)
+                break
+            self.waiting.popleft()
+            slot = next(s for s in range(self.slots) if s not in self.running)
+            blocks = cached + fresh
+            self.tables[slot] = TRASH
+            self.tables[slot, : len(blocks)] = blocks
+            token = self._prefill(slot, request, len(cached) * size)
+            for i, digest in enumerate(hashes):
+                self.pool.register(blocks[i], digest)
+            self.running[slot] = _Running(request, blocks, [token])
+            events.append(Event(request.id, [token], cached_tokens=len(cached) * size))
+            finish = self._finish_reason(self.running[slot])
+            if finish:
+                events[-1].finished, events[-1].finish_reason = True, finish
+                self._retire(slot)
+        return events
+
+    def _prefill(self, slot: int, request: Request, start: int) -> int:
+        rest = request.prompt[start:]
+        bucket = _bucket(len(rest), self.buckets)
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, : len(rest)] = rest
+        rows = request.sampling.per_row(1)
+        for name, value in rows.items():
+            self.sampling[name][slot] = value[0]
+        key = jax.random.fold_in(jax.random.key(request.seed), 0)  # generate's key for row 0
+        self.pools, token, row_key, self.seen = _prefill(
+            self.params,
+            self.pools,
+            jnp.asarray(self.tables[slot]),
+            jnp.asarray(ids),
+            jnp.asarray(start, jnp.int32),
+            jnp.asarray(len(rest), jnp.int32),
+            SamplingArrays(**{k: jnp.asarray(v[slot : slot + 1]) for k, v in self.sampling.items()}),
+            key,
+            self.seen,
+            jnp.asarray(slot, jnp.int32),
+            config=self.config,
+            block_size=self.block_size,
+        )
+        self.keys = self.keys.at[slot].set(row_key)
+        token = int(token)
+        self.tokens[slot] = token
+        self.positions[slot] = len(request.prompt)
+        return token
+
+    def _decode_chunk(self) -> list[Event]:
+        live = np.zeros(self.slots, bool)
+        live[list(self.running)] = True
+        self.pools, sampled, self.keys, self.seen = _decode(
+            self.params,
+            self.pools,
+            jnp.asarray(self.tables),
+            jnp.asarray(self.tokens),
+            jnp.asarray(self.positions),
+            jnp.asarray(live),
+            self.keys,
+            self.seen,
+            SamplingArrays(**{k: jnp.asarray(v) for k, v in self.sampling.items()}),
+            config=self.config,
+            block_size=self.block_size,
+            steps=self.chunk,
+        )
+        sampled = np.asarray(sampled)
+        events = []
+        for slot in list(self.running):
+            running = self.running[slot]
+            new = []
+            finish = None
+            for token in sampled[slot]:
+                new.append(int(token))
+                running.produced.append(int(token))
+                finish = self._finish_reason(running)
+                if finish:
+                    break
+            self.tokens[slot] = sampled[slot, -1]
+            self.positions[slot] += self.chunk
+            events.append(Event(running.request.id, new, finish is not None, finish))
+            if finish:
+                self._retire(slot)
+        return events
+
+    @staticmethod
+    def _finish_reason(running: _Running) -> str | None:
+        if running.produced[-1] in running.request.stop_token_ids:
+            return "stop"
+        if len(running.produced) >= running.request.max_tokens:
+            return "length"
+        return None
+
+    def _retire(self, slot: int) -> None:
+        running = self.running.pop(slot)
+        self.pool.release(running.blocks)
+        self.tables[slot] = TRASH
