@@ -603,6 +603,34 @@ MUTANTS = [
         "-k",
         "greedy_generation and gemma2",
     ),
+    # The serving engine.
+    m(
+        "engine: a prompt's reused prefix blocks are not attended to",
+        "engine.py",
+        "key_valid = (positions < start) | ((positions >= start) & (positions < start + length))",
+        "key_valid = (positions < 0) | ((positions >= start) & (positions < start + length))",
+        "tests/test_engine.py",
+        "-k",
+        "concurrent and llama",
+    ),
+    m(
+        "engine: decode steps' keys and values never reach the slot's blocks",
+        "engine.py",
+        "here = jnp.where(live[:, None], rows[:, -1:], TRASH * block_size)",
+        "here = jnp.where(live[:, None] & False, rows[:, -1:], TRASH * block_size)",
+        "tests/test_engine.py",
+        "-k",
+        "concurrent and llama",
+    ),
+    m(
+        "engine: a finished request's blocks are never given back",
+        "engine.py",
+        "        self.pool.release(running.blocks)\n",
+        "        pass\n",
+        "tests/test_engine.py",
+        "-k",
+        "small_pool",
+    ),
     # Families' quirks.
     m(
         "Qwen-MoE: picked router probabilities always renormalized (norm_topk_prob ignored)",
