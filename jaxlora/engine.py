@@ -407,6 +407,8 @@ class Engine:
             if finish:
                 events[-1].finished, events[-1].finish_reason = True, finish
                 self._retire(slot)
+        # submit() refuses what the whole pool cannot hold: with no request running, a waiting one always fits.
+        assert self.running or not self.waiting, "no request runs, yet one waits for blocks: blocks were lost"
         return events
 
     def _prefill(self, slot: int, request: Request, start: int) -> int:
