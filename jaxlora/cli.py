@@ -98,6 +98,26 @@ def _start_generation(args):
     return model, sampling
 
 
+def cmd_serve(args) -> None:
+    from jaxlora.serve import serve
+
+    for name in ("max_batch", "max_queue", "block_size", "port"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    model = _load(args)
+    _say(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
+    serve(
+        model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        max_queue=args.max_queue,
+        block_size=args.block_size,
+        name=args.name,
+    )
+
+
 def cmd_convert(args) -> None:
     from jaxlora.convert import convert, default_dst
 
@@ -414,6 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
 
     _add_finetune_command(commands)
+
+    srv = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching, paged KV cache)")
+    srv.add_argument("checkpoint")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, help="decode slots run together")
+    srv.add_argument("--max-len", type=int, help="longest prompt + answer (default: the context, at most 4096)")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 answers")
+    srv.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    srv.add_argument("--name", help="the model name clients use (default: the checkpoint folder's name)")
+    srv.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
+    srv.add_argument("--quantize", metavar="FORMAT", help="quantize a float checkpoint on load: int8, int4[:GROUP]")
+    srv.add_argument("--lora", help="merge LoRA adapters (a jaxlora runs/NAME/final or a PEFT folder)")
+    srv.set_defaults(run=cmd_serve)
 
     lora = commands.add_parser("lora", help="move adapters to and from Hugging Face PEFT")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=_Parser)

@@ -1,0 +1,216 @@
+"""`jaxlora serve` driven by the official openai client over 127.0.0.1: text equal to `generate` alone, streaming,
+n, stop strings, errors, a client going away, 16 concurrent streams; on a tiny model and on the real SmolLM2."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora.text import chat_ids
+
+openai = pytest.importorskip("openai")  # a dev dependency: `make test` installs it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, checkpoint, *flags):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "jaxlora", "serve", str(checkpoint), "--port", str(self.port), *flags]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.stderr.read()[-3000:])
+            try:
+                self.health()
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("the server did not come up in 2 minutes")
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, data: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(self.base + path, data, {"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_with_tokenizer):
+    server = Server(tiny_with_tokenizer / "jax", "--max-batch", "4", "--block-size", "8")
+    yield server
+    err = server.stop()
+    assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_with_tokenizer):
+    return jaxlora.load(tiny_with_tokenizer / "jax")
+
+
+def lone_text(model, ids, max_tokens):
+    """What `generate` gives for one prompt alone, as text (greedy)."""
+    out = jaxlora.generate(
+        model.params,
+        model.config,
+        np.asarray([ids], np.int32),
+        max_new_tokens=max_tokens,
+        eos_token_ids=model.eos_token_ids,
+    )
+    tokens = [int(t) for t in out.tokens[0][: int(out.lengths[0])]]
+    return model.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+PROMPTS = ["def add(a, b):", "The capital of France is", "Once upon a time", "import numpy as np\n", "1, 2, 3,"]
+
+
+def test_completions_equal_generate_alone_streamed_or_not(tiny_server, tiny_model):
+    client = tiny_server.client
+    for prompt in PROMPTS[:3]:
+        ids = tiny_model.tokenizer(prompt)["input_ids"]
+        want = lone_text(tiny_model, ids, 24)
+        out = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0)
+        assert out.choices[0].text == want
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 24
+        pieces = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in pieces) == want
+
+
+def test_chat_completions_use_the_chat_template(tiny_server, tiny_model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    want = lone_text(tiny_model, chat_ids(tiny_model.tokenizer, messages), 20)
+    out = tiny_server.client.chat.completions.create(model="m", messages=messages, max_tokens=20, temperature=0)
+    assert out.choices[0].message.content == want and out.choices[0].message.role == "assistant"
+    chunks = list(
+        tiny_server.client.chat.completions.create(
+            model="m", messages=messages, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sixteen_concurrent_streams_each_get_their_lone_text(tiny_server, tiny_model):
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + i) for i in range(16)]
+
+    def run(job):
+        prompt, max_tokens = job
+        stream = tiny_server.client.completions.create(
+            model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        return "".join(chunk.choices[0].text for chunk in stream)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(run, jobs))
+    for (prompt, max_tokens), text in zip(jobs, got, strict=True):
+        assert text == lone_text(tiny_model, tiny_model.tokenizer(prompt)["input_ids"], max_tokens)
+
+
+def test_n_choices_seeds_and_stop_strings(tiny_server, tiny_model):
+    client = tiny_server.client
+    greedy = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=16, temperature=0, n=2)
+    assert len(greedy.choices) == 2 and greedy.choices[0].text == greedy.choices[1].text
+    sampled = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=16, temperature=1.5, n=2, seed=7)
+    again = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=16, temperature=1.5, n=2, seed=7)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    assert sampled.choices[0].text != sampled.choices[1].text  # each choice its own seed
+    full = greedy.choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="m", prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "hi", "n": 0}, "n must be"),
+        ({"prompt": "", "max_tokens": 4}, "prompt"),
+        ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": "hi", "stop": 3}, "stop"),
+        ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+        ({"prompt": "word " * 200}, "context"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_lives(tiny_server, body, words):
+    status, answer = tiny_server.post("/v1/completions", json.dumps(body).encode())
+    assert status == 400 and words in answer["error"]["message"], answer
+    assert tiny_server.health()["status"] == "ok"
+
+
+def test_malformed_json_and_the_sdk_error_type(tiny_server):
+    status, answer = tiny_server.post("/v1/chat/completions", b"{not json")
+    assert status == 400 and "JSON" in answer["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        tiny_server.client.chat.completions.create(model="m", messages=[], max_tokens=4)
+    models = tiny_server.client.models.list()
+    assert [m.id for m in models.data] == ["jax"]
+
+
+@pytest.mark.real
+def test_the_real_smollm2_serves_and_a_client_leaving_frees_its_slot(smollm2_checkpoint):
+    """SmolLM2 with one slot: a long stream whose client goes away after its first chunk is cancelled at once
+    (the slot is free and the next request runs), and chat text equals `generate` alone."""
+    server = Server(smollm2_checkpoint, "--max-batch", "1", "--max-len", "512")
+    try:
+        model = jaxlora.load(smollm2_checkpoint)
+        messages = [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}]
+        out = server.client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
+        assert out.choices[0].message.content == lone_text(model, chat_ids(model.tokenizer, messages), 24)
+        stream = server.client.chat.completions.create(
+            model="m", messages=messages, max_tokens=400, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        while not next(chunks).choices[0].delta.content:  # the role comes first, before the request runs
+            pass
+        assert server.health()["running"] == 1
+        stream.close()  # the client goes away ~400 tokens (about 10 s here) before the answer would end
+        deadline = time.time() + 5
+        while server.health()["running"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert server.health() == {"status": "ok", "running": 0, "waiting": 0}
+        quick = server.client.completions.create(model="m", prompt="1, 2, 3,", max_tokens=4, temperature=0)
+        assert quick.choices[0].finish_reason == "length"
+    finally:
+        err = server.stop()
+    assert "Traceback" not in err, err[-3000:]
+    assert "completion=24" in err  # one log line per request
