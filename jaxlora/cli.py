@@ -115,6 +115,7 @@ def cmd_serve(args) -> None:
         max_queue=args.max_queue,
         block_size=args.block_size,
         name=args.name,
+        prefix_cache=not args.no_prefix_cache,
     )
 
 
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-len", type=int, help="longest prompt + answer (default: the context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 answers")
     srv.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    srv.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole (no block reuse)")
     srv.add_argument("--name", help="the model name clients use (default: the checkpoint folder's name)")
     srv.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
     srv.add_argument("--quantize", metavar="FORMAT", help="quantize a float checkpoint on load: int8, int4[:GROUP]")

@@ -16,8 +16,9 @@ needed, evicted least recently used first.
 
 Each step every slot attends over a view of its own blocks gathered in sequence order and right-aligned, so the
 slot's newest token sits at the same view slot in every row (one compiled step for any mix of lengths, sliding
-windows included); the step's new keys and values are then scattered into the slot's block. Compiled shapes
-depend only on (slots, prompt bucket, chunk): no compile per request.
+windows included); the step's new keys and values are then scattered into the slot's block. The view is as long
+as the longest live sequence needs, in powers of two blocks. Compiled programs depend on (slots, prompt bucket,
+chunk, view length, the sampling processors live slots use), never on a request: no compile per request.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from jaxlora.model import activation_dtype, apply_decoder
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, next_token, row_keys
 from jaxlora.stacking import layer_stacks, unstack_tree
 
-# Every processor compiled in: a request's own values switch each off exactly (top_k 0, top_p 1, min_p 0,
-# repetition_penalty 1, temperature 0), so one program serves every mix of requests.
+# Prefill compiles every processor in: a request's own values switch each off exactly (top_k 0, top_p 1, min_p 0,
+# repetition_penalty 1, temperature 0), and it runs once per request. A decode chunk compiles only the processors
+# some live slot uses: their sorts over the vocabulary cost more than the model at SmolLM2's size (measured: 288
+# ms a step with all of them against 79 without, 8 slots over 256-token views).
 ALL_PROCESSORS = Processors(sample=True, repetition_penalty=True, top_k=True, top_p=True, min_p=True)
 TRASH = 0  # the block that is never handed out
 
@@ -220,7 +223,7 @@ def _prefill(
     return pools, token[0], keys, seen
 
 
-@partial(jax.jit, static_argnames=("config", "block_size", "steps"), donate_argnames=("pools", "seen"))
+@partial(jax.jit, static_argnames=("config", "block_size", "steps", "processors"), donate_argnames=("pools", "seen"))
 def _decode(
     params,
     pools: _Pools,
@@ -235,9 +238,12 @@ def _decode(
     config,
     block_size,
     steps,
+    processors,
 ):
     """`steps` decode steps of every slot: tokens [slots] at positions [slots] go into the cache and the next are
-    sampled. live [slots] bool: rows whose writes count (the others write to TRASH). -> pools, the sampled tokens
+    sampled. live [slots] bool: rows whose writes count (the others write to TRASH). tables [slots, view blocks]:
+    the first blocks of each slot's table, as many as cover every live position of the chunk (the view's length,
+    hence the attention's, follows the longest live sequence, in powers of two). -> pools, the sampled tokens
     [slots, steps], keys, seen."""
     view_len = tables.shape[1] * block_size
 
@@ -256,7 +262,7 @@ def _decode(
             _scatter(pools.values, here, tuple(v[:, -1:] for v in cache.values)),
         )
         pairs = jax.vmap(jax.random.split)(keys)
-        token, _ = next_token(logits[:, 0], sampling, ALL_PROCESSORS, pairs[:, 1], seen)
+        token, _ = next_token(logits[:, 0], sampling, processors, pairs[:, 1], seen)
         seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
         return (pools, token, positions + 1, pairs[:, 0], seen), token
 
@@ -274,7 +280,8 @@ class Engine:
     submit(...) -> request id; step() -> the events of one round (admissions, one decode chunk, retirements);
     cancel(id) frees a request's slot and blocks at once; run(requests) drives everything to the end.
     max_len: the longest prompt + answer a request may have (default: the model's context, at most 4096);
-    num_blocks: the pool's size (default: every slot at max_len, plus one trash block).
+    num_blocks: the pool's size (default: every slot at max_len, plus one trash block). prefix_cache=False
+    prefills every prompt whole (for measuring what reuse saves).
     """
 
     def __init__(
@@ -288,6 +295,7 @@ class Engine:
         num_blocks: int | None = None,
         chunk: int = 4,
         buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024, 2048),
+        prefix_cache: bool = True,
     ):
         if config.scan_layers:
             params, config = unstack_tree(params, layer_stacks(config)), config.with_scan(False)
@@ -299,6 +307,7 @@ class Engine:
         if self.max_len > (config.context_length or self.max_len):
             raise UsageError(f"max_len {self.max_len} is past the model's context of {config.context_length}")
         self.block_size, self.chunk, self.slots = block_size, chunk, max_batch
+        self.prefix_cache = prefix_cache
         self.max_blocks = -(-self.max_len // block_size)
         self.buckets = tuple(sorted(b for b in buckets if b <= self.max_len)) or (self.max_len,)
         if self.buckets[-1] < self.max_len:
@@ -385,7 +394,8 @@ class Engine:
         while self.waiting and len(self.running) < self.slots:
             request = self.waiting[0]
             size = self.block_size
-            hashes = self.pool.prefix_hashes(request.prompt[:-1])  # the last prompt token is always run
+            # The last prompt token is always run (its logits give the first new token).
+            hashes = self.pool.prefix_hashes(request.prompt[:-1]) if self.prefix_cache else []
             cached = self.pool.cached_prefix(hashes)
             needed = -(-(len(request.prompt) + request.max_tokens) // size) - len(cached)
             self.pool.take(cached)
@@ -443,10 +453,12 @@ class Engine:
     def _decode_chunk(self) -> list[Event]:
         live = np.zeros(self.slots, bool)
         live[list(self.running)] = True
+        longest = int(self.positions[live].max()) + self.chunk
+        view_blocks = min(1 << (-(-longest // self.block_size) - 1).bit_length(), self.max_blocks)
         self.pools, sampled, self.keys, self.seen = _decode(
             self.params,
             self.pools,
-            jnp.asarray(self.tables),
+            jnp.asarray(self.tables[:, :view_blocks]),
             jnp.asarray(self.tokens),
             jnp.asarray(self.positions),
             jnp.asarray(live),
@@ -456,6 +468,7 @@ class Engine:
             config=self.config,
             block_size=self.block_size,
             steps=self.chunk,
+            processors=self._processors(live),
         )
         sampled = np.asarray(sampled)
         events = []
@@ -475,6 +488,18 @@ class Engine:
             if finish:
                 self._retire(slot)
         return events
+
+    def _processors(self, live: np.ndarray) -> Processors:
+        """The sampling processors some live slot uses (a static part of the decode program)."""
+        values = {k: v[live] for k, v in self.sampling.items()}
+        sampled = values["temperature"] > 0
+        return Processors(
+            sample=bool(sampled.any()),
+            repetition_penalty=bool((values["repetition_penalty"] != 1).any()),
+            top_k=bool((sampled & (values["top_k"] > 0)).any()),
+            top_p=bool((sampled & (values["top_p"] < 1)).any()),
+            min_p=bool((sampled & (values["min_p"] > 0)).any()),
+        )
 
     @staticmethod
     def _finish_reason(running: _Running) -> str | None:

@@ -441,6 +441,7 @@ def serve(
     max_queue: int = 256,
     block_size: int = 16,
     name: str | None = None,
+    prefix_cache: bool = True,
 ) -> None:
     """Serve a loaded `jaxlora.Model` until SIGTERM/Ctrl-C (in-flight requests drain first)."""
     try:
@@ -449,7 +450,14 @@ def serve(
         raise UsageError("serving needs FastAPI and uvicorn: pip install 'jaxlora[serve]'") from None
     if model.tokenizer is None:
         raise UsageError(f"{model.path} has no tokenizer: the server speaks text")
-    engine = Engine(model.params, model.config, max_batch=max_batch, max_len=max_len, block_size=block_size)
+    engine = Engine(
+        model.params,
+        model.config,
+        max_batch=max_batch,
+        max_len=max_len,
+        block_size=block_size,
+        prefix_cache=prefix_cache,
+    )
     app = create_app(engine, model.tokenizer, name or model.path.name, model.eos_token_ids, max_queue)
     if not log.handlers:  # one line per request on stderr
         handler = logging.StreamHandler()
