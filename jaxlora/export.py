@@ -353,6 +353,10 @@ def export_hf(model: Model, out: str | Path, *, force: bool = False) -> dict:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = {**hf_config, "torch_dtype": "float32"}
         config.pop("dtype", None)
+        if not config.get("architectures"):  # a GGUF source's config has none; loaders that go by it need one
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         generation = Path(model.path) / "generation_config.json"
         if generation.is_file():

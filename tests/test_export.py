@@ -1,5 +1,7 @@
 """Export: ONNX checked with onnxruntime, StableHLO reloaded and called, HF checkpoints loaded by transformers."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +163,8 @@ def test_hf_export_loads_in_transformers(tiny, tmp_path, name):
 
     model = tiny(name).load()
     export_hf(model, tmp_path / "hf")
+    # The GGUF's config names no architecture; the export does, for loaders that go by it (transformers serve).
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = random_ids((2, 13), model.config.vocab_size, seed=2)
     with torch.no_grad():
@@ -206,6 +210,8 @@ def test_hf_export_of_the_gguf_converted_smollm2(smollm2_checkpoint, tmp_path):
     dst = smollm2_checkpoint
     model = jaxlora.load(dst)
     export_hf(model, tmp_path / "hf")
+    # The GGUF's config names no architecture; the export does, for loaders that go by it (transformers serve).
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = np.asarray([tokenizer("def fibonacci(n):\n    ")["input_ids"]], np.int32)
