@@ -17,8 +17,9 @@ needed, evicted least recently used first.
 Each step every slot attends over a view of its own blocks gathered in sequence order and right-aligned, so the
 slot's newest token sits at the same view slot in every row (one compiled step for any mix of lengths, sliding
 windows included); the step's new keys and values are then scattered into the slot's block. The view is as long
-as the longest live sequence needs, in powers of two blocks. Compiled programs depend on (slots, prompt bucket,
-chunk, view length, the sampling processors live slots use), never on a request: no compile per request.
+as the longest live sequence needs, in powers of two blocks, and a chunk runs only the live slots (their count
+rounded up to a power of two). Compiled programs depend on (prompt bucket, live rows, view length, chunk, the
+sampling processors live slots use), never on a request: no compile per request.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def _prefill(
 def _decode(
     params,
     pools: _Pools,
+    slots,
     tables,
     tokens,
     positions,
@@ -240,8 +242,9 @@ def _decode(
     steps,
     processors,
 ):
-    """`steps` decode steps of every slot: tokens [slots] at positions [slots] go into the cache and the next are
-    sampled. live [slots] bool: rows whose writes count (the others write to TRASH). tables [slots, view blocks]:
+    """`steps` decode steps of the slots `slots` [n]: tokens [n] at positions [n] go into the cache and the next
+    are sampled. keys [max_batch] and seen [max_batch, vocab] are every slot's (these slots' are taken and put
+    back). live [n] bool: rows whose writes count (the others write to TRASH). tables [slots, view blocks]:
     the first blocks of each slot's table, as many as cover every live position of the chunk (the view's length,
     hence the attention's, follows the longest live sequence, in powers of two). -> pools, the sampled tokens
     [slots, steps], keys, seen."""
@@ -266,8 +269,9 @@ def _decode(
         seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
         return (pools, token, positions + 1, pairs[:, 0], seen), token
 
-    (pools, _, _, keys, seen), sampled = jax.lax.scan(step, (pools, tokens, positions, keys, seen), None, length=steps)
-    return pools, sampled.T, keys, seen
+    carry = (pools, tokens, positions, keys[slots], seen[slots])
+    (pools, _, _, slot_keys, slot_seen), sampled = jax.lax.scan(step, carry, None, length=steps)
+    return pools, sampled.T, keys.at[slots].set(slot_keys), seen.at[slots].set(slot_seen)
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -451,28 +455,33 @@ class Engine:
         return token
 
     def _decode_chunk(self) -> list[Event]:
-        live = np.zeros(self.slots, bool)
-        live[list(self.running)] = True
-        longest = int(self.positions[live].max()) + self.chunk
+        # The chunk runs only as many rows as there are live slots, rounded up to a power of two (at most every
+        # slot): one request decodes at batch 1, not at max_batch. The padding rows are free slots, not live.
+        active = sorted(self.running)
+        count = min(1 << (len(active) - 1).bit_length(), self.slots)
+        rows = np.asarray(active + [s for s in range(self.slots) if s not in self.running][: count - len(active)])
+        live = np.arange(count) < len(active)
+        longest = int(self.positions[active].max()) + self.chunk
         view_blocks = min(1 << (-(-longest // self.block_size) - 1).bit_length(), self.max_blocks)
         self.pools, sampled, self.keys, self.seen = _decode(
             self.params,
             self.pools,
-            jnp.asarray(self.tables[:, :view_blocks]),
-            jnp.asarray(self.tokens),
-            jnp.asarray(self.positions),
+            jnp.asarray(rows, jnp.int32),
+            jnp.asarray(self.tables[rows, :view_blocks]),
+            jnp.asarray(self.tokens[rows]),
+            jnp.asarray(self.positions[rows]),
             jnp.asarray(live),
             self.keys,
             self.seen,
-            SamplingArrays(**{k: jnp.asarray(v) for k, v in self.sampling.items()}),
+            SamplingArrays(**{k: jnp.asarray(v[rows]) for k, v in self.sampling.items()}),
             config=self.config,
             block_size=self.block_size,
             steps=self.chunk,
-            processors=self._processors(live),
+            processors=self._processors(rows[live]),
         )
-        sampled = np.asarray(sampled)
+        sampled = dict(zip(active, np.asarray(sampled), strict=False))
         events = []
-        for slot in list(self.running):
+        for slot in active:
             running = self.running[slot]
             new = []
             finish = None
@@ -482,7 +491,7 @@ class Engine:
                 finish = self._finish_reason(running)
                 if finish:
                     break
-            self.tokens[slot] = sampled[slot, -1]
+            self.tokens[slot] = sampled[slot][-1]
             self.positions[slot] += self.chunk
             events.append(Event(running.request.id, new, finish is not None, finish))
             if finish:
@@ -490,7 +499,7 @@ class Engine:
         return events
 
     def _processors(self, live: np.ndarray) -> Processors:
-        """The sampling processors some live slot uses (a static part of the decode program)."""
+        """The sampling processors the slots `live` use (a static part of the decode program)."""
         values = {k: v[live] for k, v in self.sampling.items()}
         sampled = values["temperature"] > 0
         return Processors(

@@ -94,10 +94,11 @@ def test_compiles_depend_on_buckets_not_requests(tiny):
     engine = Engine(model.params, model.config, max_batch=4, max_len=128, block_size=8, buckets=(16, 64))
     before_prefill, before_decode = engine_module._prefill._cache_size(), engine_module._decode._cache_size()
     drive(engine, mixed_requests(model.config.vocab_size, 50, seed=3))
-    # Prompt buckets 16, 64 and 128 (the engine's max_len); decode views of 1, 2, 4, 8 or 16 blocks of 8 (the
-    # longest live sequence, in powers of two), greedy only: at most eight programs for 50 requests of mixed lengths.
+    # Prompt buckets 16, 64 and 128 (the engine's max_len); decode chunks of 1, 2 or 4 rows (the live slots, in
+    # powers of two) over views of 1, 2, 4, 8 or 16 blocks of 8 (the longest live sequence), greedy only: at most
+    # 3 + 15 programs for 50 requests of mixed lengths, whatever their number.
     assert engine_module._prefill._cache_size() - before_prefill <= 3
-    assert engine_module._decode._cache_size() - before_decode <= 5
+    assert engine_module._decode._cache_size() - before_decode <= 15
 
 
 def test_a_small_pool_makes_requests_wait_and_loses_no_block(tiny):
