@@ -163,8 +163,6 @@ def test_hf_export_loads_in_transformers(tiny, tmp_path, name):
 
     model = tiny(name).load()
     export_hf(model, tmp_path / "hf")
-    # The GGUF's config names no architecture; the export does, for loaders that go by it (transformers serve).
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = random_ids((2, 13), model.config.vocab_size, seed=2)
     with torch.no_grad():
