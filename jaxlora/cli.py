@@ -116,6 +116,7 @@ def cmd_serve(args) -> None:
         block_size=args.block_size,
         name=args.name,
         prefix_cache=not args.no_prefix_cache,
+        warmup=args.warmup,
     )
 
 
@@ -445,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 answers")
     srv.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     srv.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole (no block reuse)")
+    srv.add_argument(
+        "--warmup", action="store_true", help="compile every engine program before serving (no compile stalls later)"
+    )
+    srv.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
     srv.add_argument("--name", help="the model name clients use (default: the checkpoint folder's name)")
     srv.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
     srv.add_argument("--quantize", metavar="FORMAT", help="quantize a float checkpoint on load: int8, int4[:GROUP]")

@@ -49,6 +49,7 @@ from jaxlora.stacking import layer_stacks, unstack_tree
 # ms a step with all of them against 79 without, 8 slots over 256-token views).
 ALL_PROCESSORS = Processors(sample=True, repetition_penalty=True, top_k=True, top_p=True, min_p=True)
 TRASH = 0  # the block that is never handed out
+MIN_VIEW = 256  # tokens: the shortest decode view (see `Engine._view_blocks`)
 
 
 @dataclasses.dataclass
@@ -179,17 +180,35 @@ class _Pools(NamedTuple):
     values: tuple[jax.Array, ...]
 
 
-@partial(jax.jit, static_argnames=("config", "block_size"), donate_argnames=("pools", "seen"))
+@partial(jax.jit, static_argnames=("config", "block_size", "cached_blocks"), donate_argnames=("pools", "seen"))
 def _prefill(
-    params, pools: _Pools, table, ids, start, length, sampling: SamplingArrays, key, seen, row, *, config, block_size
+    params,
+    pools: _Pools,
+    table,
+    ids,
+    start,
+    length,
+    sampling: SamplingArrays,
+    key,
+    seen,
+    row,
+    *,
+    config,
+    block_size,
+    cached_blocks,
 ):
     """Run one prompt's uncached part ids [1, bucket] (right-padded, `length` real) from position `start` on,
     attending to the slot's cached blocks; write its keys/values into the slot's blocks; sample its first token.
-    seen [slots, vocab]: row `row` is reset to the prompt's tokens (repetition penalty)."""
+    seen [slots, vocab]: row `row` is reset to the prompt's tokens (repetition penalty). The attention's view is
+    the first `cached_blocks` blocks of the table plus one bucket: 0 for a prompt with no cached prefix (it
+    attends over its own bucket), the whole table with one (two programs per bucket, whatever the prefix)."""
     bucket = ids.shape[1]
-    view_len = table.shape[0] * block_size + bucket  # room for a whole bucket past any start
+    view_len = cached_blocks * block_size + bucket  # room for a whole bucket past any start
     positions = jnp.arange(view_len)
-    rows, _ = _view_indices(table, positions, block_size)
+    if cached_blocks:
+        rows, _ = _view_indices(table[:cached_blocks], positions, block_size)
+    else:
+        rows = jnp.full((view_len,), TRASH * block_size, jnp.int32)
     key_valid = (positions < start) | ((positions >= start) & (positions < start + length))
     cache = KVCache(_gather(pools.keys, rows[None]), _gather(pools.values, rows[None]), key_valid[None])
     logits, cache = apply_decoder(
@@ -247,30 +266,40 @@ def _decode(
     back). live [n] bool: rows whose writes count (the others write to TRASH). tables [slots, view blocks]:
     the first blocks of each slot's table, as many as cover every live position of the chunk (the view's length,
     hence the attention's, follows the longest live sequence, in powers of two). -> pools, the sampled tokens
-    [slots, steps], keys, seen."""
-    view_len = tables.shape[1] * block_size
+    [slots, steps], keys, seen.
 
-    def step(carry, _):
-        pools, tokens, positions, keys, seen = carry
-        # Right-aligned: view slot view_len - 1 holds each row's newest position.
-        view_positions = positions[:, None] - (view_len - 1) + jnp.arange(view_len)
-        rows, key_valid = jax.vmap(partial(_view_indices, block_size=block_size))(tables, view_positions)
-        cache = KVCache(_gather(pools.keys, rows), _gather(pools.values, rows), key_valid)
-        logits, cache = apply_decoder(
-            params, config, tokens[:, None], positions[:, None], key_valid, cache=cache, write_index=view_len - 1
+    Each slot's view is gathered from the pool once per chunk, right-aligned so that the chunk's `steps` new
+    tokens of every row land at the same view slots (view_len - steps + s at step s): the steps write into the
+    view in place and attend over it, and the chunk's new entries go back into the pool once, at its end."""
+    view_len = tables.shape[1] * block_size
+    first = view_len - steps  # the view slot of each row's first new token
+    view_positions = positions[:, None] - first + jnp.arange(view_len)
+    rows, valid = jax.vmap(partial(_view_indices, block_size=block_size))(tables, view_positions)
+    valid = valid & (jnp.arange(view_len) < first)  # the chunk's own slots become valid as they are written
+    cache = KVCache(_gather(pools.keys, rows), _gather(pools.values, rows), valid)
+
+    def step(carry, s):
+        cache, tokens, keys, seen = carry
+        write_index = first + s
+        key_valid = jax.lax.dynamic_update_slice(
+            cache.key_valid, jnp.ones((tokens.shape[0], 1), bool), (0, write_index)
         )
-        here = jnp.where(live[:, None], rows[:, -1:], TRASH * block_size)
-        pools = _Pools(
-            _scatter(pools.keys, here, tuple(k[:, -1:] for k in cache.keys)),
-            _scatter(pools.values, here, tuple(v[:, -1:] for v in cache.values)),
+        cache = cache._replace(key_valid=key_valid)
+        logits, cache = apply_decoder(
+            params, config, tokens[:, None], (positions + s)[:, None], key_valid, cache=cache, write_index=write_index
         )
         pairs = jax.vmap(jax.random.split)(keys)
         token, _ = next_token(logits[:, 0], sampling, processors, pairs[:, 1], seen)
         seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
-        return (pools, token, positions + 1, pairs[:, 0], seen), token
+        return (cache, token, pairs[:, 0], seen), token
 
-    carry = (pools, tokens, positions, keys[slots], seen[slots])
-    (pools, _, _, slot_keys, slot_seen), sampled = jax.lax.scan(step, carry, None, length=steps)
+    carry = (cache, tokens, keys[slots], seen[slots])
+    (cache, _, slot_keys, slot_seen), sampled = jax.lax.scan(step, carry, jnp.arange(steps))
+    here = jnp.where(live[:, None], rows[:, first:], TRASH * block_size)
+    pools = _Pools(
+        _scatter(pools.keys, here, tuple(k[:, first:] for k in cache.keys)),
+        _scatter(pools.values, here, tuple(v[:, first:] for v in cache.values)),
+    )
     return pools, sampled.T, keys.at[slots].set(slot_keys), seen.at[slots].set(slot_seen)
 
 
@@ -298,7 +327,7 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         chunk: int = 4,
-        buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024, 2048),
+        buckets: Sequence[int] = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072),
         prefix_cache: bool = True,
     ):
         if config.scan_layers:
@@ -330,6 +359,10 @@ class Engine:
         self.positions = np.zeros(max_batch, np.int32)
         self.keys = row_keys(jax.random.key(0), max_batch, False)
         self.seen = jnp.zeros((max_batch, config.vocab_size), bool)
+        # Committed to the device from the start, as every program's outputs are: the first call then compiles
+        # the same program as every later one (jit keys programs on whether their inputs are committed).
+        device = jax.devices()[0]
+        self.pools, self.keys, self.seen = jax.device_put((self.pools, self.keys, self.seen), device)
         self.sampling = {name: np.zeros(max_batch, np.float32) for name in SamplingArrays._fields}
         self.sampling["top_k"] = np.zeros(max_batch, np.int32)
         self.sampling["top_p"][:] = 1.0
@@ -447,6 +480,7 @@ class Engine:
             jnp.asarray(slot, jnp.int32),
             config=self.config,
             block_size=self.block_size,
+            cached_blocks=self.max_blocks if start else 0,
         )
         self.keys = self.keys.at[slot].set(row_key)
         token = int(token)
@@ -462,7 +496,7 @@ class Engine:
         rows = np.asarray(active + [s for s in range(self.slots) if s not in self.running][: count - len(active)])
         live = np.arange(count) < len(active)
         longest = int(self.positions[active].max()) + self.chunk
-        view_blocks = min(1 << (-(-longest // self.block_size) - 1).bit_length(), self.max_blocks)
+        view_blocks = self._view_blocks(-(-longest // self.block_size))
         self.pools, sampled, self.keys, self.seen = _decode(
             self.params,
             self.pools,
@@ -497,6 +531,69 @@ class Engine:
             if finish:
                 self._retire(slot)
         return events
+
+    def _view_blocks(self, blocks: int) -> int:
+        """The decode view (in blocks) that covers `blocks`: a power of two, at least MIN_VIEW tokens, at most the
+        table (few distinct programs; the attention over a short view costs little next to the weights)."""
+        smallest = -(-MIN_VIEW // self.block_size)
+        return min(max(1 << (blocks - 1).bit_length(), smallest), self.max_blocks)
+
+    def row_counts(self) -> list[int]:
+        """The row counts a decode chunk runs at: powers of two up to max_batch, and max_batch."""
+        return sorted({min(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)})
+
+    def warmup(self, processors: Sequence[Processors] = (Processors(), Processors(sample=True))) -> int:
+        """Compile every program requests can need, now rather than in the middle of serving: each prompt
+        bucket's prefill (with and without a cached prefix) and a decode chunk for every row count, view length
+        and sampling mode in `processors` (greedy and plain sampling by default; other modes compile when first
+        used). The runs touch only the trash block and free slots' state. Returns the number of programs run."""
+        if self.running or self.waiting:
+            raise UsageError("warm the engine up before it takes requests")
+        count = 0
+        table = jnp.zeros(self.max_blocks, jnp.int32)
+        arrays = SamplingArrays(**{k: jnp.asarray(v[:1]) for k, v in self.sampling.items()})
+        for bucket, cached_blocks in itertools.product(
+            self.buckets, (0, self.max_blocks) if self.prefix_cache else (0,)
+        ):
+            self.pools, _, _, self.seen = _prefill(
+                self.params,
+                self.pools,
+                table,
+                jnp.zeros((1, bucket), jnp.int32),
+                jnp.asarray(0, jnp.int32),
+                jnp.asarray(1, jnp.int32),
+                arrays,
+                jax.random.key(0),
+                self.seen,
+                jnp.asarray(0, jnp.int32),
+                config=self.config,
+                block_size=self.block_size,
+                cached_blocks=cached_blocks,
+            )
+            count += 1
+        views = sorted({self._view_blocks(1 << k) for k in range(self.max_blocks.bit_length() + 1)})
+        for rows in self.row_counts():
+            for view in views:
+                for mode in processors:
+                    self.pools, _, self.keys, self.seen = _decode(
+                        self.params,
+                        self.pools,
+                        jnp.arange(rows, dtype=jnp.int32),
+                        jnp.zeros((rows, view), jnp.int32),
+                        jnp.zeros(rows, jnp.int32),
+                        jnp.zeros(rows, jnp.int32),
+                        jnp.zeros(rows, bool),
+                        self.keys,
+                        self.seen,
+                        SamplingArrays(**{k: jnp.asarray(v[:rows]) for k, v in self.sampling.items()}),
+                        config=self.config,
+                        block_size=self.block_size,
+                        steps=self.chunk,
+                        processors=mode,
+                    )
+                    count += 1
+        jax.block_until_ready(self.pools)
+        return count
 
     def _processors(self, live: np.ndarray) -> Processors:
         """The sampling processors the slots `live` use (a static part of the decode program)."""

@@ -172,6 +172,9 @@ def parse_options(body: dict, prompt_len: int, context: int) -> tuple[int, int, 
     for name in ("echo", "logprobs", "top_logprobs"):
         if body.get(name):
             raise BadRequest(f"{name} is not supported by this server yet", name)
+    for name in ("presence_penalty", "frequency_penalty"):  # accepted as 0 (clients send it), never ignored
+        if _number(body, name, 0.0):
+            raise BadRequest(f"{name} is not supported (use repetition_penalty)", name)
     n = _number(body, "n", 1, int)
     if not 1 <= n <= 16:
         raise BadRequest(f"n must be in 1..16, got {n}", "n")
@@ -442,8 +445,10 @@ def serve(
     block_size: int = 16,
     name: str | None = None,
     prefix_cache: bool = True,
+    warmup: bool = False,
 ) -> None:
-    """Serve a loaded `jaxlora.Model` until SIGTERM/Ctrl-C (in-flight requests drain first)."""
+    """Serve a loaded `jaxlora.Model` until SIGTERM/Ctrl-C (in-flight requests drain first). warmup: compile
+    every engine program before taking requests (`Engine.warmup`), so none compiles mid-serving."""
     try:
         import uvicorn
     except ImportError:
@@ -458,11 +463,15 @@ def serve(
         block_size=block_size,
         prefix_cache=prefix_cache,
     )
-    app = create_app(engine, model.tokenizer, name or model.path.name, model.eos_token_ids, max_queue)
     if not log.handlers:  # one line per request on stderr
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    if warmup:
+        started = time.perf_counter()
+        count = engine.warmup()
+        log.info("warm-up: %d programs in %.1f s", count, time.perf_counter() - started)
+    app = create_app(engine, model.tokenizer, name or model.path.name, model.eos_token_ids, max_queue)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -167,6 +167,7 @@ def test_n_choices_seeds_and_stop_strings(tiny_server, tiny_model):
         ({"prompt": "", "max_tokens": 4}, "prompt"),
         ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
         ({"prompt": "hi", "stop": 3}, "stop"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
         ({"prompt": "hi", "logprobs": 2}, "logprobs"),
         ({"prompt": "word " * 200}, "context"),
     ],
