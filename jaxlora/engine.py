@@ -39,8 +39,8 @@ import numpy as np
 from jaxlora.cache import KVCache, entry_shapes
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, apply_decoder
-from jaxlora.sampling import Processors, Sampling, SamplingArrays, next_token, row_keys
+from jaxlora.model import activation_dtype, apply_decoder, forward
+from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys, score_choice
 from jaxlora.stacking import layer_stacks, unstack_tree
 
 # Prefill compiles every processor in: a request's own values switch each off exactly (top_k 0, top_p 1, min_p 0,
@@ -50,20 +50,31 @@ from jaxlora.stacking import layer_stacks, unstack_tree
 ALL_PROCESSORS = Processors(sample=True, repetition_penalty=True, top_k=True, top_p=True, min_p=True)
 TRASH = 0  # the block that is never handed out
 MIN_VIEW = 256  # tokens: the shortest decode view (see `Engine._view_blocks`)
+TOP_LOGPROBS = 20  # the most alternatives a request may ask for; a chunk computes this many when any slot asks
 
 
 @dataclasses.dataclass
 class Request:
     """One generation: prompt token ids, at most `max_tokens` new tokens, sampling values (numbers, not per-row
     lists), a seed (the PRNG key `jax.random.key(seed)`, as `generate(key=...)` takes it for a lone prompt) and
-    the token ids that end it (kept in the output, as `generate` keeps an EOS)."""
+    the token ids that end it (kept in the output, as `generate` keeps an EOS). logprobs: None, or how many of
+    the model's most likely alternatives (0..TOP_LOGPROBS) to report with each new token's log-probability."""
 
     prompt: Sequence[int]
     max_tokens: int
     sampling: Sampling = Sampling()
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
     id: int = -1
+
+
+class TokenLogprob(NamedTuple):
+    """A new token's log-probability under the model's own distribution (log-softmax of its logits, before any
+    sampling processor) and the model's `k` most likely tokens with theirs, most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
@@ -75,6 +86,7 @@ class Event:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cached_tokens: int = 0  # prompt tokens taken from cached blocks (reported with the first event)
+    logprobs: list[TokenLogprob] | None = None  # one per token, for requests that ask for them
 
 
 class _Running(NamedTuple):
@@ -238,12 +250,14 @@ def _prefill(
     )
     seen = seen.at[row].set(prompt_seen)
     keys, step_key = jax.random.split(key)
-    token, _ = next_token(logits[:, 0], sampling, ALL_PROCESSORS, step_key[None], seen[row][None])
+    token, scores = next_token(logits[:, 0], sampling, ALL_PROCESSORS, step_key[None], seen[row][None], TOP_LOGPROBS)
     seen = seen.at[row, token[0]].set(True)
-    return pools, token[0], keys, seen
+    return pools, token[0], keys, seen, jax.tree.map(lambda a: a[0], scores)
 
 
-@partial(jax.jit, static_argnames=("config", "block_size", "steps", "processors"), donate_argnames=("pools", "seen"))
+@partial(
+    jax.jit, static_argnames=("config", "block_size", "steps", "processors", "top"), donate_argnames=("pools", "seen")
+)
 def _decode(
     params,
     pools: _Pools,
@@ -260,13 +274,14 @@ def _decode(
     block_size,
     steps,
     processors,
+    top=None,
 ):
     """`steps` decode steps of the slots `slots` [n]: tokens [n] at positions [n] go into the cache and the next
     are sampled. keys [max_batch] and seen [max_batch, vocab] are every slot's (these slots' are taken and put
     back). live [n] bool: rows whose writes count (the others write to TRASH). tables [slots, view blocks]:
     the first blocks of each slot's table, as many as cover every live position of the chunk (the view's length,
     hence the attention's, follows the longest live sequence, in powers of two). -> pools, the sampled tokens
-    [slots, steps], keys, seen.
+    [slots, steps], keys, seen, and with `top` (an int) the tokens' `TokenScores` [slots, steps, ...] (else None).
 
     Each slot's view is gathered from the pool once per chunk, right-aligned so that the chunk's `steps` new
     tokens of every row land at the same view slots (view_len - steps + s at step s): the steps write into the
@@ -289,18 +304,34 @@ def _decode(
             params, config, tokens[:, None], (positions + s)[:, None], key_valid, cache=cache, write_index=write_index
         )
         pairs = jax.vmap(jax.random.split)(keys)
-        token, _ = next_token(logits[:, 0], sampling, processors, pairs[:, 1], seen)
+        token, scores = next_token(logits[:, 0], sampling, processors, pairs[:, 1], seen, top)
         seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
-        return (cache, token, pairs[:, 0], seen), token
+        return (cache, token, pairs[:, 0], seen), (token, scores)
 
     carry = (cache, tokens, keys[slots], seen[slots])
-    (cache, _, slot_keys, slot_seen), sampled = jax.lax.scan(step, carry, jnp.arange(steps))
+    (cache, _, slot_keys, slot_seen), (sampled, scores) = jax.lax.scan(step, carry, jnp.arange(steps))
     here = jnp.where(live[:, None], rows[:, first:], TRASH * block_size)
     pools = _Pools(
         _scatter(pools.keys, here, tuple(k[:, first:] for k in cache.keys)),
         _scatter(pools.values, here, tuple(v[:, first:] for v in cache.values)),
     )
-    return pools, sampled.T, keys.at[slots].set(slot_keys), seen.at[slots].set(slot_seen)
+    scores = None if scores is None else jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), scores)
+    return pools, sampled.T, keys.at[slots].set(slot_keys), seen.at[slots].set(slot_seen), scores
+
+
+@partial(jax.jit, static_argnames=("config",))
+def _prompt_scores(params, ids, length, *, config) -> TokenScores:
+    """ids [1, bucket] (right-padded, `length` real) -> `TokenScores` [bucket - 1, ...] of each next prompt token
+    under the model (entry t: token t + 1 given tokens ..t), with TOP_LOGPROBS alternatives."""
+    mask = jnp.arange(ids.shape[1])[None] < length
+    logits = forward(params, config, ids, attention_mask=mask)[0, :-1]
+    return score_choice(logits, logits, ids[0, 1:], TOP_LOGPROBS)
+
+
+def _token_logprob(scores, k: int) -> TokenLogprob:
+    """One token's host `TokenScores` -> its `TokenLogprob` with k alternatives."""
+    top = [(int(t), float(lp)) for t, lp in zip(scores.top_ids[:k], scores.top_logprobs[:k], strict=True)]
+    return TokenLogprob(float(scores.raw_logprob), top)
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -390,9 +421,26 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
             raise UsageError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         request = Request(prompt, max_tokens, id=next(self._ids), **options)
+        if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
+            raise UsageError(f"logprobs must be in 0..{TOP_LOGPROBS}, got {request.logprobs}")
         request.sampling.per_row(1)  # refuses bad values now, not inside the engine
         self.waiting.append(request)
         return request.id
+
+    def prompt_logprobs(self, prompt: Sequence[int], k: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the ones before it (None for the first, which has no
+        context) with k alternatives: what an `echo` with logprobs reports (lm-evaluation-harness's
+        loglikelihood). One forward over the prompt in its bucket, outside the decode slots."""
+        prompt = [int(t) for t in prompt]
+        if not 1 <= len(prompt) <= self.max_len:
+            raise UsageError(f"the prompt must have 1..{self.max_len} tokens, got {len(prompt)}")
+        if not 0 <= k <= TOP_LOGPROBS:
+            raise UsageError(f"logprobs must be in 0..{TOP_LOGPROBS}, got {k}")
+        bucket = _bucket(len(prompt), self.buckets)
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, : len(prompt)] = prompt
+        scores = jax.device_get(_prompt_scores(self.params, jnp.asarray(ids), len(prompt), config=self.config))
+        return [None] + [_token_logprob(jax.tree.map(lambda a, t=t: a[t], scores), k) for t in range(len(prompt) - 1)]
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request, waiting or running (its slot and blocks are free at once); False if unknown."""
@@ -445,11 +493,13 @@ class Engine:
             blocks = cached + fresh
             self.tables[slot] = TRASH
             self.tables[slot, : len(blocks)] = blocks
-            token = self._prefill(slot, request, len(cached) * size)
+            token, scores = self._prefill(slot, request, len(cached) * size)
             for i, digest in enumerate(hashes):
                 self.pool.register(blocks[i], digest)
             self.running[slot] = _Running(request, blocks, [token])
             events.append(Event(request.id, [token], cached_tokens=len(cached) * size))
+            if request.logprobs is not None:
+                events[-1].logprobs = [_token_logprob(jax.device_get(scores), request.logprobs)]
             finish = self._finish_reason(self.running[slot])
             if finish:
                 events[-1].finished, events[-1].finish_reason = True, finish
@@ -467,7 +517,7 @@ class Engine:
         for name, value in rows.items():
             self.sampling[name][slot] = value[0]
         key = jax.random.fold_in(jax.random.key(request.seed), 0)  # generate's key for row 0
-        self.pools, token, row_key, self.seen = _prefill(
+        self.pools, token, row_key, self.seen, scores = _prefill(
             self.params,
             self.pools,
             jnp.asarray(self.tables[slot]),
@@ -486,7 +536,7 @@ class Engine:
         token = int(token)
         self.tokens[slot] = token
         self.positions[slot] = len(request.prompt)
-        return token
+        return token, scores
 
     def _decode_chunk(self) -> list[Event]:
         # The chunk runs only as many rows as there are live slots, rounded up to a power of two (at most every
@@ -497,7 +547,8 @@ class Engine:
         live = np.arange(count) < len(active)
         longest = int(self.positions[active].max()) + self.chunk
         view_blocks = self._view_blocks(-(-longest // self.block_size))
-        self.pools, sampled, self.keys, self.seen = _decode(
+        wants_scores = any(self.running[s].request.logprobs is not None for s in active)
+        self.pools, sampled, self.keys, self.seen, scores = _decode(
             self.params,
             self.pools,
             jnp.asarray(rows, jnp.int32),
@@ -512,10 +563,12 @@ class Engine:
             block_size=self.block_size,
             steps=self.chunk,
             processors=self._processors(rows[live]),
+            top=TOP_LOGPROBS if wants_scores else None,
         )
         sampled = dict(zip(active, np.asarray(sampled), strict=False))
+        scores = None if scores is None else jax.device_get(scores)
         events = []
-        for slot in active:
+        for row, slot in enumerate(active):
             running = self.running[slot]
             new = []
             finish = None
@@ -528,6 +581,11 @@ class Engine:
             self.tokens[slot] = sampled[slot][-1]
             self.positions[slot] += self.chunk
             events.append(Event(running.request.id, new, finish is not None, finish))
+            if running.request.logprobs is not None:
+                events[-1].logprobs = [
+                    _token_logprob(jax.tree.map(lambda a, row=row, i=i: a[row, i], scores), running.request.logprobs)
+                    for i in range(len(new))
+                ]
             if finish:
                 self._retire(slot)
         return events
@@ -555,7 +613,7 @@ class Engine:
         for bucket, cached_blocks in itertools.product(
             self.buckets, (0, self.max_blocks) if self.prefix_cache else (0,)
         ):
-            self.pools, _, _, self.seen = _prefill(
+            self.pools, _, _, self.seen, _ = _prefill(
                 self.params,
                 self.pools,
                 table,
@@ -575,7 +633,7 @@ class Engine:
         for rows in self.row_counts():
             for view in views:
                 for mode in processors:
-                    self.pools, _, self.keys, self.seen = _decode(
+                    self.pools, _, self.keys, self.seen, _ = _decode(
                         self.params,
                         self.pools,
                         jnp.arange(rows, dtype=jnp.int32),

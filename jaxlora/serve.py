@@ -17,13 +17,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from jaxlora.engine import Engine, Event
+from jaxlora.engine import TOP_LOGPROBS, Engine, Event, TokenLogprob
 from jaxlora.errors import UsageError
 from jaxlora.sampling import Sampling
 from jaxlora.text import chat_ids
 
 log = logging.getLogger("jaxlora.serve")
 
+MAX_PROMPTS = 64  # prompts one completions request may carry (each with its own n choices)
 SAMPLING_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 KNOWN_FIELDS = {
     "model",
@@ -39,6 +40,9 @@ KNOWN_FIELDS = {
     "user",
     "presence_penalty",
     "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "echo",
     *SAMPLING_FIELDS,
 }
 
@@ -78,6 +82,12 @@ class EngineThread:
     def cancel(self, job: Job) -> None:
         self.commands.put(("cancel", job))
 
+    def prompt_logprobs(self, loop, prompt: list[int], k: int) -> asyncio.Future:
+        """The prompt's own token log-probabilities (`Engine.prompt_logprobs`), computed on the engine's thread."""
+        future = loop.create_future()
+        self.commands.put(("score", future, loop, prompt, k))
+        return future
+
     def _run(self) -> None:
         while True:
             try:
@@ -107,6 +117,15 @@ class EngineThread:
                 loop.call_soon_threadsafe(job.events.put_nowait, event)
 
     def _handle(self, command) -> None:
+        if command[0] == "score":
+            _, future, loop, prompt, k = command
+            try:
+                result = self.engine.prompt_logprobs(prompt, k)
+            except Exception as e:  # noqa: BLE001 (handed to the request, which answers for it)
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+            return
         if command[0] == "submit":
             _, job, loop, prompt, max_tokens, options = command
             try:
@@ -119,6 +138,11 @@ class EngineThread:
             job = command[1]
             if job.engine_id >= 0 and self.engine.cancel(job.engine_id):
                 self.jobs.pop(job.engine_id, None)
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if not future.done():  # the request may have gone away
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 class TextTail:
@@ -164,14 +188,32 @@ def _number(body: dict, name: str, default, kind=float):
     return kind(value)
 
 
+def logprobs_wanted(body: dict, chat: bool) -> int | None:
+    """How many alternatives a request wants with each token's log-probability, or None for no log-probs.
+    Completions: `logprobs` is that count; chat: `logprobs` is a switch and `top_logprobs` the count."""
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise BadRequest(f"logprobs must be true or false for chat, got {wanted!r}", "logprobs")
+        top = _number(body, "top_logprobs", 0, int)
+        if top and not wanted:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        count = top if wanted else None
+    else:
+        if body.get("top_logprobs") is not None:
+            raise BadRequest("top_logprobs is a chat field: completions take logprobs=N", "top_logprobs")
+        count = _number(body, "logprobs", None, int)
+    if count is not None and not 0 <= count <= TOP_LOGPROBS:
+        raise BadRequest(f"the number of log-probs must be in 0..{TOP_LOGPROBS}, got {count}", "logprobs")
+    return count
+
+
 def parse_options(body: dict, prompt_len: int, context: int) -> tuple[int, int, dict, list[str]]:
-    """(n, max_tokens, engine options, stop strings) from a request body, or BadRequest naming the field."""
-    unknown = sorted(set(body) - KNOWN_FIELDS - {"echo", "logprobs", "top_logprobs"})
+    """(n, max_tokens, engine options, stop strings) from a request body, or BadRequest naming the field.
+    max_tokens may be 0 only with `echo` (the prompt's log-probs alone)."""
+    unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", unknown[0])
-    for name in ("echo", "logprobs", "top_logprobs"):
-        if body.get(name):
-            raise BadRequest(f"{name} is not supported by this server yet", name)
     for name in ("presence_penalty", "frequency_penalty"):  # accepted as 0 (clients send it), never ignored
         if _number(body, name, 0.0):
             raise BadRequest(f"{name} is not supported (use repetition_penalty)", name)
@@ -183,8 +225,9 @@ def parse_options(body: dict, prompt_len: int, context: int) -> tuple[int, int, 
         raise BadRequest(f"the prompt ({prompt_len} tokens) leaves no room in the context of {context}", "messages")
     max_tokens = _number(body, "max_completion_tokens", None, int) or _number(body, "max_tokens", None, int)
     max_tokens = min(limit, 256) if max_tokens is None else max_tokens
-    if not 1 <= max_tokens <= limit:
-        raise BadRequest(f"max_tokens must be in 1..{limit} for this prompt, got {max_tokens}", "max_tokens")
+    least = 0 if body.get("echo") else 1
+    if not least <= max_tokens <= limit:
+        raise BadRequest(f"max_tokens must be in {least}..{limit} for this prompt, got {max_tokens}", "max_tokens")
     values = {
         name: _number(body, name, default, int if name == "top_k" else float)
         for name, default in SAMPLING_FIELDS.items()
@@ -234,7 +277,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, eos_token_ids=(), max
             raise BadRequest("the body must be a JSON object")
         return body
 
-    def prompt_of(body: dict, chat: bool) -> list[int]:
+    def ids_of(prompt) -> list[int] | None:
+        """One completions prompt (a string or token ids) -> token ids, or None if it is neither."""
+        if isinstance(prompt, str) and prompt:
+            return list(tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if min(prompt) < 0 or max(prompt) >= engine.config.vocab_size:
+                raise BadRequest("token ids must be in the vocabulary", "prompt")
+            return prompt
+        return None
+
+    def prompts_of(body: dict, chat: bool) -> list[list[int]]:
+        """The request's prompts as token ids: chat has one; completions one or several (a list of strings or of
+        token-id lists), each answered by its own n choices."""
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -247,54 +302,103 @@ def create_app(engine: Engine, tokenizer, model_name: str, eos_token_ids=(), max
                 ):
                     raise BadRequest("each message needs a string role and a string content", "messages")
             try:
-                return chat_ids(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+                return [chat_ids(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])]
             except UsageError as e:
                 raise BadRequest(str(e), "messages") from None
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            return list(tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if min(prompt) < 0 or max(prompt) >= engine.config.vocab_size:
-                raise BadRequest("token ids must be in the vocabulary", "prompt")
-            return prompt
-        raise BadRequest("prompt must be a non-empty string or a list of token ids (one prompt)", "prompt")
+        one = ids_of(prompt)
+        if one is not None:
+            return [one]
+        if isinstance(prompt, list) and prompt and len(prompt) <= MAX_PROMPTS:
+            several = [ids_of(p) for p in prompt]
+            if all(ids is not None for ids in several):
+                return several
+        raise BadRequest(
+            f"prompt must be a non-empty string, a list of token ids, or a list of up to {MAX_PROMPTS} of either",
+            "prompt",
+        )
+
+    def piece(token: int) -> str:
+        return tokenizer.decode([token])
+
+    def completion_logprobs(entries: list[TokenLogprob | None], tokens: list[int], offset: int) -> dict:
+        """OpenAI's completions `logprobs` object for tokens (their text starting at character `offset`)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in zip(tokens, entries, strict=True):
+            text = piece(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            out["token_logprobs"].append(None if entry is None else entry.logprob)
+            out["top_logprobs"].append(None if entry is None else {piece(t): lp for t, lp in entry.top})
+        return out
+
+    def chat_logprobs(entries: list[TokenLogprob], tokens: list[int]) -> dict:
+        """OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+
+        def item(token, logprob):
+            text = piece(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**item(token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                for token, e in zip(tokens, entries, strict=True)
+            ]
+        }
 
     async def handle(request: Request, chat: bool):
         started = time.perf_counter()
         try:
             body = await body_of(request)
-            prompt = prompt_of(body, chat)
-            n, max_tokens, options, stop = parse_options(body, len(prompt), context)
+            prompts = prompts_of(body, chat)
+            top = logprobs_wanted(body, chat)
+            echo = bool(body.get("echo"))
+            if echo and (chat or body.get("stream")):
+                raise BadRequest("echo is for completions that are not streamed", "echo")
+            parsed = [parse_options(body, len(prompt), context) for prompt in prompts]
         except BadRequest as e:
             return _error(400, str(e), e.param)
-        if runner.pending() + n > max_queue:
+        n, _, options, stop = parsed[0]
+        max_tokens = min(m for _, m, _, _ in parsed)  # the same unless defaulted: then what every prompt allows
+        if runner.pending() + n * len(prompts) > max_queue:
             return JSONResponse(
                 {"error": {"message": "the server is busy", "type": "server_busy", "param": None, "code": None}},
                 status_code=503,
                 headers={"Retry-After": "1"},
             )
         loop = asyncio.get_running_loop()
+        echoed: list = [None] * len(prompts)
+        if echo:  # the prompts' own log-probs first (they need no slot)
+            try:
+                for p, prompt in enumerate(prompts):
+                    echoed[p] = await runner.prompt_logprobs(loop, prompt, top or 0) if top is not None else None
+            except UsageError as e:
+                return _error(400, str(e))
+        # Choice i answers prompt i // n.
         jobs = []
-        for i in range(n):
-            job = Job()
-            choice_options = dict(options, seed=options["seed"] + i)
-            runner.submit(job, loop, prompt, max_tokens, stop_token_ids=stop_ids, **choice_options)
-            jobs.append(job)
+        if max_tokens:
+            for prompt in prompts:
+                for j in range(n):
+                    job = Job()
+                    choice_options = dict(options, seed=options["seed"] + j, logprobs=top)
+                    runner.submit(job, loop, prompt, max_tokens, stop_token_ids=stop_ids, **choice_options)
+                    jobs.append(job)
+        count = n * len(prompts)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        tails = [TextTail(tokenizer, stop) for _ in jobs]
-        counts = [0] * n
+        tails = [TextTail(tokenizer, stop) for _ in range(count)]
+        counts = [0] * count
         first_token = [None]
 
         def usage():
             completion = sum(counts)
+            prompt_tokens = sum(len(p) for p in prompts)
             return {
-                "prompt_tokens": len(prompt),
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion,
-                "total_tokens": len(prompt) * n + completion,
+                "total_tokens": prompt_tokens + completion,
             }
 
         def log_done():
@@ -303,14 +407,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, eos_token_ids=(), max
             log.info(
                 "%s prompt=%d completion=%d ttft=%.0fms %.1f tok/s",
                 rid,
-                len(prompt),
+                sum(len(p) for p in prompts),
                 sum(counts),
                 ttft,
                 sum(counts) / max(elapsed, 1e-9),
             )
 
         async def events_of(i: int):
-            """(new text, finish reason or None) per engine event of choice i, until it ends."""
+            """(new text, new tokens, their log-probs, finish reason or None) per engine event of choice i."""
             job, tail = jobs[i], tails[i]
             while True:
                 event = await job.events.get()
@@ -325,27 +429,36 @@ def create_app(engine: Engine, tokenizer, model_name: str, eos_token_ids=(), max
                 text = tail.add(event.tokens, event.finished)
                 if tail.stopped and not event.finished:
                     runner.cancel(job)
-                    yield text, "stop"
+                    yield text, event.tokens, event.logprobs, "stop"
                     return
                 reason = None
                 if event.finished:
                     reason = "stop" if event.finish_reason == "stop" or tail.stopped else "length"
-                yield text, reason
+                yield text, event.tokens, event.logprobs, reason
                 if event.finished:
                     return
 
-        def choice_chunk(i: int, text: str, reason):
+        def logprobs_of(tokens, entries, offset=0):
+            if top is None:
+                return None
+            return chat_logprobs(entries, tokens) if chat else completion_logprobs(entries, tokens, offset)
+
+        def choice_chunk(i: int, text: str, tokens, entries, reason):
+            logprobs = logprobs_of(tokens, entries) if tokens else None
             if chat:
                 delta = {"content": text} if text else {}
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         if not body.get("stream"):
-            texts, reasons = [""] * n, [None] * n
+            texts, reasons = [""] * count, [None] * count
+            tokens, entries = [[] for _ in range(count)], [[] for _ in range(count)]
             try:
-                for i in range(n):
-                    async for text, reason in events_of(i):
+                for i in range(len(jobs)):
+                    async for text, new, scores, reason in events_of(i):
                         texts[i] += text
+                        tokens[i] += new
+                        entries[i] += scores or []
                         reasons[i] = reason
             except BadRequest as e:
                 return _error(400, str(e))
@@ -353,16 +466,23 @@ def create_app(engine: Engine, tokenizer, model_name: str, eos_token_ids=(), max
                 for job in jobs:
                     runner.cancel(job)
             log_done()
-            if chat:
-                choices = [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-                ]
-            else:
-                choices = [
-                    {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-                ]
+            choices = []
+            for i in range(count):
+                prompt, text = prompts[i // n], texts[i]
+                logprobs = logprobs_of(tokens[i], entries[i])
+                if chat:
+                    message = {"role": "assistant", "content": text}
+                    choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reasons[i]})
+                    continue
+                if echo:
+                    prompt_text = tokenizer.decode(prompt)
+                    if top is not None:
+                        before = completion_logprobs(echoed[i // n], prompt, 0)
+                        after = completion_logprobs(entries[i], tokens[i], len(prompt_text))
+                        logprobs = {key: before[key] + after[key] for key in before}
+                    text = prompt_text + text
+                reason = reasons[i] or "length"  # max_tokens 0: the prompt alone
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason})
             return {
                 "id": rid,
                 "object": kind,
@@ -385,29 +505,29 @@ def create_app(engine: Engine, tokenizer, model_name: str, eos_token_ids=(), max
 
             async def pump(i):
                 try:
-                    async for text, reason in events_of(i):
-                        await merged.put((i, text, reason))
+                    async for text, new, scores, reason in events_of(i):
+                        await merged.put((i, text, new, scores, reason))
                 except BadRequest as e:
-                    await merged.put((i, e, "error"))
+                    await merged.put((i, e, [], None, "error"))
 
-            tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+            tasks = [asyncio.create_task(pump(i)) for i in range(len(jobs))]
             try:
                 if chat:
                     yield sse(
                         [
                             {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                            for i in range(n)
+                            for i in range(count)
                         ]
                     )
-                open_choices = n
+                open_choices = len(jobs)
                 while open_choices:
-                    i, text, reason = await merged.get()
+                    i, text, new, scores, reason = await merged.get()
                     if reason == "error":
                         error = {"error": {"message": str(text), "type": "invalid_request_error"}}
                         yield f"data: {json.dumps(error)}\n\n"
                         break
-                    if text or reason:
-                        yield sse([choice_chunk(i, text, reason)])
+                    if text or reason or (top is not None and new):
+                        yield sse([choice_chunk(i, text, new, scores, reason)])
                     if reason:
                         open_choices -= 1
                 if (body.get("stream_options") or {}).get("include_usage"):

@@ -158,3 +158,35 @@ def test_stop_ids_end_a_request_and_cancel_frees_its_slot_at_once(tiny):
     events = engine.step()
     assert any(e.id == waiting for e in events)
     assert engine.cancel(long_ones[1]) and not engine.cancel(12345)
+
+
+def test_logprobs_of_every_slot_equal_score_on_prompt_and_answer(tiny):
+    """Requests asking for log-probs (some not) decode together: each new token's log-prob equals `jaxlora.score`
+    on prompt + answer (1e-5), its alternatives are the model's most likely (greedy: itself first); the prompt's
+    own log-probs too."""
+    model = tiny("llama-gqa").load()
+    requests = mixed_requests(model.config.vocab_size, 8, seed=5)
+    for i, request in enumerate(requests):
+        request["logprobs"] = None if i % 3 == 2 else i % 3 + 1
+    engine = Engine(model.params, model.config, max_batch=4, max_len=128, block_size=8)
+    ids = [engine.submit(**r) for r in requests]
+    tokens, logprobs = {i: [] for i in ids}, {i: [] for i in ids}
+    while not engine.idle:
+        for event in engine.step():
+            tokens[event.id] += event.tokens
+            logprobs[event.id] += event.logprobs or []
+    for request, i in zip(requests, ids, strict=True):
+        if request["logprobs"] is None:
+            assert logprobs[i] == []
+            continue
+        sequence = request["prompt"] + tokens[i]
+        want = np.asarray(jaxlora.score(model.params, model.config, np.asarray([sequence], np.int32)))[0]
+        got = [entry.logprob for entry in logprobs[i]]
+        np.testing.assert_allclose(got, want[len(request["prompt"]) - 1 :], atol=1e-5)
+        for token, entry in zip(tokens[i], logprobs[i], strict=True):
+            assert len(entry.top) == request["logprobs"] and entry.top[0] == (token, entry.logprob)
+    prompt = requests[0]["prompt"]
+    scored = engine.prompt_logprobs(prompt, 2)
+    want = np.asarray(jaxlora.score(model.params, model.config, np.asarray([prompt], np.int32)))[0]
+    assert scored[0] is None and len(scored) == len(prompt)
+    np.testing.assert_allclose([e.logprob for e in scored[1:]], want, atol=1e-5)

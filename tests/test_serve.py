@@ -157,6 +157,53 @@ def test_n_choices_seeds_and_stop_strings(tiny_server, tiny_model):
     assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
 
 
+def reference_logprobs(model, ids):
+    """log p(ids[t + 1] | ids[..t]) for every t, from `jaxlora.score` (the model's own distribution)."""
+    return np.asarray(jaxlora.score(model.params, model.config, np.asarray([ids], np.int32)))[0]
+
+
+def test_logprobs_echo_and_several_prompts(tiny_server, tiny_model):
+    """Log-probs of new tokens and, with echo, of the prompt's own tokens equal `jaxlora.score` on prompt + answer
+    (1e-5); the top alternatives are the model's most likely, the greedy token first; several prompts in one
+    request each get n choices equal to their lone text; streamed log-probs equal the whole answer's."""
+    client, tokenizer = tiny_server.client, tiny_model.tokenizer
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    out = client.completions.create(model="m", prompt=ids, max_tokens=8, temperature=0, logprobs=3, echo=True)
+    choice = out.choices[0]
+    got = choice.logprobs
+    assert len(got.tokens) == len(ids) + 8 and got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert choice.text.startswith(tokenizer.decode(ids))
+    lone = jaxlora.generate(tiny_model.params, tiny_model.config, np.asarray([ids], np.int32), max_new_tokens=8)
+    generated = [int(t) for t in lone.tokens[0][:8]]
+    want = reference_logprobs(tiny_model, ids + generated)
+    np.testing.assert_allclose(got.token_logprobs[1:], want, atol=1e-5)
+    for t, (logprob, top) in enumerate(zip(got.token_logprobs, got.top_logprobs, strict=True)):
+        if t >= len(ids):  # greedy: the chosen token is the most likely one
+            assert len(top) == 3 and max(top.values()) == logprob
+    assert got.text_offset[len(ids)] == len(tokenizer.decode(ids))
+    # Streamed: the same log-probs, chunk by chunk.
+    streamed = client.completions.create(model="m", prompt=ids, max_tokens=8, temperature=0, logprobs=2, stream=True)
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    np.testing.assert_allclose([lp for p in pieces for lp in p.token_logprobs], want[len(ids) - 1 :], atol=1e-5)
+    # Chat: logprobs true with top_logprobs.
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob == c.logprob for c in content)
+    # echo with max_tokens 0: the prompt scored, nothing generated.
+    scored = client.completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == tokenizer.decode(ids) and scored.usage.completion_tokens == 0
+    np.testing.assert_allclose(scored.choices[0].logprobs.token_logprobs[1:], want[: len(ids) - 1], atol=1e-5)
+    # Several prompts, n=2 each: choice i answers prompt i // 2.
+    several = client.completions.create(model="m", prompt=PROMPTS[:2], max_tokens=6, temperature=0, n=2)
+    texts = [c.text for c in sorted(several.choices, key=lambda c: c.index)]
+    lone_texts = [lone_text(tiny_model, tokenizer(p)["input_ids"], 6) for p in PROMPTS[:2]]
+    assert texts == [lone_texts[0], lone_texts[0], lone_texts[1], lone_texts[1]]
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
@@ -168,12 +215,16 @@ def test_n_choices_seeds_and_stop_strings(tiny_server, tiny_model):
         ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
         ({"prompt": "hi", "stop": 3}, "stop"),
         ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-        ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+        ({"prompt": "hi", "logprobs": 99}, "log-probs"),
+        ({"prompt": "hi", "echo": True, "stream": True}, "echo"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}, "true or false"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "word " * 200}, "context"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_lives(tiny_server, body, words):
-    status, answer = tiny_server.post("/v1/completions", json.dumps(body).encode())
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    status, answer = tiny_server.post(path, json.dumps(body).encode())
     assert status == 400 and words in answer["error"]["message"], answer
     assert tiny_server.health()["status"] == "ok"
 
