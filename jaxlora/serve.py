@@ -25,6 +25,7 @@ from jaxlora.text import chat_ids
 log = logging.getLogger("jaxlora.serve")
 
 MAX_PROMPTS = 64  # prompts one completions request may carry (each with its own n choices)
+MAX_STOPS = 16  # stop strings one request may give (OpenAI takes 4; lm-evaluation-harness may send more)
 SAMPLING_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 KNOWN_FIELDS = {
     "model",
@@ -240,8 +241,8 @@ def parse_options(body: dict, prompt_len: int, context: int) -> tuple[int, int, 
     seed = _number(body, "seed", 0, int)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise BadRequest("stop must be a non-empty string or a list of up to 4 of them", "stop")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOPS:
+        raise BadRequest(f"stop must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
     return n, max_tokens, dict(sampling=sampling, seed=seed), stop
 
 
