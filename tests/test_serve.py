@@ -2,6 +2,7 @@
 n, stop strings, errors, a client going away, 16 concurrent streams; on a tiny model and on the real SmolLM2."""
 
 import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -191,7 +192,8 @@ def test_malformed_json_and_the_sdk_error_type(tiny_server):
 @pytest.mark.real
 def test_the_real_smollm2_serves_and_a_client_leaving_frees_its_slot(smollm2_checkpoint):
     """SmolLM2 with one slot: a long stream whose client goes away after its first chunk is cancelled at once
-    (the slot is free and the next request runs), and chat text equals `generate` alone."""
+    (the slot is free and the next request runs), chat text equals `generate` alone, and SIGTERM drains the
+    request in flight before the server exits."""
     server = Server(smollm2_checkpoint, "--max-batch", "1", "--max-len", "512")
     try:
         model = jaxlora.load(smollm2_checkpoint)
@@ -212,7 +214,16 @@ def test_the_real_smollm2_serves_and_a_client_leaving_frees_its_slot(smollm2_che
         assert server.health() == {"status": "ok", "running": 0, "waiting": 0}
         quick = server.client.completions.create(model="m", prompt="1, 2, 3,", max_tokens=4, temperature=0)
         assert quick.choices[0].finish_reason == "length"
+        # SIGTERM mid-stream: the stream still ends whole (64 tokens, its lone text), then the server exits 0.
+        ids = chat_ids(model.tokenizer, messages)
+        stream = server.client.completions.create(model="m", prompt=ids, max_tokens=64, temperature=0, stream=True)
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        server.proc.send_signal(signal.SIGTERM)
+        text += "".join(c.choices[0].text for c in chunks)
+        assert text == lone_text(model, ids, 64)
+        assert server.proc.wait(timeout=30) == 0
     finally:
         err = server.stop()
     assert "Traceback" not in err, err[-3000:]
-    assert "completion=24" in err  # one log line per request
+    assert "completion=24" in err and "completion=64" in err  # one log line per request, the drained one too
