@@ -104,7 +104,7 @@ def cmd_serve(args) -> None:
     for name in ("max_batch", "max_queue", "block_size", "port"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    model = _load(args)
+    model = _load(args, _setup_devices(args))
     _say(f"serving on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})")
     serve(
         model,
@@ -450,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", action="store_true", help="compile every engine program before serving (no compile stalls later)"
     )
     srv.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent XLA cache")
+    srv.add_argument("--mesh", help="shard over this process's devices, e.g. tensor=8 (axes data, fsdp, tensor)")
     srv.add_argument("--name", help="the model name clients use (default: the checkpoint folder's name)")
     srv.add_argument("--dtype", choices=DTYPE_NAMES, help="cast params on load")
     srv.add_argument("--quantize", metavar="FORMAT", help="quantize a float checkpoint on load: int8, int4[:GROUP]")

@@ -35,12 +35,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora.cache import KVCache, entry_shapes
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, apply_decoder, forward
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys, score_choice
+from jaxlora.sharding import params_mesh, spec_for
 from jaxlora.stacking import layer_stacks, unstack_tree
 
 # Prefill compiles every processor in: a request's own values switch each off exactly (top_k 0, top_p 1, min_p 0,
@@ -339,7 +341,8 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 class Engine:
-    """Continuous batching over `params` (one device; scanned params are unstacked for it).
+    """Continuous batching over `params` (scanned params are unstacked for it). Params on a mesh (`load(...,
+    mesh=...)`) run sharded as they lie, the KV pool's heads split over `tensor` (one process).
 
     submit(...) -> request id; step() -> the events of one round (admissions, one decode chunk, retirements);
     cancel(id) frees a request's slot and blocks at once; run(requests) drives everything to the end.
@@ -365,6 +368,8 @@ class Engine:
             params, config = unstack_tree(params, layer_stacks(config)), config.with_scan(False)
         if max_batch < 1 or block_size < 1 or chunk < 1:
             raise UsageError("max_batch, block_size and chunk must be at least 1")
+        if jax.process_count() > 1:
+            raise UsageError("the serving engine runs in one process (a mesh over its own devices)")
         self.params, self.config = params, config
         limit = min(config.context_length or 4096, 4096)
         self.max_len = max_len or limit
@@ -390,10 +395,19 @@ class Engine:
         self.positions = np.zeros(max_batch, np.int32)
         self.keys = row_keys(jax.random.key(0), max_batch, False)
         self.seen = jnp.zeros((max_batch, config.vocab_size), bool)
-        # Committed to the device from the start, as every program's outputs are: the first call then compiles
-        # the same program as every later one (jit keys programs on whether their inputs are committed).
-        device = jax.devices()[0]
-        self.pools, self.keys, self.seen = jax.device_put((self.pools, self.keys, self.seen), device)
+        # Committed from the start, as every program's outputs are: the first call then compiles the same program
+        # as every later one (jit keys programs on whether their inputs are committed). On a mesh (the params'
+        # own) the pool's kv heads split over `tensor` like generate's cache; the slots' state is replicated.
+        mesh = params_mesh(params)
+        if mesh is None:
+            where = pool_where = jax.devices()[0]
+        else:
+            where = NamedSharding(mesh, PartitionSpec())
+            pool_where = NamedSharding(
+                mesh, spec_for(("cache_len", "kv_heads", "head_dim"), (rows, kh, kd), mesh, config, "kv pool")
+            )
+        self.pools = jax.device_put(self.pools, pool_where)
+        self.keys, self.seen = jax.device_put((self.keys, self.seen), where)
         self.sampling = {name: np.zeros(max_batch, np.float32) for name in SamplingArrays._fields}
         self.sampling["top_k"] = np.zeros(max_batch, np.int32)
         self.sampling["top_p"][:] = 1.0

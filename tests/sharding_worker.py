@@ -4,6 +4,7 @@ python sharding_worker.py meshes CKPT IDS.npy          # 8 devices, one process:
 python sharding_worker.py process CKPT IDS.npy I PORT  # one of two jax.distributed processes, 4 devices each
 python sharding_worker.py experts CKPT                 # a mixture of experts over the `expert` axis: a JSON report
 python sharding_worker.py scanned CKPT                 # scanned layers on two meshes vs one unrolled device
+python sharding_worker.py engine CKPT                  # the serving engine on two meshes vs one device
 """
 
 import json
@@ -242,6 +243,48 @@ def latent(model_path):
     print(json.dumps(report))
 
 
+def engine(model_path):
+    """The serving engine on meshes: params as `load(mesh=...)` lays them, the KV pool's heads over `tensor`;
+    every request's greedy tokens and log-probs vs the engine on one device."""
+    import jaxlora
+    from jaxlora.engine import Engine
+    from jaxlora.sharding import make_mesh
+
+    rng = np.random.default_rng(4)
+    system = rng.integers(0, 128, 24).tolist()
+    requests = [
+        dict(
+            prompt=(system if i % 2 else []) + rng.integers(0, 128, int(rng.integers(3, 30))).tolist(),
+            max_tokens=int(rng.integers(1, 20)),
+            logprobs=2,
+        )
+        for i in range(10)
+    ]
+
+    def run(model):
+        engine = Engine(model.params, model.config, max_batch=4, max_len=128, block_size=8)
+        ids = [engine.submit(**r) for r in requests]
+        tokens, logprobs = {i: [] for i in ids}, {i: [] for i in ids}
+        while not engine.idle:
+            for event in engine.step():
+                tokens[event.id] += event.tokens
+                logprobs[event.id] += [e.logprob for e in event.logprobs]
+        return [tokens[i] for i in ids], [logprobs[i] for i in ids], engine
+
+    want_tokens, want_logprobs, _ = run(jaxlora.load(model_path))
+    report = {}
+    for spec in ("data=2,tensor=4", "fsdp=2,tensor=2,data=2"):
+        tokens, logprobs, sharded = run(jaxlora.load(model_path, mesh=make_mesh(spec)))
+        report[spec] = {
+            "tokens_equal": tokens == want_tokens,
+            "max_logprob_diff": max(
+                float(np.abs(np.subtract(a, b)).max()) for a, b in zip(logprobs, want_logprobs, strict=True)
+            ),
+            "pool_spec": str(sharded.pools.keys[0].sharding.spec),
+        }
+    print(json.dumps(report))
+
+
 def process(model_path, ids_path, process_id, port):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -279,5 +322,7 @@ if __name__ == "__main__":
         scanned(*args)
     elif mode == "latent":
         latent(*args)
+    elif mode == "engine":
+        engine(*args)
     else:
         process(args[0], args[1], int(args[2]), int(args[3]))

@@ -221,3 +221,16 @@ def test_cli_distributed_generates_like_one_process(tiny_with_tokenizer):
     # stdout carries the text alone: gloo's C++ log lines ("[Gloo] Rank 0 is connected ...") go to stderr.
     assert outputs[0][0] == alone.stdout and outputs[1][0] == ""
     assert "onto mesh {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 8}" in outputs[0][1]
+
+
+def test_the_serving_engine_on_eight_devices_equals_one(checkpoints):
+    """Continuous batching with params sharded as loaded and the KV pool's heads over `tensor`: greedy tokens
+    equal, log-probs within 1e-5 of one device."""
+    proc = run_worker(["engine", checkpoints["even"]], devices=8)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    for spec, result in report.items():
+        assert result["tokens_equal"], spec
+        assert result["max_logprob_diff"] <= 1e-5, (spec, result)
+    assert report["data=2,tensor=4"]["pool_spec"] == "P(None, 'tensor')"
