@@ -1,13 +1,15 @@
 """Load-test `jaxlora serve` on 127.0.0.1 (bounded in count and time): throughput, time to first token and time per
-output token, at several client counts, against the same server at --max-batch 1 and, where it runs offline,
-`transformers serve --continuous-batching` on the same weights; then a shared 300-token system prompt with and
-without prefix reuse.
+output token, at several client counts and at a steady arrival rate, against the same server at --max-batch 1 and,
+where it runs offline, `transformers serve --continuous-batching` on the same weights; then a shared 300-token
+system prompt with and without prefix reuse.
 
-Every server is its own fresh process; each is warmed up (its programs compiled) before it is measured. Requests
-are streamed completions over token-id prompts (20-400 tokens, answers of 16-128 tokens, greedy), all arriving at
-once and taken by N concurrent clients. An answer may end early at an EOS: throughput counts the tokens served.
+Every server is its own fresh process, started with --warmup (every program compiled before it serves; the
+persistent compile cache makes later starts quicker) and warmed with a few requests before it is measured.
+Requests are streamed chat completions (a user message of 20-400 tokens of text decoded from random token ids,
+answers of 16-128 tokens, greedy), all arriving at once and taken by N concurrent clients, or arriving one every
+1/RATE seconds each on its own connection. An answer may end early at an EOS: throughput counts the tokens served.
 
-    python scripts/bench_serve.py [--checkpoint checkpoints/smollm2-135m-instruct] [--requests 64]
+    python scripts/bench_serve.py [--checkpoint checkpoints/smollm2-135m-instruct] [--requests 64] [--rate 0.5]
 """
 
 from __future__ import annotations
@@ -62,47 +64,71 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def one(port: int, model: str, prompt, max_tokens: int, timeout: float) -> dict:
-    """One streamed completion: TTFT, per-token time after the first, tokens."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+def one(port: int, model: str, messages: list[dict], max_tokens: int, timeout: float) -> dict:
+    """One streamed chat completion: TTFT, per-token time after the first, tokens."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     body["stream_options"] = {"include_usage": True}
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"content-type": "application/json"},
     )
     start_time = time.perf_counter()
     first = None
-    tokens = 0
+    chunks, usage = 0, None
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             data = json.loads(line[6:])
-            if data.get("choices") and data["choices"][0].get("text") and first is None:
+            choices = data.get("choices") or [{}]
+            if (choices[0].get("delta") or {}).get("content") and first is None:
                 first = time.perf_counter() - start_time
+            if (choices[0].get("delta") or {}).get("content"):
+                chunks += 1
             if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
+                usage = data["usage"]["completion_tokens"]
     total = time.perf_counter() - start_time
     first = total if first is None else first
+    tokens = chunks if usage is None else usage  # a server without stream usage: one token per chunk
     return {"ttft": first, "tpot": (total - first) / max(tokens - 1, 1), "tokens": tokens}
 
 
-def workload(n: int, vocab: int, seed: int, system: list[int] | None = None) -> list[tuple[list[int], int]]:
+def text_of(tokenizer, rng, count: int) -> str:
+    """About `count` tokens of text: random token ids decoded."""
+    return tokenizer.decode(rng.integers(100, tokenizer.vocab_size, count).tolist(), skip_special_tokens=True)
+
+
+def workload(tokenizer, n: int, seed: int, system: str | None = None) -> list[tuple[list[dict], int]]:
+    """n (messages, max_tokens): a user message of 20-400 tokens and 16-128 new tokens, or after a shared system
+    message a user message of 10-40 tokens and 32 new tokens."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         if system is None:
-            prompt = rng.integers(100, vocab, int(rng.integers(20, 401))).tolist()
-            out.append((prompt, int(rng.integers(16, 129))))
+            user = text_of(tokenizer, rng, int(rng.integers(20, 401)))
+            out.append(([{"role": "user", "content": user}], int(rng.integers(16, 129))))
         else:
-            out.append((system + rng.integers(100, vocab, int(rng.integers(10, 40))).tolist(), 32))
+            user = text_of(tokenizer, rng, int(rng.integers(10, 41)))
+            out.append(([{"role": "system", "content": system}, {"role": "user", "content": user}], 32))
     return out
 
 
-def load(port: int, model: str, jobs, clients: int, timeout: float) -> dict:
+def load(port: int, model: str, jobs, clients: int, timeout: float, rate: float | None = None) -> dict:
+    """Run the jobs with `clients` concurrent clients, or (rate) each on its own connection, one every 1/rate s."""
     start_time = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda job: one(port, model, job[0], job[1], timeout), jobs))
+    if rate is None:
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda job: one(port, model, job[0], job[1], timeout), jobs))
+    else:
+
+        def at(i, job):
+            time.sleep(max(0.0, start_time + i / rate - time.perf_counter()))
+            return one(port, model, job[0], job[1], timeout)
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(at, range(len(jobs)), jobs))
     wall = time.perf_counter() - start_time
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tokens"] > 1]
@@ -112,7 +138,7 @@ def load(port: int, model: str, jobs, clients: int, timeout: float) -> dict:
         return float(np.percentile(values, q)) if values else float("nan")
 
     return {
-        "clients": clients,
+        "clients": f"{rate:g} req/s" if rate else clients,
         "requests": len(jobs),
         "tokens": served,
         "tok_s": served / wall,
@@ -125,22 +151,23 @@ def load(port: int, model: str, jobs, clients: int, timeout: float) -> dict:
 
 
 def jaxlora_server(checkpoint: str, port: int, *flags: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "jaxlora", "serve", checkpoint, "--port", str(port), "--max-len", "1024", *flags]
-    return start(command, port)
+    command = [sys.executable, "-m", "jaxlora", "serve", checkpoint, "--port", str(port), "--max-len", "1024"]
+    return start(command + ["--warmup", *flags], port, limit=1200)
 
 
-def warm(port: int, model: str, vocab: int) -> None:
-    """Compile every prompt bucket the workloads reach, and the decode chunk."""
+def warm(port: int, model: str, tokenizer) -> None:
+    """A few requests of the workloads' lengths (programs the warm-up did not reach, the HTTP path)."""
     rng = np.random.default_rng(99)
-    for length in (10, 20, 40, 100, 200, 400):
-        one(port, model, rng.integers(100, vocab, length).tolist(), 8, 600)
+    for length in (10, 40, 200, 400):
+        one(port, model, [{"role": "user", "content": text_of(tokenizer, rng, length)}], 8, 600)
 
 
-def run_side(name: str, port: int, model: str, vocab: int, args, clients_list) -> list[dict]:
-    warm(port, model, vocab)
+def run_side(name: str, port: int, model: str, tokenizer, args, clients_list, rate=None) -> list[dict]:
+    warm(port, model, tokenizer)
     rows = []
-    for clients in clients_list:
-        row = load(port, model, workload(args.requests, vocab, seed=clients), clients, args.timeout)
+    for clients in clients_list + ([None] if rate else []):
+        jobs = workload(tokenizer, args.requests, seed=clients or 0)
+        row = load(port, model, jobs, clients or 0, args.timeout, None if clients else rate)
         row["server"] = name
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -152,29 +179,34 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "smollm2-135m-instruct"))
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--rate", type=float, default=0.5, help="requests per second of the steady-rate rows (0: none)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per request at most")
     parser.add_argument("--skip", default="", help="comma-separated sides to skip: batch1, transformers, prefix")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     clients_list = [int(c) for c in args.clients.split(",")]
-    config = json.loads((Path(args.checkpoint) / "config.json").read_text())
-    vocab = config.get("model", config)["vocab_size"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.checkpoint) / "tokenizer")
     print(f"cores: {os.cpu_count()}; {args.requests} requests per row; checkpoint {args.checkpoint}", flush=True)
     rows = []
-    for name, flags in [(f"jaxlora --max-batch {args.max_batch}", ["--max-batch", str(args.max_batch)])] + (
-        [] if "batch1" in skip else [("jaxlora --max-batch 1", ["--max-batch", "1"])]
-    ):
+    # --max-batch 1 and transformers serve: the most clients only (the targets compare there), and the rate.
+    most = [max(clients_list)]
+    sides = [(f"jaxlora --max-batch {args.max_batch}", ["--max-batch", str(args.max_batch)], clients_list)]
+    if "batch1" not in skip:
+        sides.append(("jaxlora --max-batch 1", ["--max-batch", "1"], most))
+    for name, flags, clients in sides:
         port = free_port()
         proc = jaxlora_server(args.checkpoint, port, *flags)
         try:
-            rows += run_side(name, port, "m", vocab, args, clients_list)
+            rows += run_side(name, port, "m", tokenizer, args, clients, args.rate)
         finally:
             stop(proc)
     if "transformers" not in skip:
-        rows += transformers_side(args, vocab, clients_list)
+        rows += transformers_side(args, tokenizer, most)
     if "prefix" not in skip:
-        rows += prefix_rows(args, vocab)
+        rows += prefix_rows(args, tokenizer)
     print("\n| server | clients | output tok/s | TTFT p50 / p99 (s) | time per output token p50 / p99 (ms) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -182,11 +214,20 @@ def main() -> None:
             f"| {r['server']} | {r['clients']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
             f"{1000 * r['tpot_p50']:.0f} / {1000 * r['tpot_p99']:.0f} |"
         )
+    by = {(r["server"], r["clients"]): r for r in rows}
+    ours = by.get((sides[0][0], max(clients_list)))
+    for other in ("jaxlora --max-batch 1", "transformers serve --continuous-batching"):
+        if ours and (other, max(clients_list)) in by:
+            ratio = ours["tok_s"] / by[(other, max(clients_list))]["tok_s"]
+            print(f"throughput at {max(clients_list)} clients: {ratio:.2f}x {other}")
+    on, off = by.get(("shared 300-token prefix, reuse on", 4)), by.get(("shared 300-token prefix, reuse off", 4))
+    if on and off:
+        print(f"TTFT p50 with a shared prefix: {off['ttft_p50'] / on['ttft_p50']:.2f}x lower with reuse")
 
 
-def prefix_rows(args, vocab: int) -> list[dict]:
+def prefix_rows(args, tokenizer) -> list[dict]:
     """16 requests at 4 clients sharing a 300-token system prompt, with and without prefix reuse."""
-    system = np.random.default_rng(7).integers(100, vocab, 300).tolist()
+    system = text_of(tokenizer, np.random.default_rng(7), 300)
     rows = []
     for name, flags in [
         ("shared 300-token prefix, reuse on", []),
@@ -195,9 +236,10 @@ def prefix_rows(args, vocab: int) -> list[dict]:
         port = free_port()
         proc = jaxlora_server(args.checkpoint, port, "--max-batch", str(args.max_batch), *flags)
         try:
-            warm(port, "m", vocab)
-            one(port, "m", system + [200, 201], 4, 600)  # the shared blocks cached (or not), buckets compiled
-            row = load(port, "m", workload(16, vocab, seed=5, system=system), 4, args.timeout)
+            warm(port, "m", tokenizer)
+            first = [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
+            one(port, "m", first, 4, 600)  # the shared blocks cached (or not)
+            row = load(port, "m", workload(tokenizer, 16, seed=5, system=system), 4, args.timeout)
             row["server"] = name
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -206,7 +248,7 @@ def prefix_rows(args, vocab: int) -> list[dict]:
     return rows
 
 
-def transformers_side(args, vocab: int, clients_list) -> list[dict]:
+def transformers_side(args, tokenizer, clients_list) -> list[dict]:
     """`transformers serve --continuous-batching` on the same weights (exported to an HF folder), or why not."""
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-hf-"))
     try:
@@ -225,9 +267,8 @@ def transformers_side(args, vocab: int, clients_list) -> list[dict]:
             print(f"transformers serve did not run: {e}", flush=True)
             return []
         try:
-            return run_side(
-                "transformers serve --continuous-batching", port, str(folder / "hf"), vocab, args, clients_list
-            )
+            name = "transformers serve --continuous-batching"
+            return run_side(name, port, str(folder / "hf"), tokenizer, args, clients_list, args.rate)
         except Exception as e:  # noqa: BLE001 (report why the comparison is missing, keep the other rows)
             print(f"transformers serve failed under load: {type(e).__name__}: {e}", flush=True)
             return []
