@@ -617,8 +617,9 @@ class Engine:
     def warmup(self, processors: Sequence[Processors] = (Processors(), Processors(sample=True))) -> int:
         """Compile every program requests can need, now rather than in the middle of serving: each prompt
         bucket's prefill (with and without a cached prefix) and a decode chunk for every row count, view length
-        and sampling mode in `processors` (greedy and plain sampling by default; other modes compile when first
-        used). The runs touch only the trash block and free slots' state. Returns the number of programs run."""
+        and sampling mode in `processors` (greedy and plain sampling by default; other modes, and chunks
+        with log-probs, compile when first used). The runs touch only the trash block and free slots' state.
+        Returns the number of programs run."""
         if self.running or self.waiting:
             raise UsageError("warm the engine up before it takes requests")
         count = 0
@@ -662,6 +663,7 @@ class Engine:
                         block_size=self.block_size,
                         steps=self.chunk,
                         processors=mode,
+                        top=None,  # as `_decode_chunk` passes it: jit keys programs on the keywords given
                     )
                     count += 1
         jax.block_until_ready(self.pools)
