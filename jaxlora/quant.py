@@ -17,6 +17,7 @@ The weight is dequantized inside the jitted computation (`matmul`, `take_rows`),
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -225,9 +226,58 @@ def dequantize(q: dict, dtype=None) -> jax.Array:
 
 
 def matmul(x: jax.Array, q: dict) -> jax.Array:
-    """x [..., cols] @ w.T for a quantized w [rows, cols] -> [..., rows], in x's dtype."""
+    """x [..., cols] @ w.T for a quantized w [rows, cols] -> [..., rows], in x's dtype.
+
+    A single row of x (decoding one sequence) takes `_matvec`, which reads the stored integers; more rows
+    dequantize the weight and multiply (the matmul's own rate is what bounds them)."""
+    if math.prod(x.shape[:-1]) == 1 and q["values"].ndim == 2:
+        return _matvec(x.reshape(x.shape[-1]), q).reshape(*x.shape[:-1], -1)
     w = dequantize(q, x.dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _matvec(x: jax.Array, q: dict) -> jax.Array:
+    """x [cols] @ w.T -> [rows] in a form XLA:CPU compiles to one loop over the stored integers (each row's
+    dequantization fused into its dot product, no float copy of the weight): `x @ w.T` with w's dequantization
+    in line. Packed 4-bit values take two such products, the low nibbles against x's even elements and the high
+    ones against its odd elements (unpacking them into one row costs more than the product); the barrier keeps
+    their sum from being fused into one product and undoing that. Measured on a 2-core CPU, 60 SmolLM2-shaped
+    matrices: float32 10 ms, int8 4 ms, int4 8 ms (20 ms with the nibbles unpacked in line)."""
+    x = jax.lax.optimization_barrier(x)  # x computed once, not again inside each row's product
+    values = q["values"]
+    if values.dtype != jnp.uint8:
+        return (x[None] @ dequantize(q, x.dtype).T)[0]
+    pairs = x.reshape(-1, 2)
+    low = pairs[None, :, 0] @ _dequantize_plane(values & 15, q, x.dtype).T
+    high = pairs[None, :, 1] @ _dequantize_plane(values >> 4, q, x.dtype).T
+    low, high = jax.lax.optimization_barrier((low, high))
+    return (low + high)[0]
+
+
+def _dequantize_plane(nibbles, q: dict, dtype) -> jax.Array:
+    """Half of a packed 4-bit weight's columns (its even or its odd ones) [rows, cols // 2], dequantized: each
+    group of `group` columns holds `group // 2` of them, under the same scale and minimum."""
+    nibbles = nibbles.astype(q["scale"].dtype)
+    if "min" not in q:  # signed nibbles, two's complement
+        nibbles = jnp.where(nibbles > 7, nibbles - 16, nibbles)
+    return dequantize({**q, "values": nibbles}, dtype)
+
+
+def held_in_loop(params, anchor: jax.Array):
+    """`params` with every quantized weight passed through an optimization barrier together with `anchor`, a value
+    that changes on every iteration of the loop the caller is traced in (a decode step's positions).
+
+    Without it XLA lifts each weight's dequantization out of the loop as loop-invariant work: the loop then keeps
+    a float copy of every weight (float memory), and a one-sequence step multiplies float weights instead of
+    reading the stored integers (`_matvec`, 2.4x faster than float32 for int8 on a 2-core CPU)."""
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
+    picked = [i for i, leaf in enumerate(leaves) if is_quantized(leaf)]
+    if not picked:
+        return params
+    held, _ = jax.lax.optimization_barrier(([leaves[i] for i in picked], anchor))
+    for i, leaf in zip(picked, held, strict=True):
+        leaves[i] = leaf
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def take_rows(q: dict, ids: jax.Array) -> jax.Array:

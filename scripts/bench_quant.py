@@ -2,10 +2,11 @@
 
 Rows: float32 and bfloat16 (the checkpoint cast on load), int8 and int4 (quantized on load from the float32
 checkpoint), and the demo GGUF's own Q4_1/Q8_0 blocks kept as they are (`convert --quantize keep`, converted once
-into a temporary folder). Each row runs in its own fresh process: load (timed; peak RSS after it), perplexity on
-tests/data/perplexity.txt (windows of 256, stride 128), then greedy decoding of --new-tokens tokens after a
-16-token prompt at batch 1 and 8 and a 512-token prefill, each the median of --repeat calls after a warm-up call
-(which compiles); peak RSS after all of it.
+into a temporary folder). Each row runs in its own fresh process: load (timed), greedy decoding of --new-tokens
+tokens after a 16-token prompt at batch 1 and 8, perplexity on tests/data/perplexity.txt (windows of 256, stride
+128) and a 512-token prefill, each the median of --repeat calls after a warm-up call (which compiles). Peak RSS
+three times: after loading, after decoding at batch 1 (loading plus `generate` for one sequence: what a chat or
+a code completion costs), and after all of it.
 
     python scripts/bench_quant.py [--checkpoint CKPT] [--new-tokens 64] [--repeat 3] [--rows float32,int8,...]
 """
@@ -46,14 +47,10 @@ def measure(checkpoint: str, row: str, new_tokens: int, repeat: int) -> dict:
     model = jaxlora.load(checkpoint, **ROWS[row])
     jax.block_until_ready(model.params)
     load_seconds = time.perf_counter() - start
-    load_rss = vm_hwm_mb()
-    tokens = model.tokenizer(TEXT.read_text())["input_ids"]
-    ppl = perplexity(model.params, model.config, tokens, window=256, stride=128)["perplexity"]
     result = {
         "param_mb": sum(a.nbytes for a in jax.tree.leaves(model.params)) / 1e6,
         "load_s": load_seconds,
-        "load_rss_mb": load_rss,
-        "perplexity": ppl,
+        "load_rss_mb": vm_hwm_mb(),
     }
     for batch in (1, 8):
         ids = np.full((batch, 16), 504, np.int32)
@@ -63,6 +60,10 @@ def measure(checkpoint: str, row: str, new_tokens: int, repeat: int) -> dict:
 
         decode()
         result[f"decode_b{batch}"] = batch * new_tokens / median_of(decode, repeat)
+        if batch == 1:  # before anything runs more than one row at a time
+            result["generate_rss_mb"] = vm_hwm_mb()
+    tokens = model.tokenizer(TEXT.read_text())["input_ids"]
+    result["perplexity"] = perplexity(model.params, model.config, tokens, window=256, stride=128)["perplexity"]
     prompt = np.asarray([(np.arange(PREFILL) * 7 + 3) % model.config.vocab_size], np.int32)
     prefill = jax.jit(jaxlora.forward, static_argnums=1)
 
@@ -103,16 +104,19 @@ def main() -> None:
         results[row] = in_fresh_process(__file__, [*argv, "--repeat", str(args.repeat)], row)
         print(row, json.dumps(results[row]), file=sys.stderr, flush=True)
     base = results.get("float32")
-    header = ("SmolLM2-135M", "params MB", "load s", "RSS load MB", "RSS peak MB", "decode b1", "decode b8")
+    header = ("SmolLM2-135M", "params MB", "load s", "RSS load MB", "RSS generate b1 MB", "RSS peak MB", "decode b1")
+    header = (*header, "decode b8")
     table = [(*header, "prefill 512", "perplexity")]
     for row, r in results.items():
         relative = f" ({r['param_mb'] / base['param_mb']:.2f}x)" if base else ""
+        rss_relative = f" ({r['generate_rss_mb'] / base['generate_rss_mb']:.2f}x)" if base else ""
         table.append(
             (
                 row,
                 f"{r['param_mb']:.0f}{relative}",
                 f"{r['load_s']:.1f}",
                 f"{r['load_rss_mb']:.0f}",
+                f"{r['generate_rss_mb']:.0f}{rss_relative}",
                 f"{r['peak_rss_mb']:.0f}",
                 f"{r['decode_b1']:.1f}",
                 f"{r['decode_b8']:.1f}",

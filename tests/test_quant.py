@@ -2,6 +2,9 @@
 dequantization, int8/int4 round trips within their bounds, quantized models equal to their dequantized float
 selves (forward, generate, LoRA gradients), checkpoints that save and load bit-exactly, and bad input refused."""
 
+import dataclasses
+import importlib
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import pytest
 from conftest import hf_model, random_ids, save_hf
 
 import jaxlora
-from jaxlora import quant
+from jaxlora import decoding, quant
 from jaxlora.checkpoint import read_config
 from jaxlora.convert.gguf_blocks import BLOCKS, relayout
 from jaxlora.errors import UsageError
@@ -69,6 +72,36 @@ def test_gguf_blocks_relayout_equals_gguf_dequantization_bit_for_bit(tmp_path, t
     np.testing.assert_array_equal(ours.view(np.uint32), reference.view(np.uint32))
     bits = 4 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 8
     assert quant.format_of(kept).bits == bits
+
+
+def single_row_products(q, cols: int, seed: int):
+    """quant.matmul of one row (the stored integers read in place) and of two rows (the weight dequantized first),
+    with the float product of the dequantized weight."""
+    x = np.random.default_rng(seed).normal(size=(2, cols)).astype(np.float32)
+    q = jax.tree.map(jnp.asarray, q)
+    reference = x @ np.asarray(quant.dequantize(q)).T
+    one = np.asarray(jax.jit(quant.matmul)(jnp.asarray(x[None, :1]), q))[0]
+    two = np.asarray(jax.jit(quant.matmul)(jnp.asarray(x), q))
+    return one, two, reference
+
+
+@pytest.mark.parametrize("type_name", sorted(BLOCKS))
+def test_one_row_product_of_each_kept_block_type_equals_the_float_product(tmp_path, type_name):
+    rows, cols = 6, 512
+    tensor = gguf.GGUFReader(str(gguf_blocks_file(tmp_path / "w.gguf", type_name, rows, cols, seed=4))).tensors[0]
+    one, two, reference = single_row_products(relayout(tensor.data, type_name, rows, cols), cols, seed=5)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(one, reference[:1], atol=1e-6 * scale, rtol=0)
+    np.testing.assert_allclose(two, reference, atol=1e-6 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["int8", "int8:16", "int4:32", "int4:128"])
+def test_one_row_product_of_each_format_equals_the_float_product(name):
+    w = np.random.default_rng(6).normal(size=(40, 256)).astype(np.float32)
+    one, two, reference = single_row_products(quant.quantize_rows(w, quant.parse_format(name)), 256, seed=7)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(one, reference[:1], atol=1e-6 * scale, rtol=0)
+    np.testing.assert_allclose(two, reference, atol=1e-6 * scale, rtol=0)
 
 
 def test_float_and_rare_types_are_not_kept():
@@ -140,6 +173,39 @@ def test_quantized_model_equals_its_dequantized_float_model(tiny_quant, name):
     tokens = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12).tokens
     expected = jaxlora.generate(dequantized(model.params), model.config, ids, max_new_tokens=12).tokens
     np.testing.assert_array_equal(tokens, expected)
+
+
+def decode_scratch_bytes(model, batch: int, monkeypatch) -> tuple[int, np.ndarray]:
+    """The scratch memory of `generate`'s compiled decode chunk at `batch` rows, and the tokens generated."""
+    generate_module = importlib.import_module("jaxlora.generate")
+    scratch = []
+
+    def measured(*args, **kwargs):
+        scratch.append(decoding.decode.lower(*args, **kwargs).compile().memory_analysis().temp_size_in_bytes)
+        return decoding.decode(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "decode", measured)
+    ids = random_ids((batch, 7), SIZES["vocab_size"], seed=9)
+    tokens = np.asarray(jaxlora.generate(model.params, model.config, ids, max_new_tokens=10).tokens)
+    monkeypatch.undo()
+    return max(scratch), tokens
+
+
+@pytest.mark.parametrize("name", ["int8", "int4:16"])
+def test_one_sequence_decodes_from_the_stored_integers(tiny_quant, name, monkeypatch):
+    """One sequence: each decode step multiplies the stored integers (no float copy of the weights lifted out of
+    the loop into the decode program's scratch memory), with the dequantized model's tokens. Several: the weights
+    are dequantized once per chunk (the copy shows up, so the measure can see one)."""
+    model = jaxlora.load(tiny_quant[name])
+    float_bytes = sum(a.nbytes for a in jax.tree.leaves(dequantized(model.params)))
+    one, tokens = decode_scratch_bytes(model, 1, monkeypatch)
+    floats = dataclasses.replace(model, params=dequantized(model.params))
+    one_float, expected = decode_scratch_bytes(floats, 1, monkeypatch)
+    np.testing.assert_array_equal(tokens, expected)
+    assert one < one_float + float_bytes / 4, (one, one_float, float_bytes)
+    two, _ = decode_scratch_bytes(model, 2, monkeypatch)
+    two_float, _ = decode_scratch_bytes(floats, 2, monkeypatch)
+    assert two > two_float + float_bytes / 2, (two, two_float, float_bytes)
 
 
 def test_tied_quantized_embedding_serves_lookup_and_head(tmp_path):
