@@ -24,6 +24,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.decoding import checked_prompt
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, apply_decoder, default_positions
+from jaxlora.quant import for_decode_loop
 
 # transformers' sentinel for "cannot be chosen"; its float32 rounding is part of the semantics being matched.
 EXCLUDED = -1.0e9
@@ -161,6 +162,8 @@ def _beam_search(
         going=jnp.bool_(True),
     )
 
+    loop_params = for_decode_loop(params, batch * beams)
+
     def step(s: _Beams) -> _Beams:
         vocab = s.logits.shape[-1]
         log_probs = jax.nn.log_softmax(s.logits.astype(jnp.float32), axis=-1).reshape(batch, beams, vocab)
@@ -210,7 +213,7 @@ def _beam_search(
         key_valid = jax.lax.dynamic_update_slice(cache.key_valid, jnp.ones((batch * beams, 1), bool), (0, write_index))
         last = jax.lax.dynamic_index_in_dim(running_tokens, s.step, axis=2, keepdims=False).reshape(-1, 1)
         logits, cache = apply_decoder(
-            params,
+            loop_params,
             config,
             last,
             (next_position + s.step)[:, None],

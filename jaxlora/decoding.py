@@ -20,6 +20,7 @@ from jaxlora.cache import KVCache, batch_axis, init_cache
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions
+from jaxlora.quant import for_decode_loop
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys
 from jaxlora.sharding import DecodeLayout
 from jaxlora.stacking import with_leading_axes
@@ -281,9 +282,10 @@ def decode(
     """`steps` decode steps as one `lax.scan`. Returns the new state, the sampled tokens [batch, steps] (rows already
     done get `pad_id`) and, when `score_top` is not None, their `TokenScores` (each field [batch, steps, ...])."""
     options = dict(config=config, processors=processors, stop_ids=stop_ids, pad_id=pad_id, layout=layout)
+    loop_params = for_decode_loop(params, state.token.shape[0])
 
     def step(state: DecodeState, _):
-        state = decode_step(params, state, sampling, lora, score_top=score_top, **options)
+        state = decode_step(loop_params, state, sampling, lora, score_top=score_top, **options)
         return state, (state.token, state.scores)
 
     state, (tokens, scores) = jax.lax.scan(step, state, None, length=steps)
@@ -363,6 +365,7 @@ def _sample(params, input_ids, attention_mask, keys, lora, *, config, max_new_to
     cache = init_cache(config, batch, width + max_new_tokens - 1, activation_dtype(params))
     state = prefill(params, cache, input_ids, attention_mask, keys, arrays, lora, **static)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(state.token)
+    loop_params = for_decode_loop(params, batch)
 
     def running(carry):
         produced, state, _ = carry
@@ -370,7 +373,7 @@ def _sample(params, input_ids, attention_mask, keys, lora, *, config, max_new_to
 
     def step(carry):
         produced, state, tokens = carry
-        state = decode_step(params, state, arrays, lora, pad_id=pad_id, **static)
+        state = decode_step(loop_params, state, arrays, lora, pad_id=pad_id, **static)
         return produced + 1, state, jax.lax.dynamic_update_slice(tokens, state.token[:, None], (0, produced))
 
     _, _, tokens = jax.lax.while_loop(running, step, (jnp.int32(1), state, tokens))

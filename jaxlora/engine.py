@@ -41,6 +41,7 @@ from jaxlora.cache import KVCache, entry_shapes
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, apply_decoder, forward
+from jaxlora.quant import for_decode_loop
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys, score_choice
 from jaxlora.sharding import params_mesh, spec_for
 from jaxlora.stacking import layer_stacks, unstack_tree
@@ -294,6 +295,7 @@ def _decode(
     rows, valid = jax.vmap(partial(_view_indices, block_size=block_size))(tables, view_positions)
     valid = valid & (jnp.arange(view_len) < first)  # the chunk's own slots become valid as they are written
     cache = KVCache(_gather(pools.keys, rows), _gather(pools.values, rows), valid)
+    loop_params = for_decode_loop(params, tokens.shape[0])
 
     def step(carry, s):
         cache, tokens, keys, seen = carry
@@ -303,7 +305,13 @@ def _decode(
         )
         cache = cache._replace(key_valid=key_valid)
         logits, cache = apply_decoder(
-            params, config, tokens[:, None], (positions + s)[:, None], key_valid, cache=cache, write_index=write_index
+            loop_params,
+            config,
+            tokens[:, None],
+            (positions + s)[:, None],
+            key_valid,
+            cache=cache,
+            write_index=write_index,
         )
         pairs = jax.vmap(jax.random.split)(keys)
         token, scores = next_token(logits[:, 0], sampling, processors, pairs[:, 1], seen, top)

@@ -228,12 +228,23 @@ def dequantize(q: dict, dtype=None) -> jax.Array:
 def matmul(x: jax.Array, q: dict) -> jax.Array:
     """x [..., cols] @ w.T for a quantized w [rows, cols] -> [..., rows], in x's dtype.
 
-    A single row of x (decoding one sequence) takes `_matvec`, which reads the stored integers; more rows
-    dequantize the weight and multiply (the matmul's own rate is what bounds them)."""
+    A single row of x (decoding one sequence) takes `_matvec`, which reads the stored integers (a decode loop
+    must keep XLA from lifting their dequantization out of the loop: `held_in_loop`). More rows dequantize the
+    weight and multiply (the matmul's own rate bounds them), the dequantization made to wait for x (`_after`):
+    else XLA:CPU schedules every weight's dequantization first, and a prefill holds a float copy of all weights
+    at once. Decode loops over several rows dequantize once before the loop instead (`for_decode_loop`)."""
     if math.prod(x.shape[:-1]) == 1 and q["values"].ndim == 2:
         return _matvec(x.reshape(x.shape[-1]), q).reshape(*x.shape[:-1], -1)
-    w = dequantize(q, x.dtype)
+    w = dequantize(_after(q, x), x.dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _after(q: dict, x: jax.Array) -> dict:
+    """q with a data dependency on x that changes no number: its scales plus min(|x[0]|, 0), which is 0 (or NaN
+    where x holds one, and then the product is NaN anyway). XLA folds neither away, and an optimization barrier
+    does not order scheduling (XLA:CPU drops barriers before it schedules, measured)."""
+    zero = jnp.minimum(jnp.abs(x.reshape(-1)[0]), 0).astype(q["scale"].dtype)
+    return {**q, "scale": q["scale"] + zero}
 
 
 def _matvec(x: jax.Array, q: dict) -> jax.Array:
@@ -243,7 +254,6 @@ def _matvec(x: jax.Array, q: dict) -> jax.Array:
     ones against its odd elements (unpacking them into one row costs more than the product); the barrier keeps
     their sum from being fused into one product and undoing that. Measured on a 2-core CPU, 60 SmolLM2-shaped
     matrices: float32 10 ms, int8 4 ms, int4 8 ms (20 ms with the nibbles unpacked in line)."""
-    x = jax.lax.optimization_barrier(x)  # x computed once, not again inside each row's product
     values = q["values"]
     if values.dtype != jnp.uint8:
         return (x[None] @ dequantize(q, x.dtype).T)[0]
@@ -269,7 +279,8 @@ def held_in_loop(params, anchor: jax.Array):
 
     Without it XLA lifts each weight's dequantization out of the loop as loop-invariant work: the loop then keeps
     a float copy of every weight (float memory), and a one-sequence step multiplies float weights instead of
-    reading the stored integers (`_matvec`, 2.4x faster than float32 for int8 on a 2-core CPU)."""
+    reading the stored integers (`_matvec`). The barrier holds until XLA's loop passes have run, which is all
+    this needs (it does not order a program's scheduling: see `_after`)."""
     leaves, treedef = jax.tree.flatten(params, is_leaf=is_quantized)
     picked = [i for i, leaf in enumerate(leaves) if is_quantized(leaf)]
     if not picked:
@@ -322,6 +333,16 @@ def map_floats(fn, params: dict) -> dict:
     """`fn` over every float array of a param tree, the scales and minimums of quantized weights included; the
     integer values pass through untouched."""
     return jax.tree.map(lambda a: a if jnp.issubdtype(a.dtype, jnp.integer) else fn(a), params)
+
+
+def for_decode_loop(params: dict, rows: int) -> dict:
+    """The params a decode loop stepping `rows` sequences at once reads. One row: as stored (each step multiplies
+    the stored integers, `_matvec`, faster than float32 on CPU and without a float copy). Several: dequantized
+    once, here, before the loop (a float copy for the loop's duration; dequantizing every weight at every step
+    costs more than the step's own matmuls)."""
+    if rows == 1 or not any(is_quantized(leaf) for _, leaf in _paths(params)):
+        return params
+    return dequantize_params(params)
 
 
 def dequantize_params(params: dict) -> dict:

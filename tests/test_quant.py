@@ -175,37 +175,41 @@ def test_quantized_model_equals_its_dequantized_float_model(tiny_quant, name):
     np.testing.assert_array_equal(tokens, expected)
 
 
-def decode_scratch_bytes(model, batch: int, monkeypatch) -> tuple[int, np.ndarray]:
-    """The scratch memory of `generate`'s compiled decode chunk at `batch` rows, and the tokens generated."""
+def generate_scratch_bytes(model, batch: int, monkeypatch) -> tuple[dict, np.ndarray]:
+    """The scratch memory of `generate`'s compiled prefill and decode chunk at `batch` rows ({"prefill": bytes,
+    "decode": bytes}), and the tokens generated."""
     generate_module = importlib.import_module("jaxlora.generate")
-    scratch = []
+    scratch = {}
+    for name in ("prefill", "decode"):
 
-    def measured(*args, **kwargs):
-        scratch.append(decoding.decode.lower(*args, **kwargs).compile().memory_analysis().temp_size_in_bytes)
-        return decoding.decode(*args, **kwargs)
+        def measured(*args, _name=name, **kwargs):
+            compiled = getattr(decoding, _name).lower(*args, **kwargs).compile()
+            scratch[_name] = max(scratch.get(_name, 0), compiled.memory_analysis().temp_size_in_bytes)
+            return getattr(decoding, _name)(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "decode", measured)
+        monkeypatch.setattr(generate_module, name, measured)
     ids = random_ids((batch, 7), SIZES["vocab_size"], seed=9)
     tokens = np.asarray(jaxlora.generate(model.params, model.config, ids, max_new_tokens=10).tokens)
     monkeypatch.undo()
-    return max(scratch), tokens
+    return scratch, tokens
 
 
 @pytest.mark.parametrize("name", ["int8", "int4:16"])
-def test_one_sequence_decodes_from_the_stored_integers(tiny_quant, name, monkeypatch):
-    """One sequence: each decode step multiplies the stored integers (no float copy of the weights lifted out of
-    the loop into the decode program's scratch memory), with the dequantized model's tokens. Several: the weights
-    are dequantized once per chunk (the copy shows up, so the measure can see one)."""
+def test_quantized_generate_holds_no_float_copy_of_the_weights(tiny_quant, name, monkeypatch):
+    """Prefill dequantizes each weight where it is used (not all of them first), and one sequence's decode steps
+    multiply the stored integers (no float copy lifted out of the loop), with the dequantized model's tokens.
+    Several sequences: the weights are dequantized once per chunk (the copy shows up: the measure sees one)."""
     model = jaxlora.load(tiny_quant[name])
     float_bytes = sum(a.nbytes for a in jax.tree.leaves(dequantized(model.params)))
-    one, tokens = decode_scratch_bytes(model, 1, monkeypatch)
     floats = dataclasses.replace(model, params=dequantized(model.params))
-    one_float, expected = decode_scratch_bytes(floats, 1, monkeypatch)
+    one, tokens = generate_scratch_bytes(model, 1, monkeypatch)
+    one_float, expected = generate_scratch_bytes(floats, 1, monkeypatch)
     np.testing.assert_array_equal(tokens, expected)
-    assert one < one_float + float_bytes / 4, (one, one_float, float_bytes)
-    two, _ = decode_scratch_bytes(model, 2, monkeypatch)
-    two_float, _ = decode_scratch_bytes(floats, 2, monkeypatch)
-    assert two > two_float + float_bytes / 2, (two, two_float, float_bytes)
+    for program in ("prefill", "decode"):
+        assert one[program] < one_float[program] + float_bytes / 4, (program, one, one_float, float_bytes)
+    two, _ = generate_scratch_bytes(model, 2, monkeypatch)
+    two_float, _ = generate_scratch_bytes(floats, 2, monkeypatch)
+    assert two["decode"] > two_float["decode"] + float_bytes / 2, (two, two_float, float_bytes)
 
 
 def test_tied_quantized_embedding_serves_lookup_and_head(tmp_path):
