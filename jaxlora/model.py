@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from functools import partial
@@ -18,7 +19,7 @@ from jaxlora.cache import KVCache, LayerCache, ring_slots
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
-from jaxlora.quant import dequantize, float_dtype, held_in_loop, is_quantized, matmul, take_rows
+from jaxlora.quant import dequantize, dequantized_in_order, float_dtype, held_in_loop, is_quantized, matmul, take_rows
 from jaxlora.rope import apply_rope, rope_cos_sin
 from jaxlora.stacking import Stack, layer_stacks, stack_tree, unstack_tree
 
@@ -736,10 +737,11 @@ def run_decoder(
     if segment_ids is not None and cache is not None:
         raise UsageError("segment_ids cover a packed row without a KV cache")
     args = (input_ids, positions, key_valid, cache, write_index, logits_at, inputs_embeds, project, segment_ids)
-    if sites is None or not sites.capture:
-        logits, new_cache = model.apply(variables, *args, rngs=rngs)
-        return logits, new_cache, {}
-    (logits, new_cache), state = model.apply(variables, *args, rngs=rngs, mutable=[CAPTURED])
+    with dequantized_in_order() if cache is not None else contextlib.nullcontext():
+        if sites is None or not sites.capture:
+            logits, new_cache = model.apply(variables, *args, rngs=rngs)
+            return logits, new_cache, {}
+        (logits, new_cache), state = model.apply(variables, *args, rngs=rngs, mutable=[CAPTURED])
     return logits, new_cache, collect(state)
 
 
