@@ -30,6 +30,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from jaxlora.checkpoint import load
 from jaxlora.engine import Engine
 from jaxlora.errors import UsageError
+from jaxlora.losses import next_token_logprobs
 from jaxlora.model import forward
 from jaxlora.sampling import Sampling
 
@@ -38,11 +39,9 @@ from jaxlora.sampling import Sampling
 def _target_scores(params, ids, mask, *, config):
     """ids/mask [batch, seq] -> (log p(ids[:, t + 1] | ids[:, ..t]), whether ids[:, t + 1] is the most likely
     token there) [batch, seq - 1], in float32."""
-    logits = forward(params, config, ids, attention_mask=mask)[:, :-1].astype(jnp.float32)
-    targets = ids[:, 1:]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    return picked, picked == jnp.max(logprobs, axis=-1)
+    logits = forward(params, config, ids, attention_mask=mask)
+    picked = jnp.take_along_axis(logits[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    return next_token_logprobs(logits, ids), picked == jnp.max(logits[:, :-1], axis=-1)
 
 
 def _length_bucket(n: int) -> int:
