@@ -19,7 +19,16 @@ from jaxlora.cache import KVCache, LayerCache, ring_slots
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
-from jaxlora.quant import dequantize, dequantized_in_order, float_dtype, held_in_loop, is_quantized, matmul, take_rows
+from jaxlora.quant import (
+    dequantize,
+    dequantized_in_order,
+    float_dtype,
+    held_in_loop,
+    is_quantized,
+    matmul,
+    one_row,
+    take_rows,
+)
 from jaxlora.rope import apply_rope, rope_cos_sin
 from jaxlora.stacking import Stack, layer_stacks, stack_tree, unstack_tree
 
@@ -729,7 +738,7 @@ def run_decoder(
         stacks = layer_stacks(config)
         params, config = unstack_tree(params, stacks), config.with_scan(False)
         lora = None if lora is None else lora.replace(weights=unstack_tree(lora.weights, stacks), stacks=())
-    if cache is not None and math.prod(jnp.shape(positions)) == 1:
+    if cache is not None and one_row(jnp.shape(positions)):
         params = held_in_loop(params, positions)  # one token a step: multiply the stored integers each step
     model = Decoder(config, None if lora is None else lora.config, remat, sites)
     variables = {"params": params} if lora is None else {"params": params, "lora": lora.weights}

@@ -12,7 +12,8 @@ and cols the contraction axis, for every quantized weight: a linear kernel [in, 
 the lookup (rows) and the head (x @ w.T) from the same numbers. Everything about the format (bits, group, offset)
 is in the dtypes and shapes, so jit, sharding, orbax and `jax.tree` treat the dict like any other params.
 
-The weight is dequantized inside the jitted computation (`matmul`, `take_rows`), never stored in float.
+The weight is dequantized inside the jitted computation (`matmul`, `take_rows`), never stored in float (a
+decode loop over several sequences holds a float copy while it runs: `for_decode_loop`).
 """
 
 from __future__ import annotations
@@ -236,10 +237,16 @@ def matmul(x: jax.Array, q: dict) -> jax.Array:
     dequantization waits for x (`_after`): else XLA:CPU schedules every weight's dequantization first, and a
     prefill holds a float copy of all weights at once. Decode loops over several rows dequantize once before the
     loop instead (`for_decode_loop`)."""
-    if math.prod(x.shape[:-1]) == 1 and q["values"].ndim == 2:
+    if one_row(x.shape[:-1]) and q["values"].ndim == 2:
         return _matvec(x.reshape(x.shape[-1]), q).reshape(*x.shape[:-1], -1)
     w = dequantize(_after(q, x) if _IN_ORDER.get() else q, x.dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def one_row(shape) -> bool:
+    """Whether an array of `shape` holds one element (one row of activations), known while tracing: symbolic
+    dimensions (an export's dynamic batch or length) count as several."""
+    return all(isinstance(d, int) for d in shape) and math.prod(shape) == 1
 
 
 _IN_ORDER = contextvars.ContextVar("jaxlora_dequantized_in_order", default=False)
