@@ -345,8 +345,9 @@ def load(
     shardings, each device reading only its own shard. attention: the attention implementation the returned
     config selects ("auto", "xla", "chunked", "cudnn", "splash"; see `jaxlora.attention`). lora: a jaxlora or
     PEFT adapter folder merged into the params once (generation then runs at the base model's speed).
-    compile_cache: True turns on the persistent XLA compile cache (`jaxlora.compile_cache`), so a later process
-    skips the compiles this one does; None (the default) follows JAXLORA_COMPILE_CACHE (on, a folder, or unset).
+    compile_cache: the persistent XLA compile cache (`jaxlora.compile_cache`), so a later process skips the
+    compiles this one does: None (the default) turns it on unless JAXLORA_COMPILE_CACHE=off (or names a folder);
+    False leaves the process as it is; True turns it on whatever the environment says.
     quantize: "int8" (per output channel) or "int4[:GROUP]" quantizes a float checkpoint's linear weights and
     embeddings as it loads (`jaxlora.quant`); a checkpoint converted with `--quantize` loads quantized as it is.
     moe: how a mixture's experts run ("auto", "dense", "gathered", "blocked", "ragged"; see `jaxlora.moe`).
@@ -365,7 +366,7 @@ def load(
     if compile_cache:
         xla_cache.enable_unless_chosen()
     elif compile_cache is None:
-        xla_cache.enable_from_environment()
+        xla_cache.enable_by_default()
     quantization = meta.get("quantization", {})
     fmt = None if quantize is None else quant.parse_format(quantize)
     if fmt is not None and quantization:

@@ -70,7 +70,7 @@ def _load(args, mesh=None):
         scan_layers=getattr(args, "scan_layers", "auto"),
         lora=args.lora,
         quantize=getattr(args, "quantize", None),
-        # generate and chat: on unless --no-compile-cache; other commands: as JAXLORA_COMPILE_CACHE says
+        # generate and chat: on unless --no-compile-cache; other commands: on unless JAXLORA_COMPILE_CACHE=off
         compile_cache=(not args.no_compile_cache) if hasattr(args, "no_compile_cache") else None,
     )
     seconds = time.perf_counter() - start

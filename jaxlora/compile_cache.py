@@ -1,10 +1,13 @@
 """The persistent XLA compile cache: a second process compiling the same shapes reads the executables from disk.
 
-The CLI's generate and chat turn it on (in $XDG_CACHE_HOME/jaxlora/xla; --no-compile-cache keeps it off). In the
-Python API it is opt-in: `jaxlora.load(..., compile_cache=True)`, `enable()`, or JAXLORA_COMPILE_CACHE=on|FOLDER.
-Not on by default there: in a long test session (hundreds of programs in one process) JAX's CPU executable
-serialization once aborted the whole process while writing an entry, so a library does not switch it on behind
-a program's back.
+`jaxlora.load` turns it on (in $XDG_CACHE_HOME/jaxlora/xla) unless told not to: `load(..., compile_cache=False)`,
+JAXLORA_COMPILE_CACHE=off (or =FOLDER for another folder), the CLI's --no-compile-cache, or a cache folder the
+program chose itself, which stays. Every program is written, however fast it compiled: the dozen small ones
+around generation (keys, casts, the empty cache) cost a second process 0.2 s to compile again.
+
+One caution, measured here once: in a test session that compiled hundreds of programs in one process, JAX's CPU
+executable serialization aborted the process while writing an entry. The test suite runs with the cache off
+(JAXLORA_COMPILE_CACHE=off), but for the processes that check the cache itself.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from pathlib import Path
 
 import jax
 
-# Compilations faster than this are not worth a disk write.
-MIN_COMPILE_SECONDS = 0.5
+# Compilations faster than this are not written (jax's own default is 1 s, which left every program but prefill
+# and decode to be compiled again by each new process).
+MIN_COMPILE_SECONDS = 0.0
 
 
 def default_folder() -> Path:
@@ -36,13 +40,13 @@ ON = {"1", "on", "true", "yes"}
 OFF = {"0", "off", "false", "no"}
 
 
-def enable_from_environment() -> Path | None:
-    """What `jaxlora.load` does by default: JAXLORA_COMPILE_CACHE=on turns the cache on in the default folder,
-    =FOLDER in that folder; unset or off leaves the process as it is. Returns the folder turned on (None: none)."""
+def enable_by_default() -> Path | None:
+    """What `jaxlora.load` does unless told: the cache on in the default folder; JAXLORA_COMPILE_CACHE=off leaves
+    the process as it is, =FOLDER puts it there. Returns the folder in use (None: none)."""
     setting = os.environ.get("JAXLORA_COMPILE_CACHE", "").strip()
-    if not setting or setting.lower() in OFF:
+    if setting.lower() in OFF:
         return None
-    return enable_unless_chosen(None if setting.lower() in ON else setting)
+    return enable_unless_chosen(None if not setting or setting.lower() in ON else setting)
 
 
 def enable_unless_chosen(folder: str | os.PathLike | None = None) -> Path:

@@ -194,7 +194,7 @@ def run_side(args) -> dict:
 
 def side_process(side: str, argv: list[str], cache_home: Path) -> dict:
     """One side of the benchmark in a new Python process (its compile cache under `cache_home`)."""
-    env = os.environ | {"XDG_CACHE_HOME": str(cache_home), "JAXLORA_COMPILE_CACHE": "on"}  # opt-in, turned on here
+    env = os.environ | {"XDG_CACHE_HOME": str(cache_home), "JAXLORA_COMPILE_CACHE": "on"}  # load's default, made sure
     return in_fresh_process(__file__, [*argv, "--side", side], side, env)
 
 

@@ -37,6 +37,14 @@ def m(name: str, file: str, old: str, new: str, *tests: str) -> Mutant:
 
 PARITY = "tests/test_parity.py"
 MUTANTS = [
+    # The model's own param shape check (in place of flax's, which traced every initializer).
+    m(
+        "a stored param's shape is not checked",
+        "model.py",
+        "if not is_quantized(stored) and tuple(stored.shape) != tuple(shape):",
+        "if False:",
+        "tests/test_forward.py",
+    ),
     # Sampling processors and their order.
     m(
         "repetition penalty: divide and multiply swapped",

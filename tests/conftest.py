@@ -23,10 +23,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 torch.set_num_threads(2)
 
 # The CLI runs the tests start share one persistent compile cache (the same tiny model generating in several runs
-# compiles once), in a temporary folder: the tests never write the user's own cache.
+# compiles once), in a temporary folder: the tests never write the user's own cache. `jaxlora.load` in this
+# process leaves the cache off (hundreds of programs: see `jaxlora.compile_cache`); `generate` and `chat` turn it
+# on in their own processes, the other commands follow this setting.
 SESSION_CACHE_HOME = Path(tempfile.mkdtemp(prefix="jaxlora-tests-cache-"))
 os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE_HOME)
-os.environ.pop("JAXLORA_COMPILE_CACHE", None)
+os.environ["JAXLORA_COMPILE_CACHE"] = "off"
 
 
 def pytest_unconfigure(config):

@@ -125,3 +125,23 @@ def test_bad_ids_are_named_errors_where_they_are_concrete(tiny):
     # Under jit the ids are not known: an out-of-range id is documented to give NaN logits, not an error.
     logits = jax.jit(jaxlora.forward, static_argnums=1)(model.params, c, np.array([[1, c.vocab_size + 5]]))
     assert np.isnan(np.asarray(logits)[0, 1]).all()
+
+
+def test_a_param_of_the_wrong_shape_is_refused_by_name(tiny):
+    """`model.weight` checks stored params' shapes itself (flax's own check traced every initializer): a kernel,
+    a bias or a norm scale that does not fit the config is an error naming it, not a silently broadcast product."""
+    from flax.errors import ScopeParamShapeError
+
+    model = tiny("llama-gqa").load()
+    ids = random_ids((1, 4), model.config.vocab_size)
+    layer = model.params["layers_0"]
+    for path, name in ((("attn", "q_proj"), "kernel"), (("mlp_norm",), "scale")):
+        params = jax.tree.map(lambda a: a, model.params)
+        holder = params["layers_0"]
+        for part in path:
+            holder = holder[part]
+        holder[name] = holder[name][..., :-1]
+        with pytest.raises(ScopeParamShapeError, match=name):
+            jaxlora.forward(params, model.config, ids)
+    assert layer["attn"]["q_proj"]["kernel"].ndim == 2  # the loaded params are untouched
+    jaxlora.forward(model.params, model.config, ids)

@@ -368,12 +368,12 @@ CACHE_FOLDER_IN_USE = """
 import sys, jax, jaxlora
 if sys.argv[2] == "own":
     jax.config.update("jax_compilation_cache_dir", "/tmp/the-programs-own-choice")
-jaxlora.load(sys.argv[1], compile_cache={"default": None, "on": True, "own": True}[sys.argv[2]])
+jaxlora.load(sys.argv[1], compile_cache={"default": None, "on": True, "off": False, "own": None}[sys.argv[2]])
 print(jax.config.jax_compilation_cache_dir)
 """
 
 
-def test_load_turns_the_persistent_compile_cache_on_when_asked(tiny, tmp_path):
+def test_load_turns_the_persistent_compile_cache_on_unless_told_not_to(tiny, tmp_path):
     import os
     import subprocess
     import sys
@@ -390,8 +390,10 @@ def test_load_turns_the_persistent_compile_cache_on_when_asked(tiny, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout.strip()
 
-    assert folder_in_use("default") in ("", "None")
+    assert folder_in_use("default") == str(tmp_path / "jaxlora" / "xla")
+    assert folder_in_use("off") in ("", "None")
     assert folder_in_use("default", JAXLORA_COMPILE_CACHE="off") in ("", "None")
+    assert folder_in_use("on", JAXLORA_COMPILE_CACHE="off") == str(tmp_path / "jaxlora" / "xla")
     assert folder_in_use("default", JAXLORA_COMPILE_CACHE="on") == str(tmp_path / "jaxlora" / "xla")
     assert folder_in_use("default", JAXLORA_COMPILE_CACHE=str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
     assert folder_in_use("on") == str(tmp_path / "jaxlora" / "xla")
