@@ -30,10 +30,11 @@ from jaxlora.errors import ConfigError, UsageError
 # Online softmax floor: finite, so a block with every key masked leaves the running max finite and exp() at 0.
 _FLOOR = float(jnp.finfo(jnp.float32).min)
 
-# "auto" switches prefill and training to chunked once the score matrix of one row and head passes this many
+# "auto" switches prefill and training to chunked once the score matrix of one row and head reaches this many
 # entries (512 x 512). Measured on a 2-core CPU with SmolLM2 (scripts/bench_longctx.py): equal speed at 256
-# tokens, chunked 7% faster at 512, 2x at 1k, 4x at 2k. Decode (one query row) stays on XLA: its fused masked
-# pass over the whole buffer measured as fast as chunked's loop over only the filled blocks, even at 8k slots.
+# tokens, chunked 7% faster at 512 (again on 2026-12-01: 647-660 against 605-611 tok/s), 2x at 1k, 4x at 2k.
+# Decode (one query row) stays on XLA: its fused masked pass over the whole buffer measured as fast as chunked's
+# loop over only the filled blocks, even at 8k slots.
 AUTO_CHUNKED_SCORES = 1 << 18
 
 Q_BLOCK = 512
@@ -384,7 +385,7 @@ def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, 
     """The implementation a call runs: `impl` itself, or for "auto" the best the platform has for this call.
 
     auto: TPU -> splash for prefill/training, GPU -> cudnn for float16/bfloat16 without a soft cap; otherwise (and
-    on CPU) chunked once a row's score matrix per head passes AUTO_CHUNKED_SCORES entries, else xla; xla for decode.
+    on CPU) chunked once a row's score matrix per head reaches AUTO_CHUNKED_SCORES entries, else xla; xla for decode.
     """
     plat = plat or platform()
     check_impl(impl, plat)
@@ -394,7 +395,7 @@ def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, 
         return "splash"
     if plat == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16) and spec.softcap is None:
         return "cudnn"
-    return "chunked" if q_len > 1 and q_len * k_len > AUTO_CHUNKED_SCORES else "xla"
+    return "chunked" if q_len > 1 and q_len * k_len >= AUTO_CHUNKED_SCORES else "xla"
 
 
 def attend(

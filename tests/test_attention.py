@@ -234,6 +234,8 @@ def test_unavailable_backends_are_clear_errors():
 def test_auto_picks_by_platform_and_size():
     spec = AttentionSpec(None, 0.1, None)
     assert resolve_impl("auto", 16, 16, jnp.float32, spec, "cpu") == "xla"
+    assert resolve_impl("auto", 256, 512, jnp.float32, spec, "cpu") == "xla"
+    assert resolve_impl("auto", 512, 512, jnp.float32, spec, "cpu") == "chunked"  # measured faster from here
     assert resolve_impl("auto", 4096, 4096, jnp.float32, spec, "cpu") == "chunked"
     assert resolve_impl("auto", 1, 8192, jnp.float32, spec, "cpu") == "xla"  # decode
     assert resolve_impl("auto", 256, 256, jnp.bfloat16, spec, "gpu") == "cudnn"
