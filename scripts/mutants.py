@@ -37,6 +37,13 @@ def m(name: str, file: str, old: str, new: str, *tests: str) -> Mutant:
 
 PARITY = "tests/test_parity.py"
 MUTANTS = [
+    m(
+        "auto attention keeps xla at exactly 512 x 512 scores",
+        "attention.py",
+        "q_len * k_len >= AUTO_CHUNKED_SCORES",
+        "q_len * k_len > AUTO_CHUNKED_SCORES",
+        "tests/test_attention.py",
+    ),
     # The model's own param shape check (in place of flax's, which traced every initializer).
     m(
         "a stored param's shape is not checked",
