@@ -17,8 +17,8 @@ from pathlib import Path
 
 import jax
 
-# Compilations faster than this are not written (jax's own default is 1 s, which left every program but prefill
-# and decode to be compiled again by each new process).
+# Compilations faster than this are not written (at 0.5 s, every program but prefill and decode was compiled
+# again by each new process).
 MIN_COMPILE_SECONDS = 0.0
 
 

@@ -37,6 +37,7 @@ def m(name: str, file: str, old: str, new: str, *tests: str) -> Mutant:
 
 PARITY = "tests/test_parity.py"
 MUTANTS = [
+    # Where auto attention turns chunked.
     m(
         "auto attention keeps xla at exactly 512 x 512 scores",
         "attention.py",
