@@ -31,14 +31,25 @@ from jaxlora.errors import ConfigError, UsageError
 _FLOOR = float(jnp.finfo(jnp.float32).min)
 
 # "auto" switches prefill and training to chunked once the score matrix of one row and head reaches this many
-# entries (512 x 512). Measured on a 2-core CPU with SmolLM2 (scripts/bench_longctx.py): equal speed at 256
-# tokens, chunked 7% faster at 512 (again on 2026-12-01: 647-660 against 605-611 tok/s), 2x at 1k, 4x at 2k.
-# Decode (one query row) stays on XLA: its fused masked pass over the whole buffer measured as fast as chunked's
-# loop over only the filled blocks, even at 8k slots.
-AUTO_CHUNKED_SCORES = 1 << 18
+# entries (128 x 128). Measured on a 2-core CPU with SmolLM2's heads (9 query, 3 kv, 64 wide), blocks sized by
+# `block_side`, milliseconds per layer for forward / forward + backward against xla: 1 x 128 tokens 0.73 / 1.84
+# against 0.91 / 2.36; 1 x 256 1.8 / 5.4 against 2.7 / 7.6; 4 x 256 6.3 / 21 against 8.3 / 33; 1 x 512 5.1 /
+# 13.6 against 9.3 / 43. Decode (one query row) stays on XLA: its fused masked pass over the whole buffer
+# measured as fast as chunked's loop over only the filled blocks, even at 8k slots.
+AUTO_CHUNKED_SCORES = 1 << 14
+# On GPU and TPU the calls auto does not give to cuDNN or splash keep the former threshold (512 x 512, measured on
+# CPU with 512-blocks): the lower one is unmeasured there.
+AUTO_CHUNKED_SCORES_ACCELERATOR = 1 << 18
 
-Q_BLOCK = 512
-K_BLOCK = 512
+# On CPU, block sides are powers of two from MIN_BLOCK to MAX_BLOCK, the largest whose block pair's scores (batch x
+# heads x q_block x k_block float32) stay within SCORE_BLOCK_ENTRIES, so each block's softmax works in the cache.
+# Same measurement, forward + backward per layer at 512 tokens: batch 1 with 256-blocks 13.6 ms, 512-blocks 29.8;
+# batch 4 with 128-blocks 66 ms, 512-blocks 128; batch 8 with 64-blocks 138, 128-blocks 152, 256-blocks 160. At
+# 1 x 256 tokens 128-blocks (two query blocks, so the causal mask skips one) 1.8 / 5.4 ms against one 256-block's
+# 2.3 / 6.3.
+SCORE_BLOCK_ENTRIES = 1 << 20
+MIN_BLOCK = 64
+MAX_BLOCK = 512
 DECODE_K_BLOCK = 2048
 
 
@@ -48,8 +59,8 @@ class AttentionSpec(NamedTuple):
     window: int | None  # a query sees itself and the window - 1 slots before it (HF's sliding window)
     scale: float
     softcap: float | None
-    q_block: int = Q_BLOCK
-    k_block: int = K_BLOCK
+    q_block: int | None = None  # None: sized to the call (`block_side`)
+    k_block: int | None = None
     decode_k_block: int = DECODE_K_BLOCK  # key block when there is one query row
     contiguous_keys: bool = True  # key slots are 0..k_len-1, so blocks can be skipped by slot
 
@@ -149,10 +160,24 @@ class _Layout(NamedTuple):
     nk: int
 
 
-def _layout(spec: AttentionSpec, t: int, s: int) -> _Layout:
-    qb, nq = _blocks(t, spec.q_block)
+def block_side(score_rows: int, q_len: int) -> int:
+    """The block side for `score_rows` (batch x query heads) score matrices of q_len query rows: the largest power
+    of two from MIN_BLOCK to MAX_BLOCK whose square block of all of them stays within SCORE_BLOCK_ENTRIES and
+    that splits the queries in at least two (so the causal mask skips a block)."""
+    side = MAX_BLOCK
+    while side > MIN_BLOCK and (score_rows * side * side > SCORE_BLOCK_ENTRIES or 2 * side > q_len):
+        side //= 2
+    return side
+
+
+def block_layout(spec: AttentionSpec, q: jax.Array, s: int) -> _Layout:
+    """Blocks for queries q [b, t, h, d] over s key slots: the spec's sizes, or on CPU `block_side`'s (measured
+    there; GPU and TPU keep MAX_BLOCK)."""
+    b, t, h, _ = q.shape
+    side = block_side(b * h, t) if platform() == "cpu" else MAX_BLOCK
+    qb, nq = _blocks(t, spec.q_block or side)
     # One query row (decode) has a tiny score block: larger key blocks mean fewer loop trips per step.
-    kb, nk = _blocks(s, spec.decode_k_block if t == 1 else spec.k_block)
+    kb, nk = _blocks(s, spec.decode_k_block if t == 1 else spec.k_block or side)
     return _Layout(qb, nq, kb, nk)
 
 
@@ -201,7 +226,7 @@ def _chunked_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec: Atten
     """-> out [b, t, h, d] in q's dtype and the logsumexp [b, kvh, g, t] float32 of every query row."""
     b, t, h, _ = q.shape
     kvh, dv = k.shape[2], v.shape[-1]
-    layout = _layout(spec, t, k.shape[1])
+    layout = block_layout(spec, q, k.shape[1])
     qh = _head_major(q, kvh)
 
     def query_block(i, acc):
@@ -253,7 +278,7 @@ def _chunked_backward(spec: AttentionSpec, residuals, d_out):
     q, k, v, q_slots, k_slots, key_valid, segments, out, lse = residuals
     b, t, h, d = q.shape
     kvh = k.shape[2]
-    layout = _layout(spec, t, k.shape[1])
+    layout = block_layout(spec, q, k.shape[1])
     qh = _head_major(q, kvh)
     d_out_h = _head_major(d_out, kvh, jnp.float32)
     # D_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax backward's row term.
@@ -385,7 +410,8 @@ def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, 
     """The implementation a call runs: `impl` itself, or for "auto" the best the platform has for this call.
 
     auto: TPU -> splash for prefill/training, GPU -> cudnn for float16/bfloat16 without a soft cap; otherwise (and
-    on CPU) chunked once a row's score matrix per head reaches AUTO_CHUNKED_SCORES entries, else xla; xla for decode.
+    on CPU) chunked once a row's score matrix per head reaches AUTO_CHUNKED_SCORES entries (on GPU/TPU
+    AUTO_CHUNKED_SCORES_ACCELERATOR), else xla; xla for decode.
     """
     plat = plat or platform()
     check_impl(impl, plat)
@@ -395,7 +421,8 @@ def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, 
         return "splash"
     if plat == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16) and spec.softcap is None:
         return "cudnn"
-    return "chunked" if q_len > 1 and q_len * k_len >= AUTO_CHUNKED_SCORES else "xla"
+    threshold = AUTO_CHUNKED_SCORES if plat == "cpu" else AUTO_CHUNKED_SCORES_ACCELERATOR
+    return "chunked" if q_len > 1 and q_len * k_len >= threshold else "xla"
 
 
 def attend(

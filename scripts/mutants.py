@@ -39,10 +39,18 @@ PARITY = "tests/test_parity.py"
 MUTANTS = [
     # Where auto attention turns chunked.
     m(
-        "auto attention keeps xla at exactly 512 x 512 scores",
+        "auto attention keeps xla at exactly 128 x 128 scores",
         "attention.py",
-        "q_len * k_len >= AUTO_CHUNKED_SCORES",
-        "q_len * k_len > AUTO_CHUNKED_SCORES",
+        "q_len * k_len >= threshold",
+        "q_len * k_len > threshold",
+        "tests/test_attention.py",
+    ),
+    # Blocks split the queries in two at least, so the causal mask skips blocks.
+    m(
+        "attention blocks may cover every query",
+        "attention.py",
+        "or 2 * side > q_len)",
+        ")",
         "tests/test_attention.py",
     ),
     # The model's own param shape check (in place of flax's, which traced every initializer).

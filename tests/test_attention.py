@@ -10,6 +10,8 @@ import jaxlora
 from jaxlora.attention import (
     AttentionSpec,
     attention_mask,
+    block_layout,
+    block_side,
     check_impl,
     chunked_attention,
     dot_product_attention,
@@ -45,11 +47,13 @@ CASES = {
     "window+softcap": dict(spec=SPEC._replace(window=11, softcap=1.0), scale_up=2.0),
     "mha": dict(spec=SPEC, kvh=6),
     "one-block": dict(spec=SPEC._replace(q_block=512, k_block=512)),
+    # Blocks sized to the call (64 here: 150 queries in three blocks, the last one ragged).
+    "sized-to-call": dict(spec=SPEC._replace(q_block=None, k_block=None), t=150),
 }
 
 
 def case_inputs(case, padded=True):
-    q, k, v = qkv(kvh=case.get("kvh", 2))
+    q, k, v = qkv(t=case.get("t", 37), kvh=case.get("kvh", 2))
     q = q * case.get("scale_up", 1.0)
     t = q.shape[1]
     key_valid = np.ones((2, t), bool)
@@ -234,14 +238,30 @@ def test_unavailable_backends_are_clear_errors():
 def test_auto_picks_by_platform_and_size():
     spec = AttentionSpec(None, 0.1, None)
     assert resolve_impl("auto", 16, 16, jnp.float32, spec, "cpu") == "xla"
-    assert resolve_impl("auto", 256, 512, jnp.float32, spec, "cpu") == "xla"
-    assert resolve_impl("auto", 512, 512, jnp.float32, spec, "cpu") == "chunked"  # measured faster from here
+    assert resolve_impl("auto", 64, 128, jnp.float32, spec, "cpu") == "xla"
+    assert resolve_impl("auto", 128, 128, jnp.float32, spec, "cpu") == "chunked"  # measured faster from here
     assert resolve_impl("auto", 4096, 4096, jnp.float32, spec, "cpu") == "chunked"
     assert resolve_impl("auto", 1, 8192, jnp.float32, spec, "cpu") == "xla"  # decode
     assert resolve_impl("auto", 256, 256, jnp.bfloat16, spec, "gpu") == "cudnn"
     assert resolve_impl("auto", 256, 256, jnp.bfloat16, spec._replace(softcap=50.0), "gpu") == "xla"
+    assert resolve_impl("auto", 512, 512, jnp.float32, spec, "gpu") == "chunked"  # the accelerators' threshold
     assert resolve_impl("auto", 256, 256, jnp.bfloat16, spec, "tpu") == "splash"
     assert resolve_impl("xla", 4096, 4096, jnp.float32, spec, "cpu") == "xla"
+
+
+def test_blocks_are_sized_to_the_call():
+    """Square blocks whose scores over batch x heads stay within SCORE_BLOCK_ENTRIES, at least two per query
+    range (the causal skip), from MIN_BLOCK to MAX_BLOCK; a spec's own sizes win."""
+    assert block_side(9, 4096) == 256  # one row of SmolLM2's 9 heads
+    assert block_side(36, 4096) == 128  # four rows
+    assert block_side(72, 4096) == 64
+    assert block_side(9, 256) == 128  # 256 queries: two blocks
+    assert block_side(1, 1 << 16) == 512
+    assert block_side(4096, 4096) == 64
+    q = jnp.zeros((4, 256, 9, 8))
+    assert block_layout(AttentionSpec(None, 1.0, None), q, 256) == (128, 2, 128, 2)
+    assert block_layout(AttentionSpec(None, 1.0, None, q_block=32, k_block=16), q, 256) == (32, 8, 16, 16)
+    assert block_layout(AttentionSpec(None, 1.0, None), q[:, :1], 4096) == (1, 1, 2048, 2)  # decode: DECODE_K_BLOCK
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cudnn attention needs a GPU; this run has none")
