@@ -47,7 +47,12 @@ AUTO_CHUNKED_SCORES_ACCELERATOR = 1 << 18
 # batch 4 with 128-blocks 66 ms, 512-blocks 128; batch 8 with 64-blocks 138, 128-blocks 152, 256-blocks 160. At
 # 1 x 256 tokens 128-blocks (two query blocks, so the causal mask skips one) 1.8 / 5.4 ms against one 256-block's
 # 2.3 / 6.3.
+# Long prompts take larger blocks again (at most MAX_QUERY_BLOCKS query blocks: each block pair is a loop trip):
+# one row's 4096-token prefill (scripts/bench_longctx.py) took 9.1 s with 512-blocks and 10.0-10.2 s with
+# 256-blocks, 2048 tokens 3.42 and 3.53-3.57 s, 1024 tokens 1.48 and 1.37-1.42 s; 4 x 1024 forward + backward per
+# layer 203 ms with 256-blocks, 237 with 128-blocks, 4 x 2048 696 and 829.
 SCORE_BLOCK_ENTRIES = 1 << 20
+MAX_QUERY_BLOCKS = 4
 MIN_BLOCK = 64
 MAX_BLOCK = 512
 DECODE_K_BLOCK = 2048
@@ -163,9 +168,13 @@ class _Layout(NamedTuple):
 def block_side(score_rows: int, q_len: int) -> int:
     """The block side for `score_rows` (batch x query heads) score matrices of q_len query rows: the largest power
     of two from MIN_BLOCK to MAX_BLOCK whose square block of all of them stays within SCORE_BLOCK_ENTRIES and
-    that splits the queries in at least two (so the causal mask skips a block)."""
+    that splits the queries in at least two (so the causal mask skips a block), but never so small that the
+    queries take more than MAX_QUERY_BLOCKS blocks (each block pair costs a loop trip)."""
+    floor = MIN_BLOCK
+    while floor < MAX_BLOCK and floor * MAX_QUERY_BLOCKS < q_len:
+        floor *= 2
     side = MAX_BLOCK
-    while side > MIN_BLOCK and (score_rows * side * side > SCORE_BLOCK_ENTRIES or 2 * side > q_len):
+    while side > floor and (score_rows * side * side > SCORE_BLOCK_ENTRIES or 2 * side > q_len):
         side //= 2
     return side
 

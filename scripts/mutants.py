@@ -53,6 +53,14 @@ MUTANTS = [
         ")",
         "tests/test_attention.py",
     ),
+    # Long prompts keep blocks large enough for at most MAX_QUERY_BLOCKS query blocks.
+    m(
+        "attention blocks shrink however many query blocks that makes",
+        "attention.py",
+        "while floor < MAX_BLOCK and floor * MAX_QUERY_BLOCKS < q_len:",
+        "while False:",
+        "tests/test_attention.py",
+    ),
     # The model's own param shape check (in place of flax's, which traced every initializer).
     m(
         "a stored param's shape is not checked",

@@ -251,13 +251,15 @@ def test_auto_picks_by_platform_and_size():
 
 def test_blocks_are_sized_to_the_call():
     """Square blocks whose scores over batch x heads stay within SCORE_BLOCK_ENTRIES, at least two per query
-    range (the causal skip), from MIN_BLOCK to MAX_BLOCK; a spec's own sizes win."""
-    assert block_side(9, 4096) == 256  # one row of SmolLM2's 9 heads
-    assert block_side(36, 4096) == 128  # four rows
-    assert block_side(72, 4096) == 64
+    range (the causal skip) and at most MAX_QUERY_BLOCKS, from MIN_BLOCK to MAX_BLOCK; a spec's own sizes win."""
+    assert block_side(9, 1024) == 256  # one row of SmolLM2's 9 heads
+    assert block_side(36, 512) == 128  # four rows
+    assert block_side(72, 256) == 64
     assert block_side(9, 256) == 128  # 256 queries: two blocks
     assert block_side(1, 1 << 16) == 512
-    assert block_side(4096, 4096) == 64
+    assert block_side(4096, 256) == 64
+    assert block_side(9, 2048) == 512  # at most MAX_QUERY_BLOCKS query blocks
+    assert block_side(36, 1024) == 256
     q = jnp.zeros((4, 256, 9, 8))
     assert block_layout(AttentionSpec(None, 1.0, None), q, 256) == (128, 2, 128, 2)
     assert block_layout(AttentionSpec(None, 1.0, None, q_block=32, k_block=16), q, 256) == (32, 8, 16, 16)
