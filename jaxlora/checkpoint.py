@@ -44,15 +44,33 @@ FORMAT_VERSION = 1
 DTYPES = dict(zip(DTYPE_NAMES, map(np.dtype, (np.float32, ml_dtypes.bfloat16, np.float16)), strict=True))
 
 
+@dataclass(frozen=True)
+class TokenizerFolder:
+    """A checkpoint's tokenizer not read yet: `Model.tokenizer` reads it the first time it is asked for."""
+
+    path: Path
+
+
 @dataclass
 class Model:
-    """A loaded checkpoint: `params` (nested dict of jax arrays), its `config`, and its `tokenizer` (or None)."""
+    """A loaded checkpoint: `params` (nested dict of jax arrays), its `config`, and its `tokenizer` (or None).
+
+    `load` leaves the tokenizer on disk until `tokenizer` is first asked for: reading it imports transformers
+    (and PyTorch, where it is installed), which took 2.4 of the 3.7 s a SmolLM2 load took on a 2-core CPU, and
+    code that generates from token ids never needs it. A damaged tokenizer raises `CheckpointError` there."""
 
     config: ModelConfig
     params: dict
-    tokenizer: Any = None
+    stored_tokenizer: Any = None  # the tokenizer, None (the checkpoint has none) or a TokenizerFolder
     generation_config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def tokenizer(self):
+        """The HF tokenizer (None when the checkpoint has none), read from the checkpoint on first use."""
+        if isinstance(self.stored_tokenizer, TokenizerFolder):
+            self.stored_tokenizer = read_tokenizer(self.stored_tokenizer.path)
+        return self.stored_tokenizer
 
     def per_layer(self) -> Model:
         """This model with its params in the per-layer layout (each layer's slice, when they are stacked)."""
@@ -314,10 +332,16 @@ def param_group_rows(config: ModelConfig, meta: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def load_tokenizer(path: Path):
+def tokenizer_folder(path: Path) -> TokenizerFolder | None:
+    """The checkpoint's tokenizer folder, to be read when first used (None: the checkpoint has no tokenizer)."""
     tokenizer_dir = path / "tokenizer"
     if not tokenizer_dir.is_dir() or not any(tokenizer_dir.iterdir()):
         return None
+    return TokenizerFolder(tokenizer_dir)
+
+
+def read_tokenizer(tokenizer_dir: Path):
+    """Read a tokenizer folder with transformers' AutoTokenizer; a damaged one is a `CheckpointError`."""
     from transformers import AutoTokenizer  # transformers is slow to import: only when a tokenizer is there
 
     try:
@@ -386,7 +410,7 @@ def load(
             raise CheckpointError(f"{generation_file} is not valid JSON ({one_line(e)})") from None
         if not isinstance(generation, dict):
             raise CheckpointError(f"{generation_file} does not hold a JSON object")
-    return Model(config, params, load_tokenizer(path), generation, path)
+    return Model(config, params, tokenizer_folder(path), generation, path)
 
 
 def merged_group(group: str, subtree: dict, adapters: Adapters) -> dict:

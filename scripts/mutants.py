@@ -507,6 +507,16 @@ MUTANTS = [
         "-k",
         "left_padded",
     ),
+    # `load` leaves the tokenizer on disk until it is asked for (reading it imports transformers and PyTorch).
+    m(
+        "load reads the tokenizer at once",
+        "checkpoint.py",
+        "return Model(config, params, tokenizer_folder(path), generation, path)",
+        "return Model(config, params, read_tokenizer(path / 'tokenizer'), generation, path)",
+        "tests/test_convert.py",
+        "-k",
+        "import_neither",
+    ),
     # Converter splitters.
     m(
         "GPT-NeoX fused qkv: k and v swapped",

@@ -4,6 +4,7 @@ import json
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -15,7 +16,8 @@ from conftest import TINY_CONFIGS, hf_model, save_hf
 from safetensors.numpy import load_file, save_file
 
 import jaxlora
-from jaxlora.errors import ConfigError, ConversionError, JaxloraError, UsageError
+from jaxlora.checkpoint import TokenizerFolder
+from jaxlora.errors import CheckpointError, ConfigError, ConversionError, JaxloraError, UsageError
 from jaxlora.families import config_from_hf, ignored_pattern, supported_model_types, tensor_plan
 from jaxlora.model import param_shapes
 
@@ -113,6 +115,41 @@ def test_fused_tensors_split_by_hand(tiny):
 def test_load_can_cast(tiny):
     model = jaxlora.load(tiny("qwen2").jax_dir, dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(model.params)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_load_reads_the_tokenizer_when_first_asked(tiny_with_tokenizer, tmp_path):
+    """`load` leaves the tokenizer on disk (reading it imports transformers and PyTorch: seconds); generation
+    from token ids never reads it, `model.tokenizer` does, once, and a damaged one is a CheckpointError there."""
+    model = jaxlora.load(tiny_with_tokenizer / "jax")
+    assert isinstance(model.stored_tokenizer, TokenizerFolder)
+    tokenizer = model.tokenizer
+    assert tokenizer.decode(tokenizer("def f(x):")["input_ids"]) == "def f(x):"
+    assert model.tokenizer is tokenizer and model.stored_tokenizer is tokenizer
+    assert model.eos_token_ids  # from the generation config or the tokenizer, as before
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_with_tokenizer / "jax", damaged)
+    (damaged / "tokenizer" / "tokenizer.json").write_bytes(b'{"version": 7')
+    model = jaxlora.load(damaged)
+    out = jaxlora.generate(model.params, model.config, np.array([[5, 7, 9]], np.int32), max_new_tokens=3)
+    assert out.tokens.shape == (1, 3)
+    with pytest.raises(CheckpointError, match="cannot read the tokenizer"):
+        _ = model.tokenizer
+
+    shutil.rmtree(damaged / "tokenizer")
+    assert jaxlora.load(damaged).tokenizer is None
+
+
+def test_load_and_generate_from_ids_import_neither_transformers_nor_torch(tiny_with_tokenizer):
+    code = (
+        "import sys, numpy as np, jaxlora\n"
+        f"m = jaxlora.load({str(tiny_with_tokenizer / 'jax')!r}, compile_cache=False)\n"
+        "jaxlora.generate(m.params, m.config, np.array([[5, 7]], np.int32), max_new_tokens=2)\n"
+        "print(sorted(n for n in ('torch', 'transformers') if n in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 def no_output(dst):
