@@ -65,9 +65,14 @@ def forward_cached(
 def new_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: DecodeLayout | None = None) -> KVCache:
     """An empty cache, created where it will live (on a mesh: each device allocates only its shard)."""
     if layout is None:
-        return init_cache(config, batch, max_len, dtype)
+        return _empty_cache(config, batch, max_len, jnp.dtype(dtype))
     shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype))
     return jax.jit(lambda: init_cache(config, batch, max_len, dtype), out_shardings=cache_shardings(shapes, layout))()
+
+
+# One compiled program (each zeros buffer made eagerly was a program of its own, read from the compile cache by a
+# new process at a few ms apiece).
+_empty_cache = jax.jit(init_cache, static_argnums=(0, 1, 2, 3))
 
 
 def cache_shardings(cache: KVCache, layout: DecodeLayout) -> KVCache:

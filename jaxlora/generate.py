@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import ModelConfig
@@ -183,7 +182,7 @@ class DecodePlan:
     def to_device(self, value, batch_split: bool = False) -> jax.Array:
         """A host value as an input of the compiled functions (on a mesh: a global array)."""
         if self.layout is None:
-            return jnp.asarray(value)
+            return jax.device_put(np.asarray(value))  # a transfer; jnp.asarray would compile a program for it
         return put(value, self.layout.batch if batch_split else self.layout.replicated)
 
 

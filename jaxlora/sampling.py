@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -85,7 +86,8 @@ class Sampling:
             top_p=bool((sampling & (rows["top_p"] < 1)).any()),
             min_p=bool((sampling & (rows["min_p"] > 0)).any()),
         )
-        return processors, SamplingArrays(**{k: jnp.asarray(v) for k, v in rows.items()})
+        # device_put, not jnp.asarray: a host array moves without a compiled program of its own.
+        return processors, SamplingArrays(**{k: jax.device_put(v) for k, v in rows.items()})
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
@@ -215,12 +217,24 @@ def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
     if key is None:
         if sampling:
             raise UsageError("sampling with temperature > 0 needs a PRNG key")
-        key = jax.random.key(0)
+        return _default_row_keys(batch)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # a raw uint32 key from jax.random.PRNGKey
     if key.shape == (batch,):
         return key
     if key.shape != ():
         raise UsageError(f"key must be one PRNG key or one per row ({batch}), got shape {key.shape}")
-    # Row r's randomness depends on (key, r) only, not on the rest of the batch.
+    return _fold_in_rows(key, batch)
+
+
+@partial(jax.jit, static_argnums=1)
+def _fold_in_rows(key: jax.Array, batch: int) -> jax.Array:
+    """Row r's key: fold_in(key, r), so its randomness depends on (key, r) only, not on the rest of the batch.
+    (One compiled program: a new process reads each program from the compile cache, a few ms apiece.)"""
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
+
+
+@partial(jax.jit, static_argnums=0)
+def _default_row_keys(batch: int) -> jax.Array:
+    """The row keys of key(0), for greedy decoding (which never reads them)."""
+    return _fold_in_rows(jax.random.key(0), batch)

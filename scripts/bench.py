@@ -99,10 +99,10 @@ def bench_jax(args) -> dict:
     from jaxlora.generate import stream
     from jaxlora.sharding import make_mesh
 
-    before = vm_hwm_mb()
+    before, start = vm_hwm_mb(), time.perf_counter()
     model = jaxlora.load(args.checkpoint, mesh=make_mesh(args.mesh) if args.mesh else None)
     params, config = model.params, model.config
-    out = {"load_peak_rss_mb": vm_hwm_mb() - before}
+    out = {"load_peak_rss_mb": vm_hwm_mb() - before, "load_s": time.perf_counter() - start}
     rng = np.random.default_rng(0)
 
     def first_token(ids):
@@ -135,9 +135,9 @@ def bench_torch(args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    before = vm_hwm_mb()
+    before, start = vm_hwm_mb(), time.perf_counter()
     model = load_torch(Path(args.hf))
-    out = {"load_peak_rss_mb": vm_hwm_mb() - before}
+    out = {"load_peak_rss_mb": vm_hwm_mb() - before, "load_s": time.perf_counter() - start}
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
 
@@ -182,14 +182,16 @@ SIDE_IMPORTS = {
 def run_side(args) -> dict:
     import importlib
 
+    start = time.perf_counter()
     for name in SIDE_IMPORTS.get(args.side, ()):
         importlib.import_module(name)
+    imports_s = time.perf_counter() - start
     if args.side == "limits":
         import jaxlora
 
         model = jaxlora.load(args.checkpoint)
         return {"limits": measure_limits(model.config, args.prefill_len), "costs": model_costs(model)}
-    return bench_jax(args) if args.side == "jaxlora" else bench_torch(args)
+    return {"imports_s": imports_s, **(bench_jax(args) if args.side == "jaxlora" else bench_torch(args))}
 
 
 def side_process(side: str, argv: list[str], cache_home: Path) -> dict:
@@ -252,6 +254,15 @@ def describe_limits(results: dict) -> str:
     )
 
 
+def describe_start(results: dict, reference: str) -> str:
+    """Each side's process start before the first prompt: its imports, then loading the model."""
+    sides = {"jaxlora": "the converted checkpoint", "transformers": reference}
+    return "process start: " + "; ".join(
+        f"{side} imports {results[side]['imports_s']:.2f} s, then loads {what} in {results[side]['load_s']:.2f} s"
+        for side, what in sides.items()
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a converted jaxlora checkpoint (default: convert --hf)")
@@ -301,6 +312,7 @@ def main():
         print(table(results))
         print()
         print(describe_limits(results))
+        print(describe_start(results, "the GGUF (dequantized)" if hf.suffix == ".gguf" else "the HF folder"))
 
 
 if __name__ == "__main__":
