@@ -42,6 +42,23 @@ def test_prompts_in_one_bucket_compile_prefill_and_decode_once(tiny):
     assert len(compiles) == after_first, "a later prompt length compiled something"
 
 
+def test_a_first_token_compiles_three_programs(tiny):
+    """Row keys, the empty cache and prefill: a new process reads each program from the compile cache (a few ms
+    apiece), so the small steps around prefill must not each compile one (they were eleven more)."""
+    model = tiny("llama-gqa").load()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_kw: (
+            compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
+    batch = 7  # a batch size no other test uses, so each program is new
+    ids = random_ids((batch, 40), model.config.vocab_size, seed=7)
+    first = next(jaxlora.stream(model.params, model.config, ids, max_new_tokens=5))
+    assert first.tokens.shape == (batch, 1)
+    assert len(compiles) == 3
+
+
 def test_batched_generation_equals_one_by_one(tiny):
     model = tiny("qwen2").load()
     prompts = [list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (3, 11, 7)]
