@@ -31,12 +31,13 @@ from jaxlora import compile_cache as xla_cache
 from jaxlora import quant, stacking
 from jaxlora.attention import check_impl
 from jaxlora.config import DTYPE_NAMES, MOE_IMPLS, LoraConfig, ModelConfig
-from jaxlora.errors import CheckpointError, ConfigError, UsageError
+from jaxlora.errors import CheckpointError, ConfigError, UsageError, one_line
 from jaxlora.lora import Adapters, adapter_shapes, merge
 from jaxlora.model import flat_param_shapes, num_params, param_shapes
 from jaxlora.peft import export_peft, import_peft
 from jaxlora.sharding import param_shardings, put, to_host
 from jaxlora.staging import staged, uninterrupted
+from jaxlora.stored_arrays import read_group
 
 log = logging.getLogger("jaxlora.checkpoint")
 
@@ -166,13 +167,6 @@ def check_quantization(config_file: Path, config: ModelConfig, formats) -> None:
             raise CheckpointError(f"{config_file}: {name} {tuple(shape)} cannot be stored as {fmt_name}")
 
 
-def one_line(error: Exception) -> str:
-    """An exception's message on one line: its first line, at most 300 characters."""
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def check_stored_group(folder: Path, expected: dict, dtype: np.dtype | None = None, own_dtypes: bool = False) -> None:
     """The arrays orbax recorded in a param group's metadata are exactly the ones the config implies (names,
     shapes, dtype: `dtype` for all, or with own_dtypes each expected leaf's), before any is read: an edited config
@@ -252,12 +246,10 @@ def restored_groups(
     kept_float = []
     cast = dtype is not None and DTYPES[dtype] != DTYPES[stored_dtype]
     for group, subtree in target.items():
-        check_stored_group(params_dir / group, subtree, own_dtypes=True)
-        try:
-            with uninterrupted():  # Ctrl-C waits for orbax's reader threads: no traceback from them at exit
-                restored = checkpointer.restore(params_dir / group, subtree)
-        except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
-            raise CheckpointError(f"cannot restore {params_dir / group} ({type(e).__name__}: {one_line(e)})") from None
+        # One device: read the files directly (`jaxlora.stored_arrays`); a mesh: orbax, each device its shards.
+        restored = _read_onto_device(params_dir / group, subtree) if mesh is None else None
+        if restored is None:
+            restored = _orbax_restored(checkpointer, params_dir / group, subtree)
         if quantize is not None:
             quantized, left = quant.quantize_tree({group: jax.tree.map(to_host, restored)}, quantize)
             kept_float += left
@@ -268,6 +260,22 @@ def restored_groups(
         del restored
     if kept_float:
         log.info("left in float (their inputs do not split into groups of %s): %s", quantize.group, kept_float)
+
+
+def _read_onto_device(folder: Path, subtree: dict) -> dict | None:
+    """The group read by `jaxlora.stored_arrays` and put on the device of its target's shardings, the host copy
+    let go at once; None: orbax restores it."""
+    host = read_group(folder, subtree)
+    return None if host is None else jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), host, subtree)
+
+
+def _orbax_restored(checkpointer, folder: Path, subtree: dict) -> dict:
+    check_stored_group(folder, subtree, own_dtypes=True)
+    try:
+        with uninterrupted():  # Ctrl-C waits for orbax's reader threads: no traceback from them at exit
+            return checkpointer.restore(folder, subtree)
+    except Exception as e:  # noqa: BLE001 (orbax raises assorted types for damaged data)
+        raise CheckpointError(f"cannot restore {folder} ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _placed(host_params: dict, config: ModelConfig, mesh) -> dict:

@@ -23,3 +23,10 @@ class UsageError(JaxloraError):
 
 class ExportError(JaxloraError):
     """The model cannot be written in the requested format."""
+
+
+def one_line(error: Exception) -> str:
+    """An exception's message on one line: its first line, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

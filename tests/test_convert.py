@@ -112,6 +112,44 @@ def test_fused_tensors_split_by_hand(tiny):
             np.testing.assert_array_equal(params[("layers_1", "attn", f"{part}_proj", "kernel")], expected)
 
 
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("qwen2_moe", {"dtype": "bfloat16"}),
+        ("gpt_oss", {}),
+        ("deepseek_v3", {"quantize": "int4:8"}),
+        ("gpt2", {"quantize": "int8"}),
+    ],
+)
+def test_params_read_from_the_files_equal_orbax_restore(tiny, tmp_path, name, options):
+    """`jaxlora.stored_arrays` reads every param group itself (expert stacks, bfloat16, int4/int8 blocks and their
+    scales) and gets what orbax's restore gets; a group whose names or dtypes differ from the config's is left to
+    orbax (None), whose checks name the difference."""
+    import orbax.checkpoint as ocp
+
+    from jaxlora.stored_arrays import read_group
+
+    dst = jaxlora.convert(str(tiny(name).hf_dir), tmp_path / "out", **options)
+    model = jaxlora.load(dst, compile_cache=False)
+    for group, subtree in model.params.items():
+        expected = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), subtree)
+        got = read_group(dst / "params" / group, expected)
+        assert got is not None, group
+        want = ocp.StandardCheckpointer().restore((dst / "params" / group).absolute(), expected)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+        for leaf in jax.tree.leaves(model.params[group]):
+            assert isinstance(leaf, jax.Array)
+    group = dst / "params" / "layers_0"
+    expected = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model.params["layers_0"])
+    assert read_group(group, {**expected, "extra": jax.ShapeDtypeStruct((2,), np.float32)}) is None
+    recast = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float16), expected)
+    assert read_group(group, recast) is None
+    assert read_group(tmp_path, expected) is None  # not a database at all
+
+
 def test_load_can_cast(tiny):
     model = jaxlora.load(tiny("qwen2").jax_dir, dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(model.params)} == {np.dtype(ml_dtypes.bfloat16)}
