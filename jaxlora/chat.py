@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.checkpoint import Model
-from jaxlora.decoding import DecodeState, extend, new_cache, prefill
+from jaxlora.decoding import DecodeState, extend, new_cache
 from jaxlora.errors import UsageError
-from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prompt_bucket
+from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prefill_prompt, prompt_bucket
 from jaxlora.model import activation_dtype, check_context
 from jaxlora.sampling import Sampling, row_keys
 from jaxlora.sharding import params_mesh, to_host
@@ -71,7 +71,7 @@ class ChatSession:
         cache = new_cache(plan.config, 1, capacity, activation_dtype(params), plan.layout)
         padded, mask = left_pad([ids], plan.pad_id, width)
         padded, mask = plan.to_device(padded, batch_split=True), plan.to_device(mask, batch_split=True)
-        return prefill(params, cache, padded, mask, self.keys, plan.arrays, plan.lora, **plan.static)
+        return prefill_prompt(params, plan, cache, padded, mask, self.keys)
 
     def _continue(self, suffix: list[int]) -> DecodeState | None:
         """Run only the new tokens after what the cache holds, if they and the reply fit."""

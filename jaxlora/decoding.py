@@ -159,12 +159,52 @@ def prefill(
 ) -> DecodeState:
     """Run the prompt [batch, bucket] (left-padded; attention_mask 1 = token) into slots 0..bucket-1 of an empty
     `cache` and sample the first token; keys [batch] PRNG keys, one per row; lora: unmerged adapters or None."""
-    batch, width = input_ids.shape
     positions = default_positions(attention_mask)
     key_valid = jax.lax.dynamic_update_slice(cache.key_valid, attention_mask, (0, 0))
     logits, cache = apply_decoder(
-        params, config, input_ids, positions, key_valid, cache=cache, write_index=0, logits_at=width - 1, lora=lora
+        params,
+        config,
+        input_ids,
+        positions,
+        key_valid,
+        cache=cache,
+        write_index=0,
+        logits_at=input_ids.shape[1] - 1,
+        lora=lora,
     )
+    return prefilled_state(
+        cache,
+        logits[:, 0],
+        input_ids,
+        attention_mask,
+        positions,
+        keys,
+        sampling,
+        config,
+        processors,
+        stop_ids,
+        layout,
+        score_top,
+    )
+
+
+def prefilled_state(
+    cache: KVCache,
+    last_logits,
+    input_ids,
+    attention_mask,
+    positions,
+    keys,
+    sampling: SamplingArrays,
+    config: ModelConfig,
+    processors: Processors,
+    stop_ids: tuple[int, ...],
+    layout: DecodeLayout | None,
+    score_top: int | None,
+) -> DecodeState:
+    """The state after a prompt [batch, width] ran into `cache`: the first new token sampled from the prompt's
+    last logits [batch, vocab]."""
+    batch, width = input_ids.shape
     seen = jnp.zeros((batch, config.vocab_size if processors.repetition_penalty else 1), bool)
     state = DecodeState(
         cache=cache,
@@ -175,7 +215,7 @@ def prefill(
         keys=keys,
         seen=_mark_prompt_seen(seen, input_ids, attention_mask, processors),
     )
-    return _with_first_token(state, logits[:, 0], sampling, processors, stop_ids, layout, score_top)
+    return _with_first_token(state, last_logits, sampling, processors, stop_ids, layout, score_top)
 
 
 @partial(jax.jit, static_argnames=STATIC, donate_argnames=("state",))

@@ -19,6 +19,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.decoding import DecodeState, decode, new_cache, prefill
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, check_context
+from jaxlora.prefill_layers import applies, prefill_by_layer
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, row_keys
 from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
 
@@ -300,13 +301,21 @@ def _reprefill_step(config: ModelConfig, prompts) -> int | None:
     return original - longest if longest <= original else None
 
 
+def prefill_prompt(params, plan: DecodePlan, cache, ids, mask, keys) -> DecodeState:
+    """Run a left-padded prompt into an empty cache and sample the first token: layer by layer from the host
+    where that applies (`jaxlora.prefill_layers`: a new process's first token sooner), else as one program."""
+    if applies(plan.config, ids, plan.lora, plan.layout):
+        return prefill_by_layer(params, cache, ids, mask, keys, plan.arrays, **plan.static)
+    return prefill(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
+
+
 def _prefill_rows(params, plan: DecodePlan, rows: list[list[int]], keys, new_tokens: int) -> DecodeState:
     """Prefill token rows (left-padded to their bucket) into a fresh cache with room for `new_tokens` more."""
     ids, mask = left_pad(rows, plan.pad_id, prompt_bucket(max(len(r) for r in rows)))
     capacity = ids.shape[1] + plan.chunk * -(-max(new_tokens - 1, 0) // plan.chunk)
     cache = new_cache(plan.config, len(rows), capacity, activation_dtype(params), plan.layout)
     ids, mask = plan.to_device(ids, batch_split=True), plan.to_device(mask, batch_split=True)
-    return prefill(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
+    return prefill_prompt(params, plan, cache, ids, mask, keys)
 
 
 def plan_cache(plan: DecodePlan, batch: int, prompt_width: int, dtype):
@@ -373,7 +382,7 @@ def stream(
     if plan.layout is not None:
         keys = jax.random.wrap_key_data(plan.to_device(jax.random.key_data(keys)))
     ids, full_mask = plan.to_device(ids, batch_split=True), plan.to_device(full_mask, batch_split=True)
-    state = prefill(params, cache, ids, full_mask, keys, plan.arrays, plan.lora, **plan.static)
+    state = prefill_prompt(params, plan, cache, ids, full_mask, keys)
     prompts = [list(row[m]) for row, m in zip(input_ids, mask, strict=True)]
     yield from decode_chunks(params, state, plan, prompts)
 

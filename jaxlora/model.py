@@ -621,19 +621,9 @@ class Decoder(nn.Module):
         the final norm's output [batch, seq, hidden] in place of the logits (a loss can then project it in chunks).
         """
         c = self.config
-        embedding = self.embed.embedding
-        x = embedding_rows(embedding, c, input_ids) if inputs_embeds is None else inputs_embeds
-        x = at_site(self, self.sites, "hook_embed", x)
-        if c.learned_positions:
-            position_rows = jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
-            x = x + at_site(self, self.sites, "hook_pos_embed", position_rows)
-        # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
-        query_slots = write_index + jax.lax.iota(jnp.int32, x.shape[1])
-        inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index, segment_ids)
-        local_inputs = inputs
-        if c.rope_local is not None:
-            cos, sin = rope_cos_sin(positions, c, c.rope_local)
-            local_inputs = inputs._replace(cos=cos, sin=sin)
+        x, inputs, local_inputs = self.layer_inputs(
+            input_ids, positions, key_valid, write_index, inputs_embeds, segment_ids
+        )
         new_keys, new_values = [], []
         if c.scan_layers:
             # The cache holds one stacked buffer per period member of each stack, in order.
@@ -655,12 +645,35 @@ class Decoder(nn.Module):
                 if layer_cache is not None:
                     new_keys.append(layer_cache.keys)
                     new_values.append(layer_cache.values)
+        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
+        return self.head(x, logits_at, project), new_cache
+
+    def layer_inputs(self, input_ids, positions, key_valid, write_index=0, inputs_embeds=None, segment_ids=None):
+        """What the layers take: the embedded tokens [batch, seq, hidden], and the attention inputs of global and
+        of local (windowed) layers."""
+        c = self.config
+        x = embedding_rows(self.embed.embedding, c, input_ids) if inputs_embeds is None else inputs_embeds
+        x = at_site(self, self.sites, "hook_embed", x)
+        if c.learned_positions:
+            position_rows = jnp.take(self.pos_embed.embedding, positions, axis=0).astype(x.dtype)
+            x = x + at_site(self, self.sites, "hook_pos_embed", position_rows)
+        # iota, not arange: it keeps a symbolic sequence length symbolic (ONNX / StableHLO export).
+        query_slots = write_index + jax.lax.iota(jnp.int32, x.shape[1])
+        inputs = AttentionInputs(*rope_cos_sin(positions, c), query_slots, key_valid, write_index, segment_ids)
+        local_inputs = inputs
+        if c.rope_local is not None:
+            cos, sin = rope_cos_sin(positions, c, c.rope_local)
+            local_inputs = inputs._replace(cos=cos, sin=sin)
+        return x, inputs, local_inputs
+
+    def head(self, x, logits_at=None, project: bool = True):
+        """The last layer's output [batch, seq, hidden] to logits float32 (see `__call__`)."""
+        c, embedding = self.config, self.embed.embedding
         if logits_at is not None:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         x = at_site(self, self.sites, "ln_final.hook_normalized", self.final_norm(x))
-        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), key_valid)
         if not project:
-            return x, new_cache
+            return x
         if c.tie_word_embeddings and is_quantized(embedding):
             logits = matmul(x, embedding)  # the table's rows are the head's output channels
         elif c.tie_word_embeddings:
@@ -671,7 +684,7 @@ class Decoder(nn.Module):
             logits = logits.astype(jnp.float32) / c.logits_divisor
         if c.final_softcap is not None:
             logits = c.final_softcap * jnp.tanh(logits.astype(jnp.float32) / c.final_softcap)
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32)
 
 
 def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0) -> None:

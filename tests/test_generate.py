@@ -6,6 +6,7 @@ import pytest
 from conftest import random_ids
 
 import jaxlora
+from jaxlora import prefill_layers
 from jaxlora.cache import init_cache
 from jaxlora.decoding import decode, prefill
 from jaxlora.errors import UsageError
@@ -31,20 +32,22 @@ def test_prompts_in_one_bucket_compile_prefill_and_decode_once(tiny):
             compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
         )
     )
-    before = prefill._cache_size(), decode._cache_size()
+    prefills = (prefill_layers._layer_inputs, prefill_layers._layer, prefill_layers._head)  # llama: one kind
+    before = [f._cache_size() for f in (*prefills, decode)]
     batch = 3  # a batch size no other test uses, so the first prompt compiles
     for length in range(17, 27):  # ten lengths, all in the 32 bucket
         ids = random_ids((batch, length), model.config.vocab_size, seed=length)
         jaxlora.generate(model.params, model.config, ids, max_new_tokens=20)
         if length == 17:
             after_first = len(compiles)
-    assert (prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert [f._cache_size() for f in (*prefills, decode)] == [n + 1 for n in before]
     assert len(compiles) == after_first, "a later prompt length compiled something"
 
 
-def test_a_first_token_compiles_three_programs(tiny):
-    """Row keys, the empty cache and prefill: a new process reads each program from the compile cache (a few ms
-    apiece), so the small steps around prefill must not each compile one (they were eleven more)."""
+def test_a_first_token_compiles_five_programs(tiny):
+    """Row keys, the empty cache and prefill's three (layer inputs, one per kind of layer, the head): a new process
+    reads each program from the compile cache (a few ms apiece), so the small steps around prefill must not each
+    compile one (they were eleven more)."""
     model = tiny("llama-gqa").load()
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -57,7 +60,7 @@ def test_a_first_token_compiles_three_programs(tiny):
     jax.clear_caches()  # whatever ran before in this process, each program is compiled here
     first = next(jaxlora.stream(model.params, model.config, ids, max_new_tokens=5))
     assert first.tokens.shape == (batch, 1)
-    assert len(compiles) == 3
+    assert len(compiles) == 5
 
 
 def test_batched_generation_equals_one_by_one(tiny):
