@@ -305,7 +305,7 @@ def prefill_prompt(params, plan: DecodePlan, cache, ids, mask, keys) -> DecodeSt
     """Run a left-padded prompt into an empty cache and sample the first token: layer by layer from the host
     where that applies (`jaxlora.prefill_layers`: a new process's first token sooner), else as one program."""
     if applies(plan.config, ids, plan.lora, plan.layout):
-        return prefill_by_layer(params, cache, ids, mask, keys, plan.arrays, **plan.static)
+        return prefill_by_layer(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
     return prefill(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
 
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import random_ids
 
 import jaxlora
-from jaxlora import prefill_layers
+from jaxlora import lora, prefill_layers
 from jaxlora.decoding import prefill
 from jaxlora.generate import left_pad, make_plan, plan_cache, prefill_prompt
 from jaxlora.sampling import Sampling
@@ -88,10 +88,37 @@ def test_one_program_per_kind_of_layer(tiny):
     assert prefill_layers._layer._cache_size() == before + len(kinds)
 
 
-def test_generation_with_adapters_or_scanned_layers_prefills_as_one_program(tiny):
+def trained_looking(adapters, seed):
+    """Adapters with B not zero (as right after init, which would hide a wrong B)."""
+    leaves, treedef = jax.tree.flatten(adapters.weights)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return adapters.replace(weights=jax.tree.unflatten(treedef, noisy))
+
+
+def test_prefill_by_layer_with_adapters_and_an_adapter_bank(tiny):
+    """Adapters on attention, MLP and the head; then a bank's per-row selection (two adapters and the bare base)."""
     model = tiny("llama-gqa").load()
-    ids = random_ids((1, 12), model.config.vocab_size)
-    assert prefill_layers.applies(model.config, ids, None, None)
-    assert not prefill_layers.applies(model.config.with_scan(True), ids, None, None)
-    assert not prefill_layers.applies(model.config, ids, object(), None)
-    assert not prefill_layers.applies(model.config, ids[:, :1], None, None)
+    c = model.config
+    prompts = [list(random_ids((n,), c.vocab_size, seed=n)) for n in (6, 19, 11)]
+    one = trained_looking(lora.init(c, jax.random.key(1), rank=4, targets=("q_proj", "down_proj", "lm_head")), 1)
+    assert_same_state(*both_prefills(model, prompts, lora=one))
+    other = trained_looking(lora.init(c, jax.random.key(2), rank=2, targets=("v_proj", "up_proj")), 2)
+    mixed = lora.select(lora.bank([one, other], c), [1, -1, 0])
+    layered, whole = both_prefills(model, prompts, lora=mixed, return_logprobs=True, top_logprobs=2)
+    assert_same_state(layered, whole)
+    bare, _ = both_prefills(model, prompts, return_logprobs=True, top_logprobs=2)
+    assert np.abs(layered.scores.top_logprobs - bare.scores.top_logprobs)[[0, 2]].max() > 1e-3  # adapters matter
+
+
+def test_where_prefill_runs_as_one_program(tiny):
+    """The scanned layout, stacked adapters, a mesh's layout and a one-token prompt take `decoding.prefill`."""
+    model = tiny("llama-gqa").load()
+    c = model.config
+    ids = random_ids((1, 12), c.vocab_size)
+    adapters = lora.init(c, jax.random.key(0), rank=2, targets=("q_proj",))
+    assert prefill_layers.applies(c, ids, None, None) and prefill_layers.applies(c, ids, adapters, None)
+    assert not prefill_layers.applies(c.with_scan(True), ids, None, None)
+    assert not prefill_layers.applies(c, ids, adapters.laid_out_for(c.with_scan(True)), None)
+    assert not prefill_layers.applies(c, ids, None, object())
+    assert not prefill_layers.applies(c, ids[:, :1], None, None)
