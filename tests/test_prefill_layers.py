@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import random_ids
+from test_lora import nonzero
 
 import jaxlora
 from jaxlora import lora, prefill_layers
@@ -88,22 +89,14 @@ def test_one_program_per_kind_of_layer(tiny):
     assert prefill_layers._layer._cache_size() == before + len(kinds)
 
 
-def trained_looking(adapters, seed):
-    """Adapters with B not zero (as right after init, which would hide a wrong B)."""
-    leaves, treedef = jax.tree.flatten(adapters.weights)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return adapters.replace(weights=jax.tree.unflatten(treedef, noisy))
-
-
 def test_prefill_by_layer_with_adapters_and_an_adapter_bank(tiny):
     """Adapters on attention, MLP and the head; then a bank's per-row selection (two adapters and the bare base)."""
     model = tiny("llama-gqa").load()
     c = model.config
     prompts = [list(random_ids((n,), c.vocab_size, seed=n)) for n in (6, 19, 11)]
-    one = trained_looking(lora.init(c, jax.random.key(1), rank=4, targets=("q_proj", "down_proj", "lm_head")), 1)
+    one = nonzero(lora.init(c, jax.random.key(1), rank=4, targets=("q_proj", "down_proj", "lm_head")), 1)
     assert_same_state(*both_prefills(model, prompts, lora=one))
-    other = trained_looking(lora.init(c, jax.random.key(2), rank=2, targets=("v_proj", "up_proj")), 2)
+    other = nonzero(lora.init(c, jax.random.key(2), rank=2, targets=("v_proj", "up_proj")), 2)
     mixed = lora.select(lora.bank([one, other], c), [1, -1, 0])
     layered, whole = both_prefills(model, prompts, lora=mixed, return_logprobs=True, top_logprobs=2)
     assert_same_state(layered, whole)
