@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import jax
@@ -217,7 +217,7 @@ def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
     if key is None:
         if sampling:
             raise UsageError("sampling with temperature > 0 needs a PRNG key")
-        return _default_row_keys(batch)
+        return _greedy_row_keys(batch)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # a raw uint32 key from jax.random.PRNGKey
     if key.shape == (batch,):
@@ -234,7 +234,15 @@ def _fold_in_rows(key: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
 
 
-@partial(jax.jit, static_argnums=0)
-def _default_row_keys(batch: int) -> jax.Array:
-    """The row keys of key(0), for greedy decoding (which never reads them)."""
-    return _fold_in_rows(jax.random.key(0), batch)
+@cache
+def _key_data_shape(impl: str) -> tuple[int, ...]:
+    """The shape of one key's data under the PRNG implementation `impl` (traced, never compiled)."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
+def _greedy_row_keys(batch: int) -> jax.Array:
+    """Placeholder row keys for greedy decoding, which never reads them: zero key data wrapped on the host, so no
+    program is traced, lowered or read from the compile cache for them (folding key(0) per row did all three, and
+    in a new process the lowering of its threefry rounds was 0.19 s of the first token)."""
+    impl = jax.config.jax_default_prng_impl
+    return jax.random.wrap_key_data(np.zeros((batch, *_key_data_shape(impl)), np.uint32), impl=impl)
