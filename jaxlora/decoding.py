@@ -100,7 +100,11 @@ def place_state(state: DecodeState, layout: DecodeLayout | None) -> DecodeState:
     return DecodeState(cache=cache, **small)
 
 
-def _split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _split_keys(keys: jax.Array, processors: Processors) -> tuple[jax.Array, jax.Array]:
+    """(the keys to carry on, this step's keys). A program that never draws (`processors.sample` False: greedy)
+    passes its keys through unsplit, so it holds no threefry rounds to lower, compile or run."""
+    if not processors.sample:
+        return keys, keys
     pairs = jax.vmap(jax.random.split)(keys)
     return pairs[:, 0], pairs[:, 1]
 
@@ -129,7 +133,7 @@ def _with_first_token(
     state: DecodeState, logits, sampling: SamplingArrays, processors: Processors, stop_ids, layout, score_top
 ) -> DecodeState:
     """`state` (its token not yet chosen) with the first new token sampled from the last logits [batch, vocab]."""
-    keys, step_keys = _split_keys(state.keys)
+    keys, step_keys = _split_keys(state.keys, processors)
     first, scores = next_token(logits, sampling, processors, step_keys, state.seen, score_top)
     state = state._replace(
         token=first,
@@ -291,7 +295,7 @@ def decode_step(
         write_index=state.write_index,
         lora=lora,
     )
-    keys, step_keys = _split_keys(state.keys)
+    keys, step_keys = _split_keys(state.keys, processors)
     token, scores = next_token(logits[:, 0], sampling, processors, step_keys, state.seen, score_top)
     token = jnp.where(state.done, pad_id, token)
     if scores is not None:
