@@ -63,6 +63,21 @@ def test_a_first_token_compiles_four_programs(tiny):
     assert len(compiles) == 4
 
 
+def test_greedy_programs_hold_no_random_number_rounds(tiny):
+    """Greedy decoding never draws, so its prefill and decode loop carry the row keys unsplit: no key splits (and
+    so no threefry rounds for a new process to lower for the compile cache's key). A sampled one splits them."""
+    model = tiny("llama-gqa").load()
+    ids = random_ids((2, 6), model.config.vocab_size, seed=3)
+
+    def program(**options):
+        return str(
+            jax.make_jaxpr(lambda p: jaxlora.sample(p, model.config, ids, max_new_tokens=3, **options))(model.params)
+        )
+
+    assert "random_split" not in program()
+    assert "random_split" in program(key=jax.random.key(0), sampling=jaxlora.Sampling(temperature=0.7))
+
+
 def test_batched_generation_equals_one_by_one(tiny):
     model = tiny("qwen2").load()
     prompts = [list(random_ids((n,), model.config.vocab_size, seed=n)) for n in (3, 11, 7)]
