@@ -12,5 +12,6 @@ def slowed_by_a_neighbour(durations):
 
 
 def test_a_limit_is_the_best_call_and_a_row_the_median():
-    assert best_of(slowed_by_a_neighbour([0.08, 0.08, 0.02]), 3) < 0.05
-    assert median_of(slowed_by_a_neighbour([0.08, 0.08, 0.02]), 3) >= 0.08
+    # Sleeps never end early and a loaded worker oversleeps by milliseconds, not the 0.19 s between the two.
+    assert best_of(slowed_by_a_neighbour([0.2, 0.2, 0.01]), 3) < 0.1
+    assert median_of(slowed_by_a_neighbour([0.2, 0.2, 0.01]), 3) >= 0.2
