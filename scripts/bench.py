@@ -8,7 +8,9 @@ slow each other inside one process); every figure is the median of --repeat runs
 The limits: decode reads every weight once per step (plus the KV cache), so a step takes at least bytes / read
 bandwidth, and it computes 2 FLOPs per weight per token (plus attention), so at least FLOPs / matmul rate; prefill
 is bound by the matmul rate. The read bandwidth is numpy's sum over 1 GiB on all cores; the matmul rate is a
-jitted float32 matmul of the model's own prefill shape. Each row prints its limit and the fraction reached.
+jitted float32 matmul of the model's own prefill shape. Each row prints its limit and the fraction reached. A
+last line sets prefill against the time XLA's dot alone takes for all of its weight matmuls, each of the model's
+shapes timed by itself: the gap between the two is what prefill does besides its matmuls.
 
     python scripts/bench.py [--checkpoint CKPT --hf HF_DIR_OR_GGUF] [--json]
 """
@@ -22,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +43,40 @@ from benchlib import (  # noqa: E402
 )
 
 
-def measure_limits(config, prefill_len: int) -> dict:
-    """The machine's read bandwidth and matmul rate at the model's prefill shape (run in a fresh process)."""
+def measure_limits(model, prefill_len: int) -> dict:
+    """The machine's read bandwidth and matmul rate at the model's prefill shape, and the time XLA's dot alone
+    takes for all of a prefill's weight matmuls (run in a fresh process)."""
+    config = model.config
     return {
         "bandwidth_gbs": read_bandwidth_gbs(),
         "matmul_gflops": matmul_gflops(prefill_len, config.hidden_size, config.intermediate_size),
         "matmul_shape": [prefill_len, config.hidden_size, config.intermediate_size],
+        "weight_matmuls_s": weight_matmuls_seconds(weight_matmul_shapes(model.params, config), prefill_len),
     }
+
+
+def weight_matmul_shapes(params: dict, config) -> Counter:
+    """(inner, cols) -> how many of a forward pass's float weight matmuls, x [tokens, inner] @ [inner, cols], have
+    that shape: every 2-D `kernel`, and the embedding table once more where it is also the output head."""
+    import jax
+
+    shapes = Counter()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if getattr(path[-1], "key", None) == "kernel" and getattr(leaf, "ndim", 0) == 2:
+            shapes[tuple(leaf.shape)] += 1
+    if config.tie_word_embeddings:
+        vocab, hidden = params["embed"]["embedding"].shape
+        shapes[(hidden, vocab)] += 1
+    return shapes
+
+
+def weight_matmuls_seconds(shapes: Counter, tokens: int) -> float:
+    """The time XLA's jitted float32 dot takes, each shape timed alone (best call), for every weight matmul of a
+    `tokens`-token forward pass: what prefill would take were its matmuls all it did."""
+    total = 0.0
+    for (inner, cols), count in shapes.items():
+        total += count * 2 * tokens * inner * cols / (matmul_gflops(tokens, inner, cols) * 1e9)
+    return total
 
 
 def model_costs(model) -> dict:
@@ -190,7 +220,7 @@ def run_side(args) -> dict:
         import jaxlora
 
         model = jaxlora.load(args.checkpoint)
-        return {"limits": measure_limits(model.config, args.prefill_len), "costs": model_costs(model)}
+        return {"limits": measure_limits(model, args.prefill_len), "costs": model_costs(model)}
     return {"imports_s": imports_s, **(bench_jax(args) if args.side == "jaxlora" else bench_torch(args))}
 
 
@@ -250,7 +280,20 @@ def describe_limits(results: dict) -> str:
         f"({bw['numpy_sum_1_thread']:.1f} on one; numpy sum of 1 GiB); jitted float32 matmul "
         f"[{rows}x{inner}]x[{inner}x{cols}] {limits['matmul_gflops']:.0f} GFLOP/s.\n"
         f"model: {costs['weight_bytes'] / 1e6:.0f} MB of weights ({costs['decode_read_bytes'] / 1e6:.0f} MB read per "
-        f"decode step), {costs['weight_flops_per_token'] / 1e9:.2f} GFLOP per token by the weights."
+        f"decode step), {costs['weight_flops_per_token'] / 1e9:.2f} GFLOP per token by the weights.\n"
+        f"{describe_weight_matmuls(results)}"
+    )
+
+
+def describe_weight_matmuls(results: dict) -> str:
+    """Prefill against the time XLA's dot alone takes for its weight matmuls, each shape timed by itself: how much
+    of the gap to the matmul limit is the dot's own rate at the model's shapes, and how much the rest of prefill."""
+    seconds, tokens = results["limits"]["weight_matmuls_s"], results["prefill_len"]
+    ceiling = tokens / seconds
+    reached = ", ".join(f"{side} {100 * results[side]['prefill_tok_s'] / ceiling:.0f}%" for side in SIDE_IMPORTS)
+    return (
+        f"prefill's weight matmuls alone, each shape a jitted dot by itself: {1e3 * seconds:.0f} ms for {tokens} "
+        f"tokens ({ceiling:.0f} tok/s); prefill reaches {reached} of that."
     )
 
 
