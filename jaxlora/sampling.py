@@ -117,12 +117,22 @@ def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(remove, FILTERED, logits)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the largest value; of the first NaN, if any), as int32,
+    computed as two plain reductions, a max and then the least index holding it. XLA:CPU runs argmax's paired
+    (value, index) reduction as a scalar loop: over [8, 49152] logits it took 1.09 ms a decode step, this 0.35."""
+    top = x.max(axis=-1, keepdims=True)
+    holds = (x == top) | (jnp.isnan(x) & jnp.isnan(top))
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(holds, index, x.shape[-1]), axis=-1)
+
+
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     """HF min-p: drop tokens whose probability is below min_p times the top token's."""
     probs = jax.nn.softmax(logits, axis=-1)
     threshold = min_p[:, None] * probs.max(axis=-1, keepdims=True)
     remove = probs < threshold
-    top = jnp.argmax(probs, axis=-1)
+    top = first_argmax(probs)
     remove = remove.at[jnp.arange(logits.shape[0]), top].set(False)
     return jnp.where(remove, FILTERED, logits)
 
@@ -148,7 +158,7 @@ def process_logits(
 def choose_token(processed: jax.Array, params: SamplingArrays, processors: Processors, keys: jax.Array) -> jax.Array:
     """Processed logits [batch, vocab] -> the next token [batch] int32: drawn for rows with temperature > 0, the
     argmax for the others."""
-    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(processed)
     if not processors.sample:
         return greedy
     sampled = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)

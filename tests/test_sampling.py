@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from jaxlora.errors import UsageError
-from jaxlora.sampling import Sampling, process_logits, sample_next
+from jaxlora.sampling import Sampling, first_argmax, process_logits, sample_next
 
 VOCAB = 257
 
@@ -160,3 +160,29 @@ def test_top_p_keeps_exactly_the_nucleus_at_the_boundary():
 def test_impossible_parameters_are_refused(params, message):
     with pytest.raises(UsageError, match=message):
         Sampling(**params).compile(2)
+
+
+def test_first_argmax_is_argmax_on_ties_infinities_and_nans():
+    """The greedy token: the first index of the largest logit, or of the first NaN (as jnp.argmax and torch's
+    argmax), for ties, rows of -inf, +inf, and logits as wide as a real vocabulary."""
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((8, 49152)).astype(np.float32)
+    wide[3, [7, 40000]] = 9.0  # a tie: the first wins
+    rows = np.array(
+        [
+            [0.5, 2.0, 2.0, -1.0, 2.0],
+            [-np.inf] * 5,
+            [1.0, np.inf, 3.0, np.inf, 0.0],
+            [1.0, np.nan, 3.0, np.nan, 5.0],
+            [np.nan, -np.inf, np.inf, 0.0, 1.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [-3.0, -2.0, -1.0, -2.0, -3.0],
+        ],
+        np.float32,
+    )
+    for logits in (wide, rows):
+        got = np.asarray(jax.jit(first_argmax)(logits))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+        np.testing.assert_array_equal(got, torch.from_numpy(logits).argmax(-1).numpy())
+    assert np.asarray(first_argmax(jnp.asarray(rows)))[0] == 1 and np.asarray(first_argmax(jnp.asarray(wide)))[3] == 7
