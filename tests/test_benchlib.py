@@ -23,13 +23,14 @@ def test_a_limit_is_the_best_call_and_a_row_the_median():
 def test_prefill_weight_matmuls_are_every_kernel_and_a_tied_head_once(tiny, name):
     from bench import weight_matmul_shapes
 
-    config = tiny(name).load().config
+    model = tiny(name).load()
+    config = model.config
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     # q, k, v, o, gate, up, down (q and o share a shape where q's width is the hidden size)
     per_layer = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
     expected = Counter(per_layer * config.num_layers + [(h, v)])
-    assert weight_matmul_shapes(tiny(name).load().params, config) == expected
+    assert weight_matmul_shapes(model.params, config) == expected
 
 
 def test_prefill_is_set_against_its_weight_matmuls_alone():
