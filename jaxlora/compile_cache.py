@@ -2,7 +2,8 @@
 
 `jaxlora.load` turns it on (in $XDG_CACHE_HOME/jaxlora/xla) unless told not to: `load(..., compile_cache=False)`,
 JAXLORA_COMPILE_CACHE=off (or =FOLDER for another folder), the CLI's --no-compile-cache, or a cache folder the
-program chose itself, which stays. Every program is written, however fast it compiled: the dozen small ones
+program chose itself, which stays (without jaxlora's store of whole executables, `jaxlora.executables`, which
+`enable` puts in its folder). Every program is written, however fast it compiled: the dozen small ones
 around generation (keys, casts, the empty cache) cost a second process 0.2 s to compile again.
 
 One caution, measured here once: in a test session that compiled hundreds of programs in one process, JAX's CPU
@@ -16,6 +17,8 @@ import os
 from pathlib import Path
 
 import jax
+
+from jaxlora import executables
 
 # Compilations faster than this are not written (at 0.5 s, every program but prefill and decode was compiled
 # again by each new process).
@@ -33,6 +36,7 @@ def enable(folder: str | os.PathLike | None = None, min_compile_seconds: float =
     folder = Path(folder) if folder is not None else default_folder()
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    executables.use(folder / executables.SUBFOLDER)
     return folder
 
 
@@ -52,5 +56,5 @@ def enable_by_default() -> Path | None:
 def enable_unless_chosen(folder: str | os.PathLike | None = None) -> Path:
     """`enable`, unless the program already chose a cache folder itself (that one stays). Returns the folder."""
     if jax.config.jax_compilation_cache_dir:
-        return Path(jax.config.jax_compilation_cache_dir)
+        return Path(jax.config.jax_compilation_cache_dir)  # the program's own folder: jaxlora adds no store to it
     return enable(folder)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxlora.cache import KVCache, batch_axis, init_cache
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
+from jaxlora.executables import stored_jit
 from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions
 from jaxlora.quant import for_decode_loop
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys
@@ -72,7 +73,7 @@ def new_cache(config: ModelConfig, batch: int, max_len: int, dtype, layout: Deco
 
 # One compiled program (each zeros buffer made eagerly was a program of its own, read from the compile cache by a
 # new process at a few ms apiece).
-_empty_cache = jax.jit(init_cache, static_argnums=(0, 1, 2, 3))
+_empty_cache = stored_jit(init_cache, static_argnums=(0, 1, 2, 3))
 
 
 def cache_shardings(cache: KVCache, layout: DecodeLayout) -> KVCache:
@@ -145,7 +146,7 @@ def _with_first_token(
     return place_state(state, layout)
 
 
-@partial(jax.jit, static_argnames=STATIC, donate_argnames=("cache",))
+@stored_jit(static_argnames=STATIC, donate_argnames=("cache",))
 def prefill(
     params,
     cache: KVCache,
@@ -222,7 +223,7 @@ def prefilled_state(
     return _with_first_token(state, last_logits, sampling, processors, stop_ids, layout, score_top)
 
 
-@partial(jax.jit, static_argnames=STATIC, donate_argnames=("state",))
+@stored_jit(static_argnames=STATIC, donate_argnames=("state",))
 def extend(
     params,
     state: DecodeState,
@@ -313,7 +314,7 @@ def decode_step(
     return place_state(new_state, layout)
 
 
-@partial(jax.jit, static_argnames=(*STATIC, "pad_id", "steps"), donate_argnames=("state",))
+@stored_jit(static_argnames=(*STATIC, "pad_id", "steps"), donate_argnames=("state",))
 def decode(
     params,
     state: DecodeState,

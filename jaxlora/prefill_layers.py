@@ -15,13 +15,12 @@ a caller's own `jax.jit`.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 
 from jaxlora.cache import KVCache, LayerCache
 from jaxlora.config import LoraConfig, ModelConfig
 from jaxlora.decoding import STATIC, DecodeState, prefilled_state
+from jaxlora.executables import stored_jit
 from jaxlora.lora import Adapters
 from jaxlora.model import Block, Decoder, default_positions
 from jaxlora.quant import dequantized_in_order, one_row
@@ -99,7 +98,7 @@ def _kind_index(config: ModelConfig, index: int) -> int:
     return next(i for i in range(index + 1) if layer_kind(config, i) == kind)
 
 
-@partial(jax.jit, static_argnums=(4,), donate_argnums=(1,))
+@stored_jit(static_argnums=(4,), donate_argnums=(1,))
 def _layer_inputs(outer, key_valid, input_ids, attention_mask, config: ModelConfig):
     positions = default_positions(attention_mask)
     key_valid = jax.lax.dynamic_update_slice(key_valid, attention_mask, (0, 0))
@@ -109,7 +108,7 @@ def _layer_inputs(outer, key_valid, input_ids, attention_mask, config: ModelConf
     return x, inputs, local_inputs, positions
 
 
-@partial(jax.jit, static_argnums=(4, 5, 6), donate_argnums=(3,))
+@stored_jit(static_argnums=(4, 5, 6), donate_argnums=(3,))
 def _layer(variables, x, inputs, buffers, config: ModelConfig, lora: LoraConfig | None, index: int):
     """A layer's block (any layer of `index`'s kind: `index` names the kind) on x, its variables {"params", and
     "lora" with adapters}, writing the prompt's keys and values into `buffers` (keys, values) from slot 0."""
@@ -120,7 +119,7 @@ def _layer(variables, x, inputs, buffers, config: ModelConfig, lora: LoraConfig 
     return x, (cache.keys, cache.values)
 
 
-@partial(jax.jit, static_argnames=(*STATIC, "lora"), donate_argnames=("cache",))
+@stored_jit(static_argnames=(*STATIC, "lora"), donate_argnames=("cache",))
 def _head(
     outer,
     lora: LoraConfig | None,

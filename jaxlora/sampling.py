@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from typing import NamedTuple
 
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.errors import UsageError
+from jaxlora.executables import stored_jit
 
 FILTERED = -jnp.inf
 
@@ -237,7 +238,7 @@ def row_keys(key: jax.Array | None, batch: int, sampling: bool) -> jax.Array:
     return _fold_in_rows(key, batch)
 
 
-@partial(jax.jit, static_argnums=1)
+@stored_jit(static_argnums=1)
 def _fold_in_rows(key: jax.Array, batch: int) -> jax.Array:
     """Row r's key: fold_in(key, r), so its randomness depends on (key, r) only, not on the rest of the batch.
     (One compiled program: a new process reads each program from the compile cache, a few ms apiece.)"""

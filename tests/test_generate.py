@@ -405,7 +405,8 @@ import sys, jax, jaxlora
 if sys.argv[2] == "own":
     jax.config.update("jax_compilation_cache_dir", "/tmp/the-programs-own-choice")
 jaxlora.load(sys.argv[1], compile_cache={"default": None, "on": True, "off": False, "own": None}[sys.argv[2]])
-print(jax.config.jax_compilation_cache_dir)
+from jaxlora import executables
+print(jax.config.jax_compilation_cache_dir or "", executables.folder_in_use() or "", sep="|")
 """
 
 
@@ -414,7 +415,7 @@ def test_load_turns_the_persistent_compile_cache_on_unless_told_not_to(tiny, tmp
     import subprocess
     import sys
 
-    def folder_in_use(mode: str, **env) -> str:
+    def folder_in_use(mode: str, **env) -> tuple[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "JAXLORA_COMPILE_CACHE"} | env
         result = subprocess.run(
             [sys.executable, "-c", CACHE_FOLDER_IN_USE, str(tiny("llama-gqa").jax_dir), mode],
@@ -424,42 +425,65 @@ def test_load_turns_the_persistent_compile_cache_on_unless_told_not_to(tiny, tmp
             env={**env, "XDG_CACHE_HOME": str(tmp_path)},
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout.strip()
+        xla, store = result.stdout.strip().split("|")
+        return xla, store
 
-    assert folder_in_use("default") == str(tmp_path / "jaxlora" / "xla")
-    assert folder_in_use("off") in ("", "None")
-    assert folder_in_use("default", JAXLORA_COMPILE_CACHE="off") in ("", "None")
-    assert folder_in_use("on", JAXLORA_COMPILE_CACHE="off") == str(tmp_path / "jaxlora" / "xla")
-    assert folder_in_use("default", JAXLORA_COMPILE_CACHE="on") == str(tmp_path / "jaxlora" / "xla")
-    assert folder_in_use("default", JAXLORA_COMPILE_CACHE=str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
-    assert folder_in_use("on") == str(tmp_path / "jaxlora" / "xla")
-    assert folder_in_use("own") == "/tmp/the-programs-own-choice"
+    default = str(tmp_path / "jaxlora" / "xla")
+    on = (default, str(tmp_path / "jaxlora" / "xla" / "executables"))
+    assert folder_in_use("default") == on
+    assert folder_in_use("off") == ("", "")
+    assert folder_in_use("default", JAXLORA_COMPILE_CACHE="off") == ("", "")
+    assert folder_in_use("on", JAXLORA_COMPILE_CACHE="off") == on
+    assert folder_in_use("default", JAXLORA_COMPILE_CACHE="on") == on
+    elsewhere = tmp_path / "elsewhere"
+    assert folder_in_use("default", JAXLORA_COMPILE_CACHE=str(elsewhere)) == (
+        str(elsewhere),
+        str(elsewhere / "executables"),
+    )
+    assert folder_in_use("on") == on
+    assert folder_in_use("own") == ("/tmp/the-programs-own-choice", "")  # the program's folder, without jaxlora's store
 
 
 COMPILE_COUNTER = """
-import sys
+import json, sys
 import jax, numpy as np
 import jaxlora
 from jaxlora import compile_cache
+from jaxlora.sampling import Sampling
 
 compile_cache.enable(sys.argv[2], min_compile_seconds=0)
+key = jax.random.key(1)  # the script's own programs, before the count
 events = []
 jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
 jax.monitoring.register_event_duration_secs_listener(lambda event, _secs, **_: events.append(event))
 model = jaxlora.load(sys.argv[1])
-jaxlora.generate(model.params, model.config, np.ones((2, 5), np.int32), max_new_tokens=40)
-print(events.count("/jax/compilation_cache/cache_misses"), events.count("/jax/compilation_cache/cache_hits"))
+ids = np.arange(10, dtype=np.int32).reshape(2, 5) + 3
+greedy = jaxlora.generate(model.params, model.config, ids, max_new_tokens=40)
+sampled = jaxlora.generate(
+    model.params, model.config, ids, max_new_tokens=12, sampling=Sampling(temperature=0.9, top_p=0.8),
+    key=key, return_logprobs=True,
+)
+print(json.dumps({
+    "misses": events.count("/jax/compilation_cache/cache_misses"),
+    "hits": events.count("/jax/compilation_cache/cache_hits"),
+    "lowerings": events.count("/jax/core/compile/jaxpr_to_mlir_module_duration"),
+    "tokens": [np.asarray(greedy.tokens).tolist(), np.asarray(sampled.tokens).tolist()],
+    "logprobs": np.asarray(sampled.logprobs).tolist(),
+}))
 """
 
 
 def test_a_second_process_compiles_nothing_with_the_persistent_cache(tiny, tmp_path):
-    """Every executable the first process compiled (prefill, decode and the small ones around them) comes from the
-    disk cache in the second: no cache miss, as many hits as the first process had misses."""
+    """A second process runs generation's programs from jaxlora's store of whole executables without tracing,
+    lowering or compiling any (`jaxlora.executables`); without the store, every executable the first process
+    compiled comes from JAX's disk cache: no miss, as many hits as the first process had misses. Each gives the
+    first process's tokens and log-probs."""
+    import json
+    import shutil
     import subprocess
     import sys
 
-    runs = []
-    for _ in range(2):
+    def run() -> dict:
         result = subprocess.run(
             [sys.executable, "-c", COMPILE_COUNTER, str(tiny("llama-gqa").jax_dir), str(tmp_path / "xla")],
             capture_output=True,
@@ -467,7 +491,15 @@ def test_a_second_process_compiles_nothing_with_the_persistent_cache(tiny, tmp_p
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        runs.append([int(n) for n in result.stdout.split()])
-    (first_misses, first_hits), (second_misses, second_hits) = runs
-    assert first_misses >= 2 and first_hits == 0  # at least prefill and decode
-    assert second_misses == 0 and second_hits == first_misses
+        return json.loads(result.stdout)
+
+    first = run()
+    assert first["misses"] >= 2 and first["hits"] == 0 and first["lowerings"] >= first["misses"]
+    assert len(list((tmp_path / "xla" / "executables").glob("decode-*.bin"))) == 2  # greedy and sampled
+    from_store = run()
+    assert (from_store["misses"], from_store["hits"], from_store["lowerings"]) == (0, 0, 0)
+    shutil.rmtree(tmp_path / "xla" / "executables")
+    from_jax_cache = run()
+    assert from_jax_cache["misses"] == 0 and from_jax_cache["hits"] == first["misses"]
+    for later in (from_store, from_jax_cache):
+        assert later["tokens"] == first["tokens"] and later["logprobs"] == first["logprobs"]
