@@ -120,7 +120,8 @@ class StoredJit:
         if _ADDRESS.search(repr(statics)):
             return None
         digest = hashlib.sha256(described.encode()).hexdigest()[:40]
-        return _folder / f"{self.__qualname__.strip('_')}-{digest}.bin"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.__qualname__).strip("_.")  # `<locals>`, `<lambda>`
+        return _folder / f"{name}-{digest}.bin"
 
 
 def stored_jit(fun=None, **jit_options):

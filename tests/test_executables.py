@@ -107,6 +107,8 @@ def test_donated_inputs_stay_donated_from_the_store(store):
         assert buffer.is_deleted()
         np.testing.assert_array_equal(np.asarray(out), np.ones((4, 4)))
     assert len(stored_files(store)) == 1
+    (name,) = stored_files(store)
+    assert name.startswith("test_donated_inputs_stay_donated_from_the_store._locals_.bump-")  # a plain file name
 
 
 def test_calls_without_a_stable_key_are_plain_jit_calls(store):
@@ -136,7 +138,10 @@ def test_a_program_from_another_environment_is_never_read(store, monkeypatch):
     (original,) = stored_files(store)
     monkeypatch.setattr(executables, "_environment", lambda: ("another jaxlora source", "another CPU"))
     later = new_process_function()
-    same(later(x, state, 2.0, shift=1), jax.jit(scaled, static_argnums=2, static_argnames="shift")(x, state, 2.0, shift=1))
+    same(
+        later(x, state, 2.0, shift=1),
+        jax.jit(scaled, static_argnums=2, static_argnames="shift")(x, state, 2.0, shift=1),
+    )
     assert len(stored_files(store)) == 2 and original in stored_files(store)
 
 
