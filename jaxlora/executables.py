@@ -13,7 +13,9 @@ the function, jaxlora's source, the versions of jax and jaxlib, the backend and 
 flags, JAX's tracing configuration, the input tree with each array's shape, dtype, weak type and device, and the
 static arguments (only those whose repr is a value; an object's address changes with the process). Anything else
 makes the call a plain `jax.jit` call: the store off, an input that is not an array on one device (a tracer inside
-a caller's `jit`, a global array on a mesh, a Python scalar), a write or read that fails.
+a caller's `jit`, a global array on a mesh, a Python scalar), a write or read that fails. Only a program XLA
+compiled in this process is stored: one JAX read from its own cache serializes incomplete, so after jaxlora's
+source changes, a program whose HLO did not change stays with JAX's cache (traced and lowered as before).
 
 The store is on exactly when jaxlora's compile cache is (`compile_cache.enable`: `jaxlora.load` by default), in
 that folder's `executables/`. A stored program is machine code, as in JAX's own cache: the folder is trusted as
@@ -36,6 +38,7 @@ import warnings
 from pathlib import Path
 
 import jax
+from jax._src import config as jax_config
 from jax.experimental import serialize_executable
 
 FORMAT = 1
@@ -91,7 +94,7 @@ class StoredJit:
             tuple((i, a) for i, a in enumerate(args) if i in self._static_positions),
             tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static_names)),
         )
-        key = (tree, signature, statics, _trace_context())
+        key = (tree, signature, statics, jax_config.trace_context())  # the rest of jit's own cache key
         compiled = self._in_memory.get(key)
         if compiled is None:
             compiled = self._in_memory[key] = self._stored_or_compiled(key, args, kwargs)
@@ -104,21 +107,25 @@ class StoredJit:
                 return _read(path)
             except Exception as e:  # noqa: BLE001 - an unreadable entry is compiled again and replaced
                 warnings.warn(f"jaxlora: {self.__qualname__}'s stored executable is unreadable: {e}", stacklevel=3)
+        hits_before = _jax_cache_hits
         compiled = self.jitted.lower(*args, **kwargs).compile()
-        if path is not None:
-            try:
-                _write(path, compiled)
-            except Exception as e:  # noqa: BLE001 - e.g. an executable with constants JAX cannot serialize
-                warnings.warn(f"jaxlora: {self.__qualname__}'s executable is not stored: {e}", stacklevel=3)
+        # An XLA:CPU executable JAX read from its own cache serializes without some of its functions (a process
+        # loading one failed: "Function wrapped_broadcast not found"): only a program XLA compiled here is stored.
+        if path is None or _jax_cache_hits != hits_before:
+            return compiled
+        try:
+            _write(path, compiled)
+        except Exception as e:  # noqa: BLE001 - e.g. an executable with constants JAX cannot serialize
+            warnings.warn(f"jaxlora: {self.__qualname__}'s executable is not stored: {e}", stacklevel=3)
         return compiled
 
     def _path(self, key) -> Path | None:
         """The store's file for this call, or None when the call has no stable key."""
         tree, signature, statics, context = key
-        described = repr((FORMAT, self.__module__, self.__qualname__, _environment(), str(tree), signature, statics))
-        described += _without_addresses(repr(context))
         if _ADDRESS.search(repr(statics)):
             return None
+        described = repr((FORMAT, self.__module__, self.__qualname__, _environment(), str(tree), signature, statics))
+        described += _ADDRESS.sub("", repr(context))  # JAX's configuration (its empty axis environment is an object)
         digest = hashlib.sha256(described.encode()).hexdigest()[:40]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.__qualname__).strip("_.")  # `<locals>`, `<lambda>`
         return _folder / f"{name}-{digest}.bin"
@@ -144,17 +151,16 @@ def _leaf_signatures(leaves) -> tuple | None:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_jax_cache_hits = 0  # executables JAX read from its persistent cache in this process (another thread's count too)
 
 
-def _without_addresses(text: str) -> str:
-    return _ADDRESS.sub("", text)
+def _count_jax_cache_hit(event: str, **_) -> None:
+    global _jax_cache_hits
+    if event == "/jax/compilation_cache/cache_hits":
+        _jax_cache_hits += 1
 
 
-def _trace_context():
-    """JAX's configuration that tracing depends on (the part of `jax.jit`'s own cache key that is not the inputs)."""
-    from jax._src import config
-
-    return config.trace_context()
+jax.monitoring.register_event_listener(_count_jax_cache_hit)
 
 
 @functools.cache
@@ -166,14 +172,14 @@ def _environment() -> tuple:
     package = Path(__file__).resolve().parent
     for path in sorted(package.rglob("*.py")):
         source.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    backend = jax.devices()[0].client
+    device = jax.devices()[0]
     return (
         source.hexdigest(),
         jax.__version__,
         jaxlib.__version__,
-        backend.platform,
-        backend.platform_version,
-        jax.devices()[0].device_kind,
+        device.client.platform,
+        device.client.platform_version,
+        device.device_kind,
         len(jax.devices()),
         platform.machine(),
         _cpu_features(),
@@ -207,30 +213,31 @@ def _write(path: Path, compiled) -> None:
         raise
 
 
-# Modules whose classes a stored file may name: JAX's executables, shardings and avals, numpy's and ml_dtypes'
-# dtypes, and jaxlora's own named tuples in the trees.
-_ALLOWED_MODULES = ("jax", "jaxlib", "numpy", "ml_dtypes", "jaxlora", "collections", "builtins")
-_ALLOWED_BUILTINS = {"tuple", "list", "dict", "set", "frozenset", "int", "float", "bool", "str", "bytes", "slice"}
+# What a stored file may name: anything of JAX's executables, shardings and avals, numpy's and ml_dtypes' dtypes
+# and jaxlora's named tuples (None: the whole package), and a few plain containers.
+_ALLOWED = {
+    **dict.fromkeys(("jax", "jaxlib", "numpy", "ml_dtypes", "jaxlora")),
+    "builtins": {"tuple", "list", "dict", "set", "frozenset", "int", "float", "bool", "str", "bytes", "slice"},
+    "collections": {"OrderedDict", "defaultdict"},
+}
 
 
-def _check_global(module: str, name: str) -> None:
-    root = module.split(".")[0]
-    if root not in _ALLOWED_MODULES or (root == "builtins" and name not in _ALLOWED_BUILTINS):
-        raise pickle.UnpicklingError(f"a stored executable may not name {module}.{name}")
-    if root == "collections" and name not in ("OrderedDict", "defaultdict"):
-        raise pickle.UnpicklingError(f"a stored executable may not name {module}.{name}")
+class _AllowListed:
+    """An unpickler's `find_class` that refuses every global outside `_ALLOWED`."""
 
-
-class _TreesUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        _check_global(module, name)
+        root = module.split(".")[0]
+        if root not in _ALLOWED or (_ALLOWED[root] is not None and name not in _ALLOWED[root]):
+            raise pickle.UnpicklingError(f"a stored executable may not name {module}.{name}")
         return super().find_class(module, name)
 
 
-class _ExecutableUnpickler(serialize_executable._JaxPjrtUnpickler):
-    def find_class(self, module, name):
-        _check_global(module, name)
-        return super().find_class(module, name)
+class _TreesUnpickler(_AllowListed, pickle.Unpickler):
+    pass
+
+
+class _ExecutableUnpickler(_AllowListed, serialize_executable._JaxPjrtUnpickler):
+    pass
 
 
 def _read(path: Path):
