@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EVEN, hf_model, random_ids, save_hf
+from conftest import EVEN, hf_model, random_ids, save_hf, xla_flags
 
 import jaxlora
 
@@ -31,7 +31,7 @@ UNEVEN = dict(
 
 
 def run_worker(args, devices, timeout=300):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
         env=env,
@@ -140,7 +140,7 @@ def test_two_processes_generate_like_one(checkpoints):
 
 
 def run_cli(args, devices):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
         [sys.executable, "-m", "jaxlora", *map(str, args)],
         env=env,
@@ -200,7 +200,7 @@ def test_cli_distributed_generates_like_one_process(tiny_with_tokenizer):
     alone = run_cli(common, devices=1)
     assert alone.returncode == 0, alone.stderr[-2000:]
     port = free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "jaxlora", *map(str, common), "--distributed", "--coordinator", f"127.0.0.1:{port}"]

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import hf_model, save_hf
+from conftest import hf_model, save_hf, xla_flags
 
 import jaxlora
 from jaxlora import lora
@@ -479,7 +479,7 @@ def test_finetune_on_a_mesh_matches_one_device(tiny_chat, tmp_path):
         text=True,
         timeout=300,
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
     mesh = subprocess.run(
         finetune(root, tmp_path / "mesh", "--steps", "3", "--save-every", "3", "--mesh", "data=2,tensor=2"),
         capture_output=True,
