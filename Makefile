@@ -31,8 +31,13 @@ demo: install
 	$(BIN)/jaxlora generate $(DEMO_CKPT) --chat --max-new-tokens 96 --prompt "$(DEMO_PROMPT)"
 
 # One pytest worker per core (at most 4), each test file on one worker so its module fixtures are built once.
+# Two runs: the tests that mostly run the real SmolLM2 with XLA's default settings, the rest with settings that
+# compile faster (tests/conftest.py). Both always run; the target fails if either did.
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	@$(PYTEST) -m "not xla_defaults"; fast=$$?; \
+	JAXLORA_TEST_FAST_COMPILE=0 $(PYTEST) -m xla_defaults; defaults=$$?; \
+	test $$fast -eq 0 && test $$defaults -eq 0
 
 bench: install
 	$(BIN)/python scripts/bench.py

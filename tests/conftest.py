@@ -32,27 +32,20 @@ os.environ["JAXLORA_COMPILE_CACHE"] = "off"
 
 # The suite compiles thousands of small programs, and compiling them was two thirds of its time. These two XLA
 # settings (LLVM without optimization passes, XLA's older fusion emitter) compile a tiny model's programs about 3x
-# faster and run them a little slower; they change no result beyond float rounding. Set before JAX's backend
-# starts, for this process and the ones the tests start. The real SmolLM2 end to end through the CLI
-# (test_cli.py) and the device check run with XLA's defaults, as users get them: `users_environment()`.
+# faster; they change no result beyond float rounding, but the programs run slower (the real SmolLM2's up to 2x).
+# So `make test` runs twice: the tests marked `xla_defaults` (the real SmolLM2 doing most of the work: what users
+# run) with XLA's own settings, JAXLORA_TEST_FAST_COMPILE=0; the rest with these. Set before JAX's backend
+# starts, for this process and the ones the tests start (`xla_flags` keeps them in fake-device processes).
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-USERS_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = f"{USERS_XLA_FLAGS} {FAST_COMPILE_XLA_FLAGS}".strip()
+if os.environ.get("JAXLORA_TEST_FAST_COMPILE", "1") != "0" and FAST_COMPILE_XLA_FLAGS not in os.environ.get(
+    "XLA_FLAGS", ""
+):  # (pytest-xdist's workers inherit the controller's environment, the flags already in it)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a process on `devices` fake CPU devices, compiling as the tests do."""
-    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
-
-
-def users_environment() -> dict[str, str]:
-    """This process's environment with the XLA settings a user has (without the tests' fast-compile ones)."""
-    env = dict(os.environ)
-    if USERS_XLA_FLAGS:
-        env["XLA_FLAGS"] = USERS_XLA_FLAGS
-    else:
-        env.pop("XLA_FLAGS", None)
-    return env
+    """XLA_FLAGS for a process on `devices` fake CPU devices, compiling as this test run does."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def pytest_unconfigure(config):

@@ -6,7 +6,7 @@ import pytest
 import jaxlora
 from jaxlora.chat import ChatSession
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.xla_defaults]
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 
-def run_cli(*args, timeout=300, env=None):
+def run_cli(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "jaxlora", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "jaxlora", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -167,23 +167,12 @@ def test_generate_uses_a_persistent_compile_cache_unless_told_not_to(smollm2_che
 
 
 @pytest.mark.real
+@pytest.mark.xla_defaults
 def test_info_and_chat_generate_on_smollm2(smollm2_checkpoint):
-    """The real model end to end, compiled with XLA's own settings (not the suite's fast-compile ones)."""
-    from conftest import users_environment
-
     dst = smollm2_checkpoint
     info = run_cli("info", dst)
     assert info.returncode == 0, info.stderr
     assert "134,515,008" in info.stdout and "llama" in info.stdout
-    result = run_cli(
-        "generate",
-        dst,
-        "--chat",
-        "--prompt",
-        "What is the capital of France?",
-        "--max-new-tokens",
-        "24",
-        env=users_environment(),
-    )
+    result = run_cli("generate", dst, "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

@@ -13,7 +13,7 @@ import jaxlora
 from jaxlora import quant
 from jaxlora.eval.perplexity import perplexity
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.xla_defaults]
 
 TEXT = Path(__file__).with_name("data") / "perplexity.txt"
 

@@ -8,7 +8,7 @@ from conftest import transformers_beams
 
 import jaxlora
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.xla_defaults]
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",

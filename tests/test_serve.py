@@ -190,6 +190,7 @@ def test_malformed_json_and_the_sdk_error_type(tiny_server):
 
 
 @pytest.mark.real
+@pytest.mark.xla_defaults
 def test_the_real_smollm2_serves_and_a_client_leaving_frees_its_slot(smollm2_checkpoint):
     """SmolLM2 with one slot: a long stream whose client goes away after its first chunk is cancelled at once
     (the slot is free and the next request runs), chat text equals `generate` alone, and SIGTERM drains the

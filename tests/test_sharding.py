@@ -152,6 +152,7 @@ def run_cli(args, devices):
 
 
 @pytest.mark.real
+@pytest.mark.xla_defaults
 def test_cli_generate_and_chat_on_a_mesh_match_one_device(smollm2_checkpoint):
     dst = smollm2_checkpoint
     common = ["--max-new-tokens", "24", "--no-compile-cache"]
