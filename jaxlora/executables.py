@@ -104,7 +104,9 @@ class StoredJit:
         path = self._path(key)
         if path is not None and path.is_file():
             try:
-                return _read(path)
+                compiled = _read(path)
+                _mark_used(path)
+                return compiled
             except Exception as e:  # noqa: BLE001 - an unreadable entry is compiled again and replaced
                 warnings.warn(f"jaxlora: {self.__qualname__}'s stored executable is unreadable: {e}", stacklevel=3)
         hits_before = _jax_cache_hits
@@ -129,6 +131,28 @@ class StoredJit:
         digest = hashlib.sha256(described.encode()).hexdigest()[:40]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.__qualname__).strip("_.")  # `<locals>`, `<lambda>`
         return _folder / f"{name}-{digest}.bin"
+
+
+def _mark_used(path: Path) -> None:
+    """A read entry's modification time is its last use, which the cache's pruning goes by (file systems mounted
+    without access times never update those)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only store is still read
+
+
+# The store's own files: entries, and the staged copies a writer renames into them (`_write`).
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{40}\.bin")
+_STAGED_NAME = re.compile(r"\.[A-Za-z0-9_.-]+-[0-9a-f]{40}\.bin\.[A-Za-z0-9_]+\.partial")
+
+
+def own_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The store's entries and staged files in `folder` (nothing else there is the store's), each list sorted."""
+    if not folder.is_dir():
+        return [], []
+    names = sorted(p for p in folder.iterdir() if p.is_file())
+    return [p for p in names if _ENTRY_NAME.fullmatch(p.name)], [p for p in names if _STAGED_NAME.fullmatch(p.name)]
 
 
 def stored_jit(fun=None, **jit_options):

@@ -69,6 +69,22 @@ def test_a_new_process_runs_the_stored_program_without_tracing_or_lowering_it(st
     same(later(x, state, 2.0, shift=1), expected)  # from memory now
 
 
+def test_reading_a_stored_program_marks_it_used_for_the_caches_pruning(store):
+    import os
+    import time
+
+    x, state = inputs()
+    new_process_function()(x, state, 2.0, shift=1)
+    (path,) = store.glob("*.bin")
+    month_ago = time.time() - 30 * 86400
+    os.utime(path, (month_ago, month_ago))
+    later = new_process_function()
+    later.jitted = NeverLowered()
+    later(x, state, 2.0, shift=1)
+    assert path.stat().st_mtime > time.time() - 600
+    assert executables.own_files(store) == ([path], [])
+
+
 def test_each_input_signature_and_static_value_has_its_own_program(store):
     function = new_process_function()
     calls = [

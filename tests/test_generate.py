@@ -440,6 +440,10 @@ def test_load_turns_the_persistent_compile_cache_on_unless_told_not_to(tiny, tmp
         str(elsewhere),
         str(elsewhere / "executables"),
     )
+    assert folder_in_use("on", JAXLORA_COMPILE_CACHE=str(elsewhere)) == (  # the CLI's generate: on, in that folder
+        str(elsewhere),
+        str(elsewhere / "executables"),
+    )
     assert folder_in_use("on") == on
     assert folder_in_use("own") == ("/tmp/the-programs-own-choice", "")  # the program's folder, without jaxlora's store
 
