@@ -24,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import jax
 
@@ -65,16 +66,12 @@ def size_limit() -> int | None:
     return int(megabytes * 2**20)
 
 
-def enable(
-    folder: str | os.PathLike | None = None,
-    min_compile_seconds: float = MIN_COMPILE_SECONDS,
-    max_bytes: int | None | str = "default",
-) -> Path:
+def enable(folder: str | os.PathLike | None = None, min_compile_seconds: float = MIN_COMPILE_SECONDS) -> Path:
     """Turn the cache on for this process (default folder: $XDG_CACHE_HOME/jaxlora/xla): executables that took
     at least `min_compile_seconds` to compile are written there and read back by later processes. The folder's
-    entries are pruned to `max_bytes` ("default": `size_limit()`; None: no limit) first. Returns the folder."""
+    entries are first pruned to `size_limit()`. Returns the folder."""
     folder = Path(folder) if folder is not None else default_folder()
-    limit = size_limit() if max_bytes == "default" else max_bytes
+    limit = size_limit()
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     executables.use(folder / executables.SUBFOLDER)
@@ -100,10 +97,12 @@ def entries(folder: str | os.PathLike) -> list[Entry]:
     the stored executables. A file another process deletes meanwhile is left out."""
     folder = Path(folder)
     found = []
-    for path in sorted(folder.glob("*-cache")) if folder.is_dir() else []:
+    for path in folder.glob("*-cache") if folder.is_dir() else []:
         access_record = path.with_name(path.name.removesuffix("-cache") + "-atime")
         try:
             stat = path.stat()
+            if not S_ISREG(stat.st_mode):
+                continue
             used = max(stat.st_atime, stat.st_mtime)
             files: tuple[Path, ...] = (path,)
             if access_record.is_file():
@@ -111,8 +110,7 @@ def entries(folder: str | os.PathLike) -> list[Entry]:
                 files += (access_record,)
         except FileNotFoundError:
             continue
-        if path.is_file():
-            found.append(Entry(files, stat.st_size, used))
+        found.append(Entry(files, stat.st_size, used))
     for path in executables.own_files(folder / executables.SUBFOLDER)[0]:
         try:
             stat = path.stat()
