@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlora.cache import KVCache, entry_shapes
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, apply_decoder, forward
+from jaxlora.model import activation_dtype, apply_decoder, decode_params, forward
 from jaxlora.quant import for_decode_loop
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys, score_choice
 from jaxlora.sharding import params_mesh, spec_for
@@ -379,6 +379,7 @@ class Engine:
         if jax.process_count() > 1:
             raise UsageError("the serving engine runs in one process (a mesh over its own devices)")
         self.params, self.config = params, config
+        self.loop_params = decode_params(params, config, max_batch)  # the decode chunks' (`jaxlora.cpu_matmul`)
         limit = min(config.context_length or 4096, 4096)
         self.max_len = max_len or limit
         if self.max_len > (config.context_length or self.max_len):
@@ -571,7 +572,7 @@ class Engine:
         view_blocks = self._view_blocks(-(-longest // self.block_size))
         wants_scores = any(self.running[s].request.logprobs is not None for s in active)
         self.pools, sampled, self.keys, self.seen, scores = _decode(
-            self.params,
+            self.loop_params,
             self.pools,
             jnp.asarray(rows, jnp.int32),
             jnp.asarray(self.tables[rows, :view_blocks]),
@@ -657,7 +658,7 @@ class Engine:
             for view in views:
                 for mode in processors:
                     self.pools, _, self.keys, self.seen, _ = _decode(
-                        self.params,
+                        self.loop_params,
                         self.pools,
                         jnp.arange(rows, dtype=jnp.int32),
                         jnp.zeros((rows, view), jnp.int32),

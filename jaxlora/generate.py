@@ -18,7 +18,7 @@ import numpy as np
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import DecodeState, decode, new_cache, prefill
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, check_context
+from jaxlora.model import activation_dtype, check_context, decode_params
 from jaxlora.prefill_layers import applies, prefill_by_layer
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, row_keys
 from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
@@ -261,6 +261,7 @@ def decode_chunks(
     batch = state.token.shape[0]
     ends = _Ends(batch, plan.stop_ids, plan.stop, plan.tokenizer, plan.pad_id, plan.max_new_tokens)
     yield ends.add(to_host(state.token)[:, None], _first_scores(state))
+    loop_params = decode_params(params, plan.config, batch)  # after the first token: it may tile the weights
     emitted = 1
     refill_at = _reprefill_step(plan.config, prompts)
     while not ends.all_done and emitted < plan.max_new_tokens:
@@ -276,7 +277,7 @@ def decode_chunks(
             # Rows ended by a stop string are news to the loop: from now on it pads them.
             state = state._replace(done=plan.to_device(ends.lengths > 0))
             state, tokens, scores = decode(
-                params, state, plan.arrays, plan.lora, pad_id=plan.pad_id, steps=steps, **plan.static
+                loop_params, state, plan.arrays, plan.lora, pad_id=plan.pad_id, steps=steps, **plan.static
             )
             keep = plan.max_new_tokens - emitted
             new = to_host(tokens)[:, :keep]

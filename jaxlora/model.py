@@ -14,10 +14,12 @@ import numpy as np
 from flax import errors as flax_errors
 from flax import linen as nn
 
-from jaxlora import moe
+from jaxlora import cpu_matmul, moe
 from jaxlora.attention import attend
 from jaxlora.cache import KVCache, LayerCache, ring_slots
 from jaxlora.config import LoraConfig, ModelConfig
+from jaxlora.cpu_matmul import HEAD_TILES, is_tiled
+from jaxlora.cpu_matmul import matmul as tiled_matmul
 from jaxlora.errors import UsageError
 from jaxlora.hooks import CAPTURED, Sites, at_site, collect, make_sites
 from jaxlora.quant import (
@@ -49,7 +51,7 @@ def weight(module: nn.Module, name: str, init, shape: tuple[int, ...]):
     if not module.has_variable("params", name):
         return module.param(name, init, shape, jnp.float32)
     stored = module.get_variable("params", name)
-    if not is_quantized(stored) and tuple(stored.shape) != tuple(shape):
+    if not is_quantized(stored) and not is_tiled(stored) and tuple(stored.shape) != tuple(shape):
         raise flax_errors.ScopeParamShapeError(name, module.scope.path_text, tuple(stored.shape), tuple(shape))
     return stored
 
@@ -78,6 +80,8 @@ class Linear(nn.Module):
         kernel = weight(self, "kernel", _axes(_init, *self.axes), (x.shape[-1], self.features))
         if is_quantized(kernel):  # stored [out, in] (`jaxlora.quant`), dequantized here, inside the computation
             y = matmul(x, kernel)
+        elif is_tiled(kernel):  # a decode loop's copy for the CPU kernel (`jaxlora.cpu_matmul`)
+            y = tiled_matmul(x, kernel, self.features)
         else:
             y = jnp.dot(x, kernel.astype(x.dtype) if kernel.dtype != x.dtype else kernel)
         if self.use_bias:
@@ -674,7 +678,9 @@ class Decoder(nn.Module):
         x = at_site(self, self.sites, "ln_final.hook_normalized", self.final_norm(x))
         if not project:
             return x
-        if c.tie_word_embeddings and is_quantized(embedding):
+        if c.tie_word_embeddings and self.has_variable("params", HEAD_TILES):  # `jaxlora.cpu_matmul`
+            logits = tiled_matmul(x, self.get_variable("params", HEAD_TILES), c.vocab_size)
+        elif c.tie_word_embeddings and is_quantized(embedding):
             logits = matmul(x, embedding)  # the table's rows are the head's output channels
         elif c.tie_word_embeddings:
             logits = jnp.dot(x, embedding.T.astype(x.dtype))
@@ -946,6 +952,48 @@ def flat_param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, .
 def linear_kernels(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, int]]:
     """Every Linear layer's module path (e.g. ("layers_0", "attn", "q_proj")) -> its kernel shape [in, out]."""
     return {path[:-1]: shape for path, shape in flat_param_shapes(config).items() if path[-1] == "kernel"}
+
+
+def decode_params(params, config: ModelConfig, rows: int):
+    """The params a decode loop over `rows` sequences reads: on the CPU, with its float32 Linear kernels (and a
+    tied embedding's head) tiled for `jaxlora.cpu_matmul`'s kernel where that serves, made once per param tree;
+    else `params`. Not a MoE router (a handful of columns, whose order of sums picks the experts) nor MLA's
+    kv_b_proj (not a Linear)."""
+    if not isinstance(params, dict) or HEAD_TILES in params or not cpu_matmul.serves(params, rows):
+        return params
+    paths = [
+        path[:-1]
+        for path, leaf in _tree_paths(params)
+        if path[-1] == "kernel"
+        and path[-2] not in ("router", "kv_b_proj")
+        and isinstance(leaf, jax.Array)
+        and leaf.dtype == jnp.float32
+    ]  # stacked layers' kernels too (`config.scan_layers`): the scan hands each layer its slice of the tiles
+    embedding = params["embed"]["embedding"]
+    head = config.tie_word_embeddings and isinstance(embedding, jax.Array) and embedding.dtype == jnp.float32
+    if not paths and not head:
+        return params
+
+    def tiled_copy():
+        kernels = [get_path(params, (*path, "kernel")) for path in paths]
+        tiled = cpu_matmul.tiled(kernels, [embedding] if head else [])
+        tree = jax.tree.map(lambda leaf: leaf, params)  # new dicts over the same arrays
+        for path, kernel in zip(paths, tiled, strict=False):
+            set_path(tree, (*path, "kernel"), kernel)
+        if head:
+            tree[HEAD_TILES] = tiled[-1]
+        return tree
+
+    return cpu_matmul.cached_copy(params, tiled_copy)
+
+
+def _tree_paths(tree: dict, prefix: tuple[str, ...] = ()):
+    """(path, leaf) for every leaf of a nested dict, a quantized weight's dict counting as one leaf."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and not is_quantized(value):
+            yield from _tree_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

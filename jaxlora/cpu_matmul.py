@@ -1,0 +1,194 @@
+"""Decode's weight products on the CPU: a float32 matmul for few rows over weights stored in column tiles.
+
+A decode step multiplies a few rows (the batch) by every weight. XLA:CPU's dot reads a weight at about half the
+memory's pace once it has several rows (SmolLM2's weights, 60 `[M, 576] x [576, 1536]`-sized products and the
+head: 23 ms at one row, 42-51 ms at 8, where the memory allows 15), and neither the weight's layout nor XLA's
+flags change that. `kernels/tiled_matmul.cc` streams each weight once and keeps every row's sums in registers,
+which needs the weight laid out as column tiles, each one contiguous:
+
+    {"tiles": float32 [..., ceil(n / 32), k, 32]}   stands for the kernel [..., k, n], zero columns past n.
+
+`model.decode_params` makes that copy of a model's Linear kernels (and of a tied embedding's head, `HEAD_TILES`)
+for the decode loops of `generate`, `stream` and the serving engine, once per param tree (`cached_copy`);
+`model.Linear` multiplies a tiled kernel with `matmul`. Prefill, training and everything else use the params as
+they are.
+
+The C++ source is built on first use with the machine's C++ compiler for its own vector width, into
+$XDG_CACHE_HOME/jaxlora/kernels (a file per source, jaxlib version and CPU), and called as an XLA FFI custom
+call. Where it cannot be (no compiler, another backend, params over several devices, non-float32 weights,
+JAXLORA_CPU_KERNEL=off), decoding runs XLA's dot on the params as they are: the same numbers up to float32
+rounding (the sums run in another order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.executables import stored_jit
+
+TILE = 32
+# Rows one call takes: past this the kernel streams the weight once more per 8 rows (2 without AVX-512) and
+# XLA's dot, which tiles for many rows, is as fast (measured at 16 rows: 26-30 ms against 52-70).
+MAX_ROWS = 16
+HEAD_TILES = "head_tiles"  # the tied embedding's head, tiled, beside the param tree's own entries
+TARGET = "jaxlora_tiled_matmul"
+SWITCH = "JAXLORA_CPU_KERNEL"
+SOURCE = Path(__file__).parent / "kernels" / "tiled_matmul.cc"
+
+
+def is_tiled(x) -> bool:
+    return isinstance(x, Mapping) and "tiles" in x
+
+
+def tile(kernel: jax.Array) -> dict:
+    """kernel [..., k, n] -> {"tiles": [..., ceil(n / 32), k, 32]}, zero columns past n."""
+    *lead, k, n = kernel.shape
+    padded = -(-n // TILE) * TILE
+    if padded != n:
+        kernel = jnp.pad(kernel, [(0, 0)] * len(lead) + [(0, 0), (0, padded - n)])
+    tiles = kernel.reshape(*lead, k, padded // TILE, TILE)
+    return {"tiles": jnp.swapaxes(tiles, -3, -2)}
+
+
+def untile(tiled: dict, n: int) -> jax.Array:
+    """The kernel [..., k, n] a tiled one stands for."""
+    tiles = tiled["tiles"]
+    *lead, count, k, _ = tiles.shape
+    return jnp.swapaxes(tiles, -3, -2).reshape(*lead, k, count * TILE)[..., :n]
+
+
+def matmul(x: jax.Array, tiled: dict, n: int) -> jax.Array:
+    """x [..., k] @ kernel -> [..., n] float32 for a tiled kernel (one layer's: tiles [count, k, 32]). Up to
+    `MAX_ROWS` rows run the kernel; more (a prefill handed tiled params), or where it is not built, multiply the
+    untiled kernel."""
+    tiles = tiled["tiles"]
+    rows = int(np.prod(x.shape[:-1]))
+    if rows > MAX_ROWS or x.dtype != jnp.float32 or not _registered():
+        return jnp.dot(x, untile(tiled, n).astype(x.dtype))
+    count = tiles.shape[0]
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, count * TILE), jnp.float32))(
+        x.reshape(rows, x.shape[-1]), tiles
+    )
+    return out[:, :n].reshape(*x.shape[:-1], n)
+
+
+def switched_off() -> bool:
+    return os.environ.get(SWITCH, "").strip().lower() in ("0", "off", "false", "no")
+
+
+def kernels_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlora" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What the built file depends on beyond its source: the CPU's instruction sets (it is built for them)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build(compiler: str, include: str, target: Path) -> None:
+    """Compile the kernel into `target`, staged beside it and renamed at the end (processes may race here)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as staging:
+        staged = Path(staging) / target.name
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
+        subprocess.run([*command, str(SOURCE), "-o", str(staged)], check=True, capture_output=True, timeout=300)
+        os.replace(staged, target)
+
+
+@functools.cache
+def _registered() -> bool:
+    """Build (once per machine) and load the kernel, and register it with XLA; False, with a warning, where it
+    cannot be."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
+        return False
+    import jaxlib
+
+    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + _cpu_signature().encode())
+    target = kernels_folder() / f"tiled_matmul-{key.hexdigest()[:24]}.so"
+    try:
+        if not target.exists():
+            _build(compiler, jax.ffi.include_dir(), target)
+        library = ctypes.cdll.LoadLibrary(str(target))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxloraTiledMatmul), platform="cpu")
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        warnings.warn(
+            f"jaxlora: the CPU decode kernel could not be built or loaded ({error}"
+            f"{': ' + detail.decode(errors='replace')[-400:] if detail else ''}); decoding uses XLA's dot",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def on_one_cpu(params) -> bool:
+    """Whether every array of the tree lies on the same single CPU device."""
+    devices = set()
+    for leaf in jax.tree.leaves(params):
+        if not isinstance(leaf, jax.Array):
+            return False
+        devices |= leaf.sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def serves(params, rows: int) -> bool:
+    """Whether a decode loop over `rows` sequences with `params` runs the kernel: few rows, on one CPU device,
+    not switched off, and the kernel built and registered."""
+    if rows > MAX_ROWS or switched_off() or jax.default_backend() != "cpu":
+        return False
+    return on_one_cpu(params) and _registered()
+
+
+@stored_jit  # a later process reads it, as it reads the decode loop's (`jaxlora.executables`)
+def tiled(kernels: list, tables: list) -> list:
+    """Each kernel [..., k, n] tiled (`tile`), then each table [n, k] as a head (its transpose), in one program."""
+    return [tile(kernel) for kernel in kernels] + [tile(table.T) for table in tables]
+
+
+class _Copies:
+    """The tiled copy of the last param tree asked for, kept while that tree's arrays live (a weak reference to
+    one of them, and the ids of all). One copy at a time: it doubles the memory of the weights it holds."""
+
+    def __init__(self):
+        self.source_ids: tuple[int, ...] | None = None
+        self.anchor = None
+        self.copy = None
+
+    def get(self, params, make):
+        leaves = jax.tree.leaves(params)
+        ids = tuple(map(id, leaves))
+        if self.source_ids == ids and self.anchor is not None and self.anchor() is leaves[0]:
+            return self.copy
+        self.copy = None  # let the old copy go before the new one is made
+        self.copy = make()
+        self.source_ids, self.anchor = ids, weakref.ref(leaves[0])
+        return self.copy
+
+
+_COPIES = _Copies()
+
+
+def cached_copy(params, make):
+    """make(), or what it returned for this very param tree the last time (see `_Copies`)."""
+    return _COPIES.get(params, make)

@@ -1,0 +1,147 @@
+"""The CPU decode kernel (`jaxlora.cpu_matmul`): its products, the tiled copy decode loops read, and generation
+with it equal to generation without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import jaxlora
+from jaxlora import cpu_matmul
+from jaxlora.model import decode_params, get_path, linear_kernels
+
+
+def test_the_kernel_builds_and_registers_here():
+    # The machines this suite runs on have a C++ compiler: a fallback to XLA's dot must not pass for the kernel.
+    assert cpu_matmul._registered()
+    assert list(cpu_matmul.kernels_folder().glob("tiled_matmul-*.so"))
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("n", [32, 97, 160])
+def test_tiles_hold_the_kernel_and_zeros_past_its_columns(lead, n):
+    kernel = jax.random.normal(jax.random.key(0), (*lead, 37, n))
+    tiled = cpu_matmul.tile(kernel)
+    count = -(-n // 32)
+    assert tiled["tiles"].shape == (*lead, count, 37, 32)
+    np.testing.assert_array_equal(cpu_matmul.untile(tiled, n), kernel)
+    padded = cpu_matmul.untile(tiled, count * 32)
+    np.testing.assert_array_equal(padded[..., n:], 0)
+    # tile t, row k, column c is kernel[k, 32 t + c]
+    last = count - 1
+    np.testing.assert_array_equal(tiled["tiles"][..., last, 5, 0], kernel[..., 5, 32 * last])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize(("k", "n"), [(37, 97), (576, 192), (128, 1024), (1, 32)])
+def test_products_equal_float64_within_float32_rounding(rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    kernel = rng.standard_normal((k, n)).astype(np.float32)
+    exact = x.astype(np.float64) @ kernel.astype(np.float64)
+    got = np.asarray(jax.jit(cpu_matmul.matmul, static_argnums=2)(x, cpu_matmul.tile(kernel), n))
+    assert got.shape == (rows, n) and got.dtype == np.float32
+    # float32 sums of k products: error within a few ulps of the sum of magnitudes
+    bound = 4 * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(kernel)) * np.sqrt(k)
+    assert (np.abs(got - exact) <= bound + 1e-30).all()
+
+
+def test_leading_axes_and_a_program_of_concurrent_products():
+    # Independent products in one program may run at once on XLA's pool: each call still finishes (a call whose
+    # helpers cannot start does every part itself) and gives its own product.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 1, 64)).astype(np.float32)
+    kernels = [rng.standard_normal((64, 96 + 32 * i)).astype(np.float32) for i in range(6)]
+
+    @jax.jit
+    def products(x, tiled):
+        return [cpu_matmul.matmul(x, t, 96 + 32 * i) for i, t in enumerate(tiled)]
+
+    got = products(x, [cpu_matmul.tile(k) for k in kernels])
+    for kernel, out in zip(kernels, got, strict=True):
+        assert out.shape == (4, 1, kernel.shape[1])
+        np.testing.assert_allclose(out, x @ kernel, rtol=1e-5, atol=1e-5)
+
+
+def _kernel_paths(tree, config) -> list:
+    return [path for path in linear_kernels(config) if cpu_matmul.is_tiled(get_path(tree, (*path, "kernel")))]
+
+
+def test_decode_params_tile_each_linear_and_a_tied_head_once_per_tree(tiny):
+    model = jaxlora.load(tiny("llama-tied-mha").jax_dir)
+    params, config = model.params, model.config
+    assert config.tie_word_embeddings
+    loop = decode_params(params, config, 8)
+    assert _kernel_paths(loop, config) == list(linear_kernels(config))
+    head = loop[cpu_matmul.HEAD_TILES]
+    np.testing.assert_array_equal(cpu_matmul.untile(head, config.vocab_size), params["embed"]["embedding"].T)
+    assert loop["embed"]["embedding"] is params["embed"]["embedding"]  # the rest shared, not copied
+    assert not cpu_matmul.is_tiled(params["layers_0"]["attn"]["q_proj"]["kernel"])  # the caller's tree unchanged
+    assert decode_params(params, config, 1) is loop  # made once per tree
+    other = jax.tree.map(lambda a: a + 0, params)
+    assert decode_params(other, config, 8) is not loop
+    # where the kernel does not serve: many rows, switched off, already tiled
+    assert decode_params(params, config, cpu_matmul.MAX_ROWS + 1) is params
+    assert decode_params(loop, config, 8) is loop
+
+
+def test_decode_params_leave_quantized_and_half_precision_weights_alone(tiny):
+    half = jaxlora.load(tiny("llama-gqa").jax_dir, dtype="bfloat16")
+    loop = decode_params(half.params, half.config, 8)
+    assert loop is half.params
+    quantized = jaxlora.load(tiny("llama-gqa").jax_dir, quantize="int8")
+    loop = decode_params(quantized.params, quantized.config, 8)
+    assert not _kernel_paths(loop, quantized.config)
+
+
+def _generated(model, ids, **options):
+    out = jaxlora.generate(model.params, model.config, ids, max_new_tokens=12, return_logprobs=True, **options)
+    return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-mha", "gpt2", "mixtral"])
+def test_generation_with_the_kernel_equals_generation_without(tiny, name, monkeypatch):
+    model = jaxlora.load(tiny(name).jax_dir)
+    ids = np.random.default_rng(0).integers(1, model.config.vocab_size, (3, 7))
+    assert decode_params(model.params, model.config, 3) is not model.params  # the kernel serves this model
+    with_kernel = _generated(model, ids)
+    monkeypatch.setenv(cpu_matmul.SWITCH, "off")
+    assert decode_params(model.params, model.config, 3) is model.params
+    without = _generated(model, ids)
+    np.testing.assert_array_equal(with_kernel[0], without[0])
+    np.testing.assert_allclose(with_kernel[1], without[1], atol=1e-5)
+
+
+def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        import numpy as np
+        import jaxlora
+        from jaxlora.model import decode_params
+        model = jaxlora.load(sys.argv[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop = decode_params(model.params, model.config, 2)
+        assert loop is model.params, "fell back"
+        assert any("CPU decode kernel could not be built" in str(w.message) for w in caught), caught
+        out = jaxlora.generate(model.params, model.config, np.array([[5, 6, 7]]), max_new_tokens=4)
+        print(np.asarray(out.tokens).tolist())
+        """
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny("llama-gqa").jax_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list((tmp_path / "cache").rglob("*.so"))
