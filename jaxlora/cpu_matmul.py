@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -115,10 +116,18 @@ def _build(compiler: str, include: str, target: Path) -> None:
         os.replace(staged, target)
 
 
-@functools.cache
+_REGISTERING = threading.Lock()
+
+
 def _registered() -> bool:
-    """Build (once per machine) and load the kernel, and register it with XLA; False, with a warning, where it
-    cannot be."""
+    """Build (once per machine) and load the kernel, and register it with XLA, once per process (threads wait for
+    the first); False, with a warning, where it cannot be."""
+    with _REGISTERING:
+        return _build_and_register()
+
+
+@functools.cache
+def _build_and_register() -> bool:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
         return False

@@ -145,3 +145,21 @@ def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tm
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_threads_asking_at_once_build_and_register_it_once(tmp_path):
+    script = textwrap.dedent(
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        from jaxlora import cpu_matmul
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: cpu_matmul._registered(), range(8)))
+        assert answers == [True] * 8, answers
+        assert cpu_matmul._build_and_register.cache_info().misses == 1
+        """
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "jaxlora" / "kernels").glob("tiled_matmul-*.so"))) == 1
+    assert not list((tmp_path / "jaxlora" / "kernels").glob(".build-*"))  # no staging left behind
