@@ -9,6 +9,7 @@ code. Which sampling processors run, the stop ids and the mesh layout are static
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxlora.cache import KVCache, batch_axis, init_cache
 from jaxlora.config import ModelConfig
+from jaxlora.cpu_matmul import loop_compiler_options
 from jaxlora.errors import UsageError
 from jaxlora.executables import stored_jit
 from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions
@@ -314,8 +316,7 @@ def decode_step(
     return place_state(new_state, layout)
 
 
-@stored_jit(static_argnames=(*STATIC, "pad_id", "steps"), donate_argnames=("state",))
-def decode(
+def decode_steps(
     params,
     state: DecodeState,
     sampling: SamplingArrays,
@@ -343,6 +344,22 @@ def decode(
     if layout is not None:
         step_major = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, layout.replicated), step_major)
     return state, *step_major
+
+
+DECODE_JIT = dict(static_argnames=(*STATIC, "pad_id", "steps"), donate_argnames=("state",))
+decode = stored_jit(decode_steps, **DECODE_JIT)
+
+
+@functools.cache
+def tiled_decode():
+    """`decode` for params tiled for the CPU kernel (`model.decode_params`), compiled with
+    `cpu_matmul.loop_compiler_options`."""
+    return stored_jit(decode_steps, **DECODE_JIT, compiler_options=loop_compiler_options())
+
+
+def decode_for(params, loop_params):
+    """The jitted decode loop for `loop_params`, what `model.decode_params(params, ...)` returned."""
+    return decode if loop_params is params else tiled_decode()
 
 
 def checked_prompt(config: ModelConfig, input_ids, attention_mask, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:

@@ -67,6 +67,7 @@ class StoredJit:
         statics = {"static_argnums": static_argnums} if static_argnums else {}
         statics |= {"static_argnames": static_argnames} if static_argnames else {}
         self.jitted = jax.jit(fun, **statics, **jit_options)
+        self._compiler_options = tuple(sorted((jit_options.get("compiler_options") or {}).items()))
         functools.update_wrapper(self, fun)
         parameters = list(inspect.signature(fun).parameters.values())
         names = set(static_argnames) | {parameters[i].name for i in static_argnums}
@@ -126,7 +127,10 @@ class StoredJit:
         tree, signature, statics, context = key
         if _ADDRESS.search(repr(statics)):
             return None
-        described = repr((FORMAT, self.__module__, self.__qualname__, _environment(), str(tree), signature, statics))
+        described = repr(
+            (FORMAT, self.__module__, self.__qualname__, _environment(), str(tree), signature, statics)
+            + ((self._compiler_options,) if self._compiler_options else ())  # (the same key as before without)
+        )
         described += _ADDRESS.sub("", repr(context))  # JAX's configuration (its empty axis environment is an object)
         digest = hashlib.sha256(described.encode()).hexdigest()[:40]
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.__qualname__).strip("_.")  # `<locals>`, `<lambda>`

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxlora.config import ModelConfig
-from jaxlora.decoding import DecodeState, decode, new_cache, prefill
+from jaxlora.decoding import DecodeState, decode_for, new_cache, prefill
 from jaxlora.errors import UsageError
 from jaxlora.model import activation_dtype, check_context, decode_params
 from jaxlora.prefill_layers import applies, prefill_by_layer
@@ -276,7 +276,7 @@ def decode_chunks(
             )
             # Rows ended by a stop string are news to the loop: from now on it pads them.
             state = state._replace(done=plan.to_device(ends.lengths > 0))
-            state, tokens, scores = decode(
+            state, tokens, scores = decode_for(params, loop_params)(
                 loop_params, state, plan.arrays, plan.lora, pad_id=plan.pad_id, steps=steps, **plan.static
             )
             keep = plan.max_new_tokens - emitted

@@ -163,3 +163,14 @@ def test_threads_asking_at_once_build_and_register_it_once(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "jaxlora" / "kernels").glob("tiled_matmul-*.so"))) == 1
     assert not list((tmp_path / "jaxlora" / "kernels").glob(".build-*"))  # no staging left behind
+
+
+def test_the_tiled_decode_loop_compiles_with_its_own_options(tiny):
+    from jaxlora.decoding import decode, decode_for, tiled_decode
+
+    model = jaxlora.load(tiny("llama-gqa").jax_dir)
+    loop = decode_params(model.params, model.config, 2)
+    assert decode_for(model.params, loop) is tiled_decode()
+    assert decode_for(model.params, model.params) is decode
+    assert tiled_decode()._compiler_options == tuple(sorted(cpu_matmul.LOOP_COMPILER_OPTIONS.items()))
+    assert decode._compiler_options == ()

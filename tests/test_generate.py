@@ -8,9 +8,10 @@ from conftest import random_ids
 import jaxlora
 from jaxlora import prefill_layers
 from jaxlora.cache import init_cache
-from jaxlora.decoding import decode, prefill
+from jaxlora.decoding import decode, decode_for, prefill
 from jaxlora.errors import UsageError
 from jaxlora.generate import prompt_bucket
+from jaxlora.model import decode_params
 
 
 class CharTokenizer:
@@ -33,14 +34,15 @@ def test_prompts_in_one_bucket_compile_prefill_and_decode_once(tiny):
         )
     )
     prefills = (prefill_layers._layer_inputs, prefill_layers._layer, prefill_layers._head)  # llama: one kind
-    before = [f._cache_size() for f in (*prefills, decode)]
     batch = 3  # a batch size no other test uses, so the first prompt compiles
+    loop = decode_for(model.params, decode_params(model.params, model.config, batch))  # the CPU kernel's, here
+    before = [f._cache_size() for f in (*prefills, loop)]
     for length in range(17, 27):  # ten lengths, all in the 32 bucket
         ids = random_ids((batch, length), model.config.vocab_size, seed=length)
         jaxlora.generate(model.params, model.config, ids, max_new_tokens=20)
         if length == 17:
             after_first = len(compiles)
-    assert [f._cache_size() for f in (*prefills, decode)] == [n + 1 for n in before]
+    assert [f._cache_size() for f in (*prefills, loop)] == [n + 1 for n in before]
     assert len(compiles) == after_first, "a later prompt length compiled something"
 
 
@@ -499,7 +501,7 @@ def test_a_second_process_compiles_nothing_with_the_persistent_cache(tiny, tmp_p
 
     first = run()
     assert first["misses"] >= 2 and first["hits"] == 0 and first["lowerings"] >= first["misses"]
-    assert len(list((tmp_path / "xla" / "executables").glob("decode-*.bin"))) == 2  # greedy and sampled
+    assert len(list((tmp_path / "xla" / "executables").glob("decode_steps-*.bin"))) == 2  # greedy, sampled
     from_store = run()
     assert (from_store["misses"], from_store["hits"], from_store["lowerings"]) == (0, 0, 0)
     shutil.rmtree(tmp_path / "xla" / "executables")

@@ -179,8 +179,10 @@ def generate_scratch_bytes(model, batch: int, monkeypatch) -> tuple[dict, np.nda
     """The scratch memory of the compiled programs `generate` runs at `batch` rows: the largest of prefill's layer
     programs (`jaxlora.prefill_layers`: each holds one layer's weights) and the decode chunk ({"prefill": bytes,
     "decode": bytes}), and the tokens generated."""
-    generate_module = importlib.import_module("jaxlora.generate")
-    programs = {"prefill": (prefill_layers, "_layer"), "decode": (generate_module, "decode")}
+    # XLA's own decode loop on both sides: the CPU kernel's tiled copy (`jaxlora.cpu_matmul`) serves float32 only.
+    monkeypatch.setenv("JAXLORA_CPU_KERNEL", "off")
+    decoding_module = importlib.import_module("jaxlora.decoding")
+    programs = {"prefill": (prefill_layers, "_layer"), "decode": (decoding_module, "decode")}
     scratch = {}
     for name, (module, attribute) in programs.items():
         original = getattr(module, attribute)
