@@ -44,7 +44,8 @@ from jaxlora.executables import stored_jit
 
 TILE = 32
 # Rows one call takes: past this the kernel streams the weight once more per 8 rows (2 without AVX-512) and
-# XLA's dot, which tiles for many rows, is as fast (measured at 16 rows: 26-30 ms against 52-70).
+# XLA's dot, which tiles for many rows, catches up (SmolLM2's weight chain at 16 rows: 30-45 ms against XLA's
+# 70-77, medians; at 8: 20-37 against 42-70).
 MAX_ROWS = 16
 HEAD_TILES = "head_tiles"  # the tied embedding's head, tiled, beside the param tree's own entries
 TARGET = "jaxlora_tiled_matmul"
@@ -130,6 +131,10 @@ def _registered() -> bool:
 def _build_and_register() -> bool:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
+        missing = "no C++ compiler (c++, g++, clang++ or $CXX)" if compiler is None else "this JAX has no jax.ffi"
+        warnings.warn(
+            f"jaxlora: the CPU decode kernel could not be built ({missing}); decoding uses XLA's dot", stacklevel=3
+        )
         return False
     import jaxlib
 

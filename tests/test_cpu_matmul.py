@@ -118,7 +118,8 @@ def test_generation_with_the_kernel_equals_generation_without(tiny, name, monkey
     np.testing.assert_allclose(with_kernel[1], without[1], atol=1e-5)
 
 
-def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tmp_path):
+@pytest.mark.parametrize("compiler", ["missing", "none on the path"])
+def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tmp_path, compiler):
     script = textwrap.dedent(
         """
         import sys, warnings
@@ -136,6 +137,9 @@ def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tm
         """
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    if compiler == "none on the path":
+        env.pop("CXX")
+        env["PATH"] = str(tmp_path)  # python runs by its full path
     result = subprocess.run(
         [sys.executable, "-c", script, str(tiny("llama-gqa").jax_dir)],
         capture_output=True,
