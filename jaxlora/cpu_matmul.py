@@ -43,10 +43,16 @@ import numpy as np
 from jaxlora.executables import stored_jit
 
 TILE = 32
-# Rows one call takes: past this the kernel streams the weight once more per 8 rows (2 without AVX-512) and
-# XLA's dot, which tiles for many rows, catches up (SmolLM2's weight chain at 16 rows: 30-45 ms against XLA's
-# 70-77, medians; at 8: 20-37 against 42-70).
+# Rows one call takes. The kernel runs every 8 rows (2 without AVX-512) against a tile while the tile sits in the
+# core's cache, so past a decode batch it still does not read the weight again from memory. SmolLM2's weight chain
+# (30 layers of qkv, o, gate/up and down), the kernel against XLA's dot, best of 9, on an AVX-512 host: 16 rows
+# 20.9 against 37.4 ms, 32 35.3 against 54.4, 64 66.6-69.2 against 89.9-93.5, 128 129.7-140.3 against 155.1-166.8,
+# 256 274 against 316, 512 505 against 570. Without AVX-512 (two rows per pass, unmeasured past a decode batch)
+# the limit stays at 16 (earlier: 30-45 ms against XLA's 70-77 at 16 rows, 20-37 against 42-70 at 8). A decode
+# loop tiles the weights for at most MAX_ROWS sequences (`serves`); a prompt's prefill runs on an existing tiled
+# copy up to `max_rows()` tokens in all (`model.prefill_params`).
 MAX_ROWS = 16
+MAX_ROWS_AVX512 = 256
 HEAD_TILES = "head_tiles"  # the tied embedding's head, tiled, beside the param tree's own entries
 TARGET = "jaxlora_tiled_matmul"
 SWITCH = "JAXLORA_CPU_KERNEL"
@@ -76,11 +82,11 @@ def untile(tiled: dict, n: int) -> jax.Array:
 
 def matmul(x: jax.Array, tiled: dict, n: int) -> jax.Array:
     """x [..., k] @ kernel -> [..., n] float32 for a tiled kernel (one layer's: tiles [count, k, 32]). Up to
-    `MAX_ROWS` rows run the kernel; more (a prefill handed tiled params), or where it is not built, multiply the
-    untiled kernel."""
+    `max_rows()` rows run the kernel; more (a long prefill handed tiled params), or where it is not built, multiply
+    the untiled kernel."""
     tiles = tiled["tiles"]
     rows = int(np.prod(x.shape[:-1]))
-    if rows > MAX_ROWS or x.dtype != jnp.float32 or not _registered():
+    if rows > max_rows() or x.dtype != jnp.float32 or not _registered():
         return jnp.dot(x, untile(tiled, n).astype(x.dtype))
     count = tiles.shape[0]
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, count * TILE), jnp.float32))(
@@ -95,6 +101,12 @@ def switched_off() -> bool:
 
 def kernels_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlora" / "kernels"
+
+
+@functools.cache
+def max_rows() -> int:
+    """The most rows a product runs the kernel for on this CPU (see `MAX_ROWS`)."""
+    return MAX_ROWS_AVX512 if " avx512f" in _cpu_signature() else MAX_ROWS
 
 
 def _cpu_signature() -> str:
@@ -207,11 +219,19 @@ class _Copies:
         self.anchor = None
         self.copy = None
 
+    def held(self, params):
+        """The copy made for this very param tree, or None."""
+        leaves = jax.tree.leaves(params)
+        if self.source_ids == tuple(map(id, leaves)) and self.anchor is not None and self.anchor() is leaves[0]:
+            return self.copy
+        return None
+
     def get(self, params, make):
+        held = self.held(params)
+        if held is not None:
+            return held
         leaves = jax.tree.leaves(params)
         ids = tuple(map(id, leaves))
-        if self.source_ids == ids and self.anchor is not None and self.anchor() is leaves[0]:
-            return self.copy
         self.copy = None  # let the old copy go before the new one is made
         self.copy = make()
         self.source_ids, self.anchor = ids, weakref.ref(leaves[0])
@@ -224,3 +244,8 @@ _COPIES = _Copies()
 def cached_copy(params, make):
     """make(), or what it returned for this very param tree the last time (see `_Copies`)."""
     return _COPIES.get(params, make)
+
+
+def held_copy(params):
+    """What `cached_copy` last made for this very param tree, or None (nothing is made)."""
+    return _COPIES.held(params)

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlora.cache import KVCache, entry_shapes
 from jaxlora.config import ModelConfig
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, apply_decoder, decode_params, forward
+from jaxlora.model import activation_dtype, apply_decoder, decode_params, forward, prefill_params
 from jaxlora.quant import for_decode_loop
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys, score_choice
 from jaxlora.sharding import params_mesh, spec_for
@@ -541,7 +541,7 @@ class Engine:
             self.sampling[name][slot] = value[0]
         key = jax.random.fold_in(jax.random.key(request.seed), 0)  # generate's key for row 0
         self.pools, token, row_key, self.seen, scores = _prefill(
-            self.params,
+            prefill_params(self.params, self.config, bucket),  # the decode loop's tiled copy, if it has one
             self.pools,
             jnp.asarray(self.tables[slot]),
             jnp.asarray(ids),
@@ -638,7 +638,7 @@ class Engine:
             self.buckets, (0, self.max_blocks) if self.prefix_cache else (0,)
         ):
             self.pools, _, _, self.seen, _ = _prefill(
-                self.params,
+                prefill_params(self.params, self.config, bucket),
                 self.pools,
                 table,
                 jnp.zeros((1, bucket), jnp.int32),

@@ -18,7 +18,7 @@ import numpy as np
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import DecodeState, decode_for, new_cache, prefill
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, check_context, decode_params
+from jaxlora.model import activation_dtype, check_context, decode_params, prefill_params
 from jaxlora.prefill_layers import applies, prefill_by_layer
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, row_keys
 from jaxlora.sharding import DecodeLayout, decode_layout, params_mesh, put, to_host
@@ -305,6 +305,7 @@ def _reprefill_step(config: ModelConfig, prompts) -> int | None:
 def prefill_prompt(params, plan: DecodePlan, cache, ids, mask, keys) -> DecodeState:
     """Run a left-padded prompt into an empty cache and sample the first token: layer by layer from the host
     where that applies (`jaxlora.prefill_layers`: a new process's first token sooner), else as one program."""
+    params = prefill_params(params, plan.config, ids.shape[0] * ids.shape[1])  # a decode loop's tiled copy, if any
     if applies(plan.config, ids, plan.lora, plan.layout):
         return prefill_by_layer(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)
     return prefill(params, cache, ids, mask, keys, plan.arrays, plan.lora, **plan.static)

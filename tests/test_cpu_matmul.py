@@ -1,8 +1,9 @@
-"""The CPU decode kernel (`jaxlora.cpu_matmul`): its products, the tiled copy decode loops read, and generation
-with it equal to generation without it."""
+"""The CPU decode kernel (`jaxlora.cpu_matmul`): its products, the tiled copy decode loops read (and later
+prefills of the same params), and generation with it equal to generation without it."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import pytest
 
 import jaxlora
 from jaxlora import cpu_matmul
-from jaxlora.model import decode_params, get_path, linear_kernels
+from jaxlora.model import decode_params, get_path, linear_kernels, prefill_params
+
+generate_module = importlib.import_module("jaxlora.generate")  # the package's `generate` is the function
 
 
 def test_the_kernel_builds_and_registers_here():
@@ -38,7 +41,7 @@ def test_tiles_hold_the_kernel_and_zeros_past_its_columns(lead, n):
     np.testing.assert_array_equal(tiled["tiles"][..., last, 5, 0], kernel[..., 5, 32 * last])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40, 64, 250, 257])
 @pytest.mark.parametrize(("k", "n"), [(37, 97), (576, 192), (128, 1024), (1, 32)])
 def test_products_equal_float64_within_float32_rounding(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + k + n)
@@ -116,6 +119,49 @@ def test_generation_with_the_kernel_equals_generation_without(tiny, name, monkey
     without = _generated(model, ids)
     np.testing.assert_array_equal(with_kernel[0], without[0])
     np.testing.assert_allclose(with_kernel[1], without[1], atol=1e-5)
+
+
+def test_a_prefill_reads_the_tiled_copy_only_once_a_decode_loop_made_it(tiny, monkeypatch):
+    model = jaxlora.load(tiny("llama-tied-mha").jax_dir)
+    params, config = model.params, model.config
+    fresh = jax.tree.map(lambda a: a + 0, params)
+    assert prefill_params(fresh, config, 16) is fresh  # nothing is tiled for a prefill's sake
+    loop = decode_params(params, config, 2)
+    assert prefill_params(params, config, 16) is loop
+    assert prefill_params(params, config, cpu_matmul.max_rows()) is loop
+    assert prefill_params(params, config, cpu_matmul.max_rows() + 1) is params  # past the kernel's rows
+    assert prefill_params(fresh, config, 16) is fresh  # another tree's copy is not this one's
+    monkeypatch.setenv(cpu_matmul.SWITCH, "off")
+    assert prefill_params(params, config, 16) is params
+
+
+def test_the_kernel_takes_a_prefills_rows_on_avx512_only():
+    with open("/proc/cpuinfo") as info:
+        avx512 = any(line.startswith("flags") and " avx512f" in line for line in info)
+    assert cpu_matmul.max_rows() == (cpu_matmul.MAX_ROWS_AVX512 if avx512 else cpu_matmul.MAX_ROWS)
+
+
+@pytest.mark.parametrize("name", ["llama-tied-mha", "gpt2", "mixtral"])
+def test_a_prompt_prefilled_on_the_tiled_copy_generates_what_xla_does(tiny, name, monkeypatch):
+    model = jaxlora.load(tiny(name).jax_dir)
+    ids = np.random.default_rng(1).integers(1, model.config.vocab_size, (2, 20))  # a 32-token bucket: 64 rows
+    plain_params = []
+    real = generate_module.prefill_by_layer
+
+    def spy(params, *args, **kwargs):
+        plain_params.append(params is model.params)
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "prefill_by_layer", spy)
+    first = _generated(model, ids)  # prefill on the params as they are; the decode loop tiles them
+    second = _generated(model, ids)  # prefill on the decode loop's tiled copy
+    monkeypatch.setenv(cpu_matmul.SWITCH, "off")
+    without = _generated(model, ids)
+    expected = [True, cpu_matmul.max_rows() < 64, True]
+    assert plain_params == expected
+    for got in (first, second):
+        np.testing.assert_array_equal(got[0], without[0])
+        np.testing.assert_allclose(got[1], without[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("compiler", ["missing", "none on the path"])
