@@ -17,7 +17,7 @@ from jaxlora.checkpoint import Model
 from jaxlora.decoding import DecodeState, extend, new_cache
 from jaxlora.errors import UsageError
 from jaxlora.generate import StreamChunk, decode_chunks, left_pad, make_plan, prefill_prompt, prompt_bucket
-from jaxlora.model import activation_dtype, check_context
+from jaxlora.model import activation_dtype, check_context, prefill_params
 from jaxlora.sampling import Sampling, row_keys
 from jaxlora.sharding import params_mesh, to_host
 from jaxlora.text import chat_ids, has_chat_template, pad_id
@@ -83,7 +83,8 @@ class ChatSession:
         padded[0, : len(suffix)] = suffix
         padded = self.plan.to_device(padded, batch_split=True)
         plan = self.plan
-        return extend(self.model.params, state, padded, len(suffix), plan.arrays, plan.lora, **plan.static)
+        params = prefill_params(self.model.params, plan.config, width)  # the decode loop's tiled copy, if any
+        return extend(params, state, padded, len(suffix), plan.arrays, plan.lora, **plan.static)
 
     def send(self, text: str) -> Iterator[StreamChunk]:
         self.messages.append({"role": "user", "content": text})

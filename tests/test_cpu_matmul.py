@@ -164,6 +164,34 @@ def test_a_prompt_prefilled_on_the_tiled_copy_generates_what_xla_does(tiny, name
         np.testing.assert_allclose(got[1], without[1], atol=1e-5)
 
 
+def test_a_chats_later_turn_runs_on_the_tiled_copy_and_answers_as_xla_does(tiny_with_tokenizer, monkeypatch):
+    from jaxlora import chat
+    from jaxlora.chat import ChatSession
+
+    model = jaxlora.load(tiny_with_tokenizer / "jax")
+    plain_params = []
+    real = chat.extend
+
+    def spy(params, state, padded, *args, **kwargs):
+        plain_params.append((params is model.params, padded.shape[1] > cpu_matmul.max_rows()))
+        return real(params, state, padded, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "extend", spy)
+
+    def conversation():
+        session = ChatSession(model, max_new_tokens=10)
+        turns = [sum((chunk.row(0) for chunk in session.send(text)), []) for text in ("Hello there.", "And again?")]
+        assert session.reused_turns == 1
+        return turns
+
+    with_kernel = conversation()
+    ((plain, too_many_rows),) = plain_params  # the second turn's tokens, on the copy where the kernel takes them
+    assert plain == too_many_rows
+    monkeypatch.setenv(cpu_matmul.SWITCH, "off")
+    assert conversation() == with_kernel
+    assert plain_params[-1][0] is True
+
+
 @pytest.mark.parametrize("compiler", ["missing", "none on the path"])
 def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tmp_path, compiler):
     script = textwrap.dedent(
