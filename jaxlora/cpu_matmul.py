@@ -212,30 +212,30 @@ def tiled(kernels: list, tables: list) -> list:
 
 class _Copies:
     """The tiled copy of the last param tree asked for, kept while that tree's arrays live (a weak reference to
-    one of them, and the ids of all). One copy at a time: it doubles the memory of the weights it holds."""
+    one of them, and the ids of all). One copy at a time: it doubles the memory of the weights it holds. The entry
+    (ids, reference, copy) is replaced whole, so a thread reading it while another makes a new copy gets either
+    the old tree's copy or none, never one tree's copy for another tree."""
 
     def __init__(self):
-        self.source_ids: tuple[int, ...] | None = None
-        self.anchor = None
-        self.copy = None
+        self.entry: tuple | None = None
 
     def held(self, params):
         """The copy made for this very param tree, or None."""
-        leaves = jax.tree.leaves(params)
-        if self.source_ids == tuple(map(id, leaves)) and self.anchor is not None and self.anchor() is leaves[0]:
-            return self.copy
-        return None
+        entry, leaves = self.entry, jax.tree.leaves(params)
+        if entry is None or not leaves:
+            return None
+        ids, anchor, copy = entry
+        return copy if ids == tuple(map(id, leaves)) and anchor() is leaves[0] else None
 
     def get(self, params, make):
         held = self.held(params)
         if held is not None:
             return held
         leaves = jax.tree.leaves(params)
-        ids = tuple(map(id, leaves))
-        self.copy = None  # let the old copy go before the new one is made
-        self.copy = make()
-        self.source_ids, self.anchor = ids, weakref.ref(leaves[0])
-        return self.copy
+        self.entry = None  # let the old copy go before the new one is made
+        copy = make()
+        self.entry = (tuple(map(id, leaves)), weakref.ref(leaves[0]), copy)
+        return copy
 
 
 _COPIES = _Copies()

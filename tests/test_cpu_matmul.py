@@ -135,6 +135,24 @@ def test_a_prefill_reads_the_tiled_copy_only_once_a_decode_loop_made_it(tiny, mo
     assert prefill_params(params, config, 16) is params
 
 
+def test_the_copy_held_is_only_ever_the_one_made_for_the_tree_asked_about():
+    copies = cpu_matmul._Copies()
+    first = {"w": jax.numpy.ones(3)}
+    second = {"w": jax.numpy.zeros(3)}
+    assert copies.held(first) is None
+    assert copies.get(first, lambda: "copy of first") == "copy of first"
+    assert copies.get(first, lambda: pytest.fail("made twice")) == "copy of first"
+
+    def make_second():
+        assert copies.held(first) is None  # the old copy is let go before the new one is made
+        assert copies.held(second) is None
+        return "copy of second"
+
+    assert copies.get(second, make_second) == "copy of second"
+    assert copies.held(first) is None and copies.held(second) == "copy of second"
+    assert copies.held({"w": jax.numpy.zeros(3)}) is None  # equal values, other arrays
+
+
 def test_the_kernel_takes_a_prefills_rows_on_avx512_only():
     with open("/proc/cpuinfo") as info:
         avx512 = any(line.startswith("flags") and " avx512f" in line for line in info)
