@@ -23,7 +23,7 @@ from jaxlora.cache import init_cache, map_rows
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import checked_prompt
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, apply_decoder, default_positions
+from jaxlora.model import activation_dtype, apply_decoder, decode_params, default_positions
 from jaxlora.quant import for_decode_loop
 
 # transformers' sentinel for "cannot be chosen"; its float32 rounding is part of the semantics being matched.
@@ -66,8 +66,13 @@ def beam_search(
     if early_stopping not in (True, False, "never"):
         raise UsageError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     ids, mask = checked_prompt(config, input_ids, attention_mask, max_new_tokens)
+    # The loop's params: on the CPU, the weights tiled for `jaxlora.cpu_matmul`'s kernel where it serves this many
+    # rows; not inside a caller's jit or vmap (traced params, prompts or adapters).
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((ids, mask, lora)))
+    loop_params = params if traced else decode_params(params, config, ids.shape[0] * int(num_beams))
     return _beam_search(
         params,
+        None if loop_params is params else loop_params,
         ids,
         mask,
         lora,
@@ -121,6 +126,7 @@ class _Beams(NamedTuple):
 )
 def _beam_search(
     params,
+    tiled_params,
     input_ids,
     attention_mask,
     lora,
@@ -162,7 +168,7 @@ def _beam_search(
         going=jnp.bool_(True),
     )
 
-    loop_params = for_decode_loop(params, batch * beams)
+    loop_params = for_decode_loop(params, batch * beams) if tiled_params is None else tiled_params
 
     def step(s: _Beams) -> _Beams:
         vocab = s.logits.shape[-1]

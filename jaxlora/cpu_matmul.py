@@ -89,7 +89,8 @@ def matmul(x: jax.Array, tiled: dict, n: int) -> jax.Array:
     if rows > max_rows() or x.dtype != jnp.float32 or not _registered():
         return jnp.dot(x, untile(tiled, n).astype(x.dtype))
     count = tiles.shape[0]
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, count * TILE), jnp.float32))(
+    # Under a caller's vmap each mapped call runs by itself (`sequential`): the handler takes one x and one weight.
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, count * TILE), jnp.float32), vmap_method="sequential")(
         x.reshape(rows, x.shape[-1]), tiles
     )
     return out[:, :n].reshape(*x.shape[:-1], n)
@@ -190,7 +191,7 @@ def on_one_cpu(params) -> bool:
     """Whether every array of the tree lies on the same single CPU device."""
     devices = set()
     for leaf in jax.tree.leaves(params):
-        if not isinstance(leaf, jax.Array):
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):  # inside a caller's jit
             return False
         devices |= leaf.sharding.device_set
     return len(devices) == 1 and next(iter(devices)).platform == "cpu"

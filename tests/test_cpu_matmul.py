@@ -55,6 +55,18 @@ def test_products_equal_float64_within_float32_rounding(rows, k, n):
     assert (np.abs(got - exact) <= bound + 1e-30).all()
 
 
+def test_products_under_a_callers_vmap_equal_each_call_alone():
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    kernels = rng.standard_normal((3, 64, 70)).astype(np.float32)
+    tiled = cpu_matmul.tile(kernels[0])
+    over_x = jax.vmap(lambda x: cpu_matmul.matmul(x, tiled, 70))(xs)
+    over_both = jax.vmap(lambda x, k: cpu_matmul.matmul(x, cpu_matmul.tile(k), 70))(xs, kernels)
+    for i in range(3):
+        np.testing.assert_allclose(over_x[i], xs[i] @ kernels[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(over_both[i], xs[i] @ kernels[i], rtol=1e-5, atol=1e-5)
+
+
 def test_leading_axes_and_a_program_of_concurrent_products():
     # Independent products in one program may run at once on XLA's pool: each call still finishes (a call whose
     # helpers cannot start does every part itself) and gives its own product.
@@ -208,6 +220,35 @@ def test_a_chats_later_turn_runs_on_the_tiled_copy_and_answers_as_xla_does(tiny_
     monkeypatch.setenv(cpu_matmul.SWITCH, "off")
     assert conversation() == with_kernel
     assert plain_params[-1][0] is True
+
+
+def test_beam_search_steps_over_the_tiled_copy_and_finds_what_xla_does(tiny, monkeypatch):
+    beam = importlib.import_module("jaxlora.beam")
+    model = jaxlora.load(tiny("llama-tied-mha").jax_dir)
+    ids = np.random.default_rng(2).integers(1, model.config.vocab_size, (2, 9))
+    tiled_params = []
+    real = beam._beam_search
+
+    def spy(params, tiled, *args, **kwargs):
+        tiled_params.append(tiled is not None and cpu_matmul.HEAD_TILES in tiled)
+        return real(params, tiled, *args, **kwargs)
+
+    monkeypatch.setattr(beam, "_beam_search", spy)
+
+    def searched():
+        out = jaxlora.beam_search(model.params, model.config, ids, num_beams=3, max_new_tokens=8)
+        return np.asarray(out.tokens), np.asarray(out.scores)
+
+    with_kernel = searched()
+    # inside a caller's jit the params are tracers: no tiled copy, the same search
+    inside = jax.jit(lambda p: jaxlora.beam_search(p, model.config, ids, num_beams=3, max_new_tokens=8).tokens)
+    inside_tokens = np.asarray(inside(model.params))
+    monkeypatch.setenv(cpu_matmul.SWITCH, "off")
+    without = searched()
+    assert tiled_params == [True, False, False]
+    np.testing.assert_array_equal(with_kernel[0], without[0])
+    np.testing.assert_allclose(with_kernel[1], without[1], atol=1e-5)
+    np.testing.assert_array_equal(inside_tokens, without[0])
 
 
 @pytest.mark.parametrize("compiler", ["missing", "none on the path"])
