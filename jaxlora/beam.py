@@ -23,7 +23,7 @@ from jaxlora.cache import init_cache, map_rows
 from jaxlora.config import ModelConfig
 from jaxlora.decoding import checked_prompt
 from jaxlora.errors import UsageError
-from jaxlora.model import activation_dtype, apply_decoder, decode_params, default_positions
+from jaxlora.model import activation_dtype, apply_decoder, default_positions, tiled_for_one_program
 from jaxlora.quant import for_decode_loop
 
 # transformers' sentinel for "cannot be chosen"; its float32 rounding is part of the semantics being matched.
@@ -66,13 +66,9 @@ def beam_search(
     if early_stopping not in (True, False, "never"):
         raise UsageError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     ids, mask = checked_prompt(config, input_ids, attention_mask, max_new_tokens)
-    # The loop's params: on the CPU, the weights tiled for `jaxlora.cpu_matmul`'s kernel where it serves this many
-    # rows; not inside a caller's jit or vmap (traced params, prompts or adapters).
-    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((ids, mask, lora)))
-    loop_params = params if traced else decode_params(params, config, ids.shape[0] * int(num_beams))
     return _beam_search(
         params,
-        None if loop_params is params else loop_params,
+        tiled_for_one_program(params, config, ids.shape[0] * int(num_beams), ids, mask, lora),
         ids,
         mask,
         lora,

@@ -22,7 +22,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.cpu_matmul import loop_compiler_options
 from jaxlora.errors import UsageError
 from jaxlora.executables import stored_jit
-from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions
+from jaxlora.model import activation_dtype, apply_decoder, check_context, default_positions, tiled_for_one_program
 from jaxlora.quant import for_decode_loop
 from jaxlora.sampling import Processors, Sampling, SamplingArrays, TokenScores, next_token, row_keys
 from jaxlora.sharding import DecodeLayout
@@ -412,6 +412,7 @@ def sample(
     keys = row_keys(key, ids.shape[0], sampling.compile(ids.shape[0])[0].sample)
     return _sample(
         params,
+        tiled_for_one_program(params, config, ids.shape[0], ids, mask, keys, lora),
         ids,
         mask,
         keys,
@@ -425,14 +426,17 @@ def sample(
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
-def _sample(params, input_ids, attention_mask, keys, lora, *, config, max_new_tokens, sampling, stop_ids, pad_id):
+def _sample(
+    params, tiled_params, input_ids, attention_mask, keys, lora, *, config, max_new_tokens, sampling, stop_ids, pad_id
+):
+    """tiled_params: the decode loop's tiled copy (`model.tiled_for_one_program`), or None."""
     batch, width = input_ids.shape
     processors, arrays = sampling.compile(batch)
     static = dict(config=config, processors=processors, stop_ids=stop_ids)
     cache = init_cache(config, batch, width + max_new_tokens - 1, activation_dtype(params))
     state = prefill(params, cache, input_ids, attention_mask, keys, arrays, lora, **static)
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(state.token)
-    loop_params = for_decode_loop(params, batch)
+    loop_params = for_decode_loop(params, batch) if tiled_params is None else tiled_params
 
     def running(carry):
         produced, state, _ = carry

@@ -987,6 +987,17 @@ def decode_params(params, config: ModelConfig, rows: int):
     return cpu_matmul.cached_copy(params, tiled_copy)
 
 
+def tiled_for_one_program(params, config: ModelConfig, rows: int, *inputs):
+    """For a program that prefills and then decodes in one jit (`beam_search`, `sample`), called from the host:
+    `decode_params`' tiled copy where it serves `rows` sequences, or None (then the program decodes over `params`).
+    None too when the params or any of `inputs` (prompts, masks, keys, adapters) are traced, as inside a caller's
+    jit or vmap."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
+        return None
+    tiled = decode_params(params, config, rows)
+    return None if tiled is params else tiled
+
+
 def prefill_params(params, config: ModelConfig, tokens: int):
     """The params a prefill of `tokens` tokens in all (batch x prompt width) reads: the tiled copy a decode loop
     already made of this param tree (`decode_params`), where the kernel takes that many rows

@@ -251,6 +251,34 @@ def test_beam_search_steps_over_the_tiled_copy_and_finds_what_xla_does(tiny, mon
     np.testing.assert_array_equal(inside_tokens, without[0])
 
 
+def test_sample_decodes_over_the_tiled_copy_and_samples_what_xla_does(tiny, monkeypatch):
+    decoding = importlib.import_module("jaxlora.decoding")
+    model = jaxlora.load(tiny("gpt2").jax_dir)
+    ids = np.random.default_rng(4).integers(1, model.config.vocab_size, (2, 9))
+    tiled_params = []
+    real = decoding._sample
+
+    def spy(params, tiled, *args, **kwargs):
+        tiled_params.append(tiled is not None)
+        return real(params, tiled, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "_sample", spy)
+    sampling = jaxlora.Sampling(temperature=0.8, top_k=20)
+
+    def sampled(key):
+        return jaxlora.sample(model.params, model.config, ids, key=key, max_new_tokens=10, sampling=sampling).tokens
+
+    with_kernel = np.asarray(sampled(jax.random.key(5)))
+    # under a caller's vmap over keys (and inside a jit) the inputs are traced: no tiled copy, the same tokens
+    keys = jax.random.split(jax.random.key(6), 2)
+    mapped = np.asarray(jax.jit(jax.vmap(sampled))(keys))
+    monkeypatch.setenv(cpu_matmul.SWITCH, "off")
+    np.testing.assert_array_equal(with_kernel, sampled(jax.random.key(5)))
+    for i in range(2):
+        np.testing.assert_array_equal(mapped[i], sampled(keys[i]))
+    assert tiled_params == [True, False, False, False, False]
+
+
 @pytest.mark.parametrize("compiler", ["missing", "none on the path"])
 def test_without_a_compiler_generation_falls_back_to_xla_with_a_warning(tiny, tmp_path, compiler):
     script = textwrap.dedent(
