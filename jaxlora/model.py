@@ -990,9 +990,9 @@ def decode_params(params, config: ModelConfig, rows: int):
 def tiled_for_one_program(params, config: ModelConfig, rows: int, *inputs):
     """For a program that prefills and then decodes in one jit (`beam_search`, `sample`), called from the host:
     `decode_params`' tiled copy where it serves `rows` sequences, or None (then the program decodes over `params`).
-    None too when the params or any of `inputs` (prompts, masks, keys, adapters) are traced, as inside a caller's
-    jit or vmap."""
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, inputs))):
+    None too when any of `inputs` (prompts, masks, keys, adapters) is traced, as inside a caller's jit or vmap
+    (`decode_params` itself never tiles traced params)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(inputs)):
         return None
     tiled = decode_params(params, config, rows)
     return None if tiled is params else tiled

@@ -104,6 +104,9 @@ def test_decode_params_tile_each_linear_and_a_tied_head_once_per_tree(tiny):
     # where the kernel does not serve: many rows, switched off, already tiled
     assert decode_params(params, config, cpu_matmul.MAX_ROWS + 1) is params
     assert decode_params(loop, config, 8) is loop
+    traced = []  # inside a caller's jit: the params are tracers, never tiled
+    jax.jit(lambda p: traced.append(decode_params(p, config, 8) is p) or 0)(params)
+    assert traced == [True]
 
 
 def test_decode_params_leave_quantized_and_half_precision_weights_alone(tiny):
@@ -171,18 +174,23 @@ def test_the_kernel_takes_a_prefills_rows_on_avx512_only():
     assert cpu_matmul.max_rows() == (cpu_matmul.MAX_ROWS_AVX512 if avx512 else cpu_matmul.MAX_ROWS)
 
 
+def _spy(monkeypatch, module, name: str, note) -> list:
+    """Wrap module.name so that each call first appends note(*args) to the returned list."""
+    notes, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        notes.append(note(*args))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return notes
+
+
 @pytest.mark.parametrize("name", ["llama-tied-mha", "gpt2", "mixtral"])
 def test_a_prompt_prefilled_on_the_tiled_copy_generates_what_xla_does(tiny, name, monkeypatch):
     model = jaxlora.load(tiny(name).jax_dir)
     ids = np.random.default_rng(1).integers(1, model.config.vocab_size, (2, 20))  # a 32-token bucket: 64 rows
-    plain_params = []
-    real = generate_module.prefill_by_layer
-
-    def spy(params, *args, **kwargs):
-        plain_params.append(params is model.params)
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "prefill_by_layer", spy)
+    plain_params = _spy(monkeypatch, generate_module, "prefill_by_layer", lambda params, *_: params is model.params)
     first = _generated(model, ids)  # prefill on the params as they are; the decode loop tiles them
     second = _generated(model, ids)  # prefill on the decode loop's tiled copy
     monkeypatch.setenv(cpu_matmul.SWITCH, "off")
@@ -199,14 +207,12 @@ def test_a_chats_later_turn_runs_on_the_tiled_copy_and_answers_as_xla_does(tiny_
     from jaxlora.chat import ChatSession
 
     model = jaxlora.load(tiny_with_tokenizer / "jax")
-    plain_params = []
-    real = chat.extend
-
-    def spy(params, state, padded, *args, **kwargs):
-        plain_params.append((params is model.params, padded.shape[1] > cpu_matmul.max_rows()))
-        return real(params, state, padded, *args, **kwargs)
-
-    monkeypatch.setattr(chat, "extend", spy)
+    plain_params = _spy(
+        monkeypatch,
+        chat,
+        "extend",
+        lambda params, state, padded, *_: (params is model.params, padded.shape[1] > cpu_matmul.max_rows()),
+    )
 
     def conversation():
         session = ChatSession(model, max_new_tokens=10)
@@ -226,14 +232,12 @@ def test_beam_search_steps_over_the_tiled_copy_and_finds_what_xla_does(tiny, mon
     beam = importlib.import_module("jaxlora.beam")
     model = jaxlora.load(tiny("llama-tied-mha").jax_dir)
     ids = np.random.default_rng(2).integers(1, model.config.vocab_size, (2, 9))
-    tiled_params = []
-    real = beam._beam_search
-
-    def spy(params, tiled, *args, **kwargs):
-        tiled_params.append(tiled is not None and cpu_matmul.HEAD_TILES in tiled)
-        return real(params, tiled, *args, **kwargs)
-
-    monkeypatch.setattr(beam, "_beam_search", spy)
+    tiled_params = _spy(
+        monkeypatch,
+        beam,
+        "_beam_search",
+        lambda params, tiled, *_: tiled is not None and cpu_matmul.HEAD_TILES in tiled,
+    )
 
     def searched():
         out = jaxlora.beam_search(model.params, model.config, ids, num_beams=3, max_new_tokens=8)
@@ -255,14 +259,7 @@ def test_sample_decodes_over_the_tiled_copy_and_samples_what_xla_does(tiny, monk
     decoding = importlib.import_module("jaxlora.decoding")
     model = jaxlora.load(tiny("gpt2").jax_dir)
     ids = np.random.default_rng(4).integers(1, model.config.vocab_size, (2, 9))
-    tiled_params = []
-    real = decoding._sample
-
-    def spy(params, tiled, *args, **kwargs):
-        tiled_params.append(tiled is not None)
-        return real(params, tiled, *args, **kwargs)
-
-    monkeypatch.setattr(decoding, "_sample", spy)
+    tiled_params = _spy(monkeypatch, decoding, "_sample", lambda params, tiled, *_: tiled is not None)
     sampling = jaxlora.Sampling(temperature=0.8, top_k=20)
 
     def sampled(key):
