@@ -8,6 +8,8 @@
   Differentiable through its own backward pass (recomputes the blocks; saves only the output and logsumexp).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, float16/bfloat16 only.
 - "splash": the Pallas splash-attention kernel, TPU only.
+- "cpu": jaxlora's C++ kernel for the forward pass (`jaxlora.cpu_attention`), CPU only; gradients through the
+  chunked core's backward pass. Calls it cannot take (a soft cap, non-float32, several devices) run "chunked".
 - "auto": the best available for the platform and the call (see `resolve_impl`).
 
 Every implementation takes absolute cache slots: query_slots [q_len] and key_slots [k_len] (default 0..k_len-1),
@@ -24,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxlora import cpu_attention
 from jaxlora.config import ATTENTION_IMPLS
 from jaxlora.errors import ConfigError, UsageError
 
@@ -56,6 +59,7 @@ MAX_QUERY_BLOCKS = 4
 MIN_BLOCK = 64
 MAX_BLOCK = 512
 DECODE_K_BLOCK = 2048
+KERNEL_MIN_QUERIES = 2
 
 
 class AttentionSpec(NamedTuple):
@@ -345,17 +349,60 @@ def _chunked_fwd(q, k, v, q_slots, k_slots, key_valid, segments, spec):
 _chunked.defvjp(_chunked_fwd, _chunked_backward)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _kernel(q, k, v, q_slots, k_slots, key_valid, segments, spec):
+    return _kernel_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec)[0]
+
+
+def _kernel_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec):
+    out, lse = cpu_attention.forward(
+        q,
+        k,
+        v,
+        q_slots,
+        k_slots,
+        key_valid,
+        segments,
+        scale=spec.scale,
+        window=spec.window,
+        contiguous=spec.contiguous_keys,
+    )
+    return out, lse
+
+
+def _kernel_fwd(q, k, v, q_slots, k_slots, key_valid, segments, spec):
+    out, lse = _kernel_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec)
+    return out, (q, k, v, q_slots, k_slots, key_valid, segments, out, lse)
+
+
+# The kernel's forward saves what the chunked core's does (the output and each row's logsumexp): its backward pass
+# recomputes the probabilities from them.
+_kernel.defvjp(_kernel_fwd, _chunked_backward)
+
+
+def _slots_and_spec(k, key_slots, spec: AttentionSpec):
+    """key_slots (0..k_len-1 when None) and the spec, told whether they are contiguous."""
+    if key_slots is None:
+        return jnp.arange(k.shape[1], dtype=jnp.int32), spec
+    return key_slots.astype(jnp.int32), spec._replace(contiguous_keys=False)
+
+
+def kernel_attention(q, k, v, query_slots, key_valid, key_slots=None, segments=None, *, spec: AttentionSpec):
+    """The CPU kernel's attention (`jaxlora.cpu_attention`), differentiable through the chunked core's backward:
+    shapes and arguments as in `chunked_attention`; only calls `cpu_attention.takes`."""
+    key_slots, spec = _slots_and_spec(k, key_slots, spec)
+    segments = None if segments is None else jnp.asarray(segments, jnp.int32)
+    return _kernel(q, k, v, query_slots.astype(jnp.int32), key_slots, key_valid, segments, spec)
+
+
 def chunked_attention(
     q, k, v, query_slots, key_valid, key_slots=None, segments=None, *, spec: AttentionSpec
 ) -> jax.Array:
     """Flash-style attention: shapes as in `dot_product_attention`, memory O(q_block * k_block) per head;
     segments [batch, seq] int32 for self-attention (queries = keys) keeps each query in its own segment."""
-    if key_slots is None:
-        key_slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-    else:
-        spec = spec._replace(contiguous_keys=False)
+    key_slots, spec = _slots_and_spec(k, key_slots, spec)
     segments = None if segments is None else jnp.asarray(segments, jnp.int32)
-    return _chunked(q, k, v, query_slots.astype(jnp.int32), key_slots.astype(jnp.int32), key_valid, segments, spec)
+    return _chunked(q, k, v, query_slots.astype(jnp.int32), key_slots, key_valid, segments, spec)
 
 
 def _cudnn_attention(q, k, v, mask, spec: AttentionSpec) -> jax.Array:
@@ -410,22 +457,30 @@ def check_impl(impl: str, plat: str | None = None) -> None:
     plat = plat or platform()
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
-    needs = {"cudnn": "gpu", "splash": "tpu"}
+    needs = {"cudnn": "gpu", "splash": "tpu", "cpu": "cpu"}
     if impl in needs and plat != needs[impl]:
         raise ConfigError(f"attention {impl!r} needs a {needs[impl].upper()}; this process runs on {plat}")
 
 
-def resolve_impl(impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, plat: str | None = None) -> str:
+def resolve_impl(
+    impl: str, q_len: int, k_len: int, dtype, spec: AttentionSpec, plat: str | None = None, kernel: bool = False
+) -> str:
     """The implementation a call runs: `impl` itself, or for "auto" the best the platform has for this call.
+    kernel: whether the CPU kernel can take the call (`cpu_attention.takes`); "cpu" runs "chunked" where it cannot.
 
-    auto: TPU -> splash for prefill/training, GPU -> cudnn for float16/bfloat16 without a soft cap; otherwise (and
-    on CPU) chunked once a row's score matrix per head reaches AUTO_CHUNKED_SCORES entries (on GPU/TPU
-    AUTO_CHUNKED_SCORES_ACCELERATOR), else xla; xla for decode.
+    auto: TPU -> splash for prefill/training, GPU -> cudnn for float16/bfloat16 without a soft cap; CPU -> the
+    kernel from KERNEL_MIN_QUERIES query rows where it takes the call; otherwise chunked once a row's score matrix
+    per head reaches AUTO_CHUNKED_SCORES entries (on GPU/TPU AUTO_CHUNKED_SCORES_ACCELERATOR), else xla; xla for
+    decode.
     """
     plat = plat or platform()
     check_impl(impl, plat)
+    if impl == "cpu":
+        return "cpu" if kernel else "chunked"
     if impl != "auto":
         return impl
+    if plat == "cpu" and kernel and q_len >= KERNEL_MIN_QUERIES:
+        return "cpu"
     if plat == "tpu" and q_len == k_len and q_len % 128 == 0:
         return "splash"
     if plat == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16) and spec.softcap is None:
@@ -473,7 +528,8 @@ def attend(
         impl = "xla"
     if q.shape[-1] != v.shape[-1] and impl in ("cudnn", "splash"):
         raise ConfigError(f"attention {impl!r} needs values as wide as queries; latent attention uses 'chunked'")
-    chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, spec)
+    kernel = impl in ("auto", "cpu") and platform() == "cpu" and cpu_attention.takes(q, k, v, softcap)
+    chosen = resolve_impl(impl, q.shape[1], k.shape[1], q.dtype, spec, kernel=kernel)
     if q.shape[-1] != v.shape[-1] and chosen in ("cudnn", "splash"):
         chosen = "chunked"
     if chosen == "splash" and (key_slots is not None or q.shape[1] != k.shape[1]):
@@ -482,6 +538,8 @@ def attend(
         raise UsageError("segment ids cover self-attention over one packed row, not a call with a KV cache")
     if chosen == "chunked":
         return chunked_attention(q, k, v, query_slots, key_valid, key_slots, segments, spec=spec)
+    if chosen == "cpu":
+        return kernel_attention(q, k, v, query_slots, key_valid, key_slots, segments, spec=spec)
     if chosen == "splash" and key_slots is None:
         return _splash_attention(q, k, v, query_slots, key_valid, segments, spec)
     if key_slots is None:

@@ -304,7 +304,7 @@ def _add_impl_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=ATTENTION_IMPLS,
         help="attention implementation: xla (reference), chunked (flash-style, memory linear in length), cudnn "
-        "(GPU), splash (TPU); auto picks per platform and length",
+        "(GPU), splash (TPU), cpu (jaxlora's CPU kernel); auto picks per platform and length",
     )
     parser.add_argument(
         "--moe",

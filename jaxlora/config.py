@@ -12,7 +12,7 @@ from typing import Any
 from jaxlora.errors import ConfigError
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash", "cpu")
 MOE_IMPLS = ("auto", "dense", "gathered", "blocked", "ragged")  # see jaxlora.moe
 ROUTERS = ("softmax", "sigmoid_grouped")  # see jaxlora.moe.route, route_grouped
 # The largest sizes any config may claim, far above every released model (Llama 3.1 405B: 126 layers, hidden

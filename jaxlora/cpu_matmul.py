@@ -13,34 +13,25 @@ for the decode loops of `generate`, `stream` and the serving engine, once per pa
 `model.Linear` multiplies a tiled kernel with `matmul`. Prefill, training and everything else use the params as
 they are.
 
-The C++ source is built on first use with the machine's C++ compiler for its own vector width, into
-$XDG_CACHE_HOME/jaxlora/kernels (a file per source, jaxlib version and CPU), and called as an XLA FFI custom
-call. Where it cannot be (no compiler, another backend, params over several devices, non-float32 weights,
-JAXLORA_CPU_KERNEL=off), decoding runs XLA's dot on the params as they are: the same numbers up to float32
-rounding (the sums run in another order).
+The C++ source is built on first use with the machine's C++ compiler for its own vector width (`jaxlora.native`)
+and called as an XLA FFI custom call. Where it cannot be (no compiler, another backend, params over several
+devices, non-float32 weights, JAXLORA_CPU_KERNEL=off), decoding runs XLA's dot on the params as they are: the same
+numbers up to float32 rounding (the sums run in another order).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 import weakref
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import native
 from jaxlora.executables import stored_jit
+from jaxlora.native import SWITCH, cpu_signature, kernels_folder, switched_off  # noqa: F401 (this module's API)
 
 TILE = 32
 # Rows one call takes. The kernel runs every 8 rows (2 without AVX-512) against a tile while the tile sits in the
@@ -55,8 +46,6 @@ MAX_ROWS = 16
 MAX_ROWS_AVX512 = 256
 HEAD_TILES = "head_tiles"  # the tied embedding's head, tiled, beside the param tree's own entries
 TARGET = "jaxlora_tiled_matmul"
-SWITCH = "JAXLORA_CPU_KERNEL"
-SOURCE = Path(__file__).parent / "kernels" / "tiled_matmul.cc"
 
 
 def is_tiled(x) -> bool:
@@ -96,77 +85,17 @@ def matmul(x: jax.Array, tiled: dict, n: int) -> jax.Array:
     return out[:, :n].reshape(*x.shape[:-1], n)
 
 
-def switched_off() -> bool:
-    return os.environ.get(SWITCH, "").strip().lower() in ("0", "off", "false", "no")
-
-
-def kernels_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlora" / "kernels"
-
-
 @functools.cache
 def max_rows() -> int:
     """The most rows a product runs the kernel for on this CPU (see `MAX_ROWS`)."""
-    return MAX_ROWS_AVX512 if " avx512f" in _cpu_signature() else MAX_ROWS
+    return MAX_ROWS_AVX512 if " avx512f" in cpu_signature() else MAX_ROWS
 
 
-def _cpu_signature() -> str:
-    """What the built file depends on beyond its source: the CPU's instruction sets (it is built for them)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def _build(compiler: str, include: str, target: Path) -> None:
-    """Compile the kernel into `target`, staged beside it and renamed at the end (processes may race here)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as staging:
-        staged = Path(staging) / target.name
-        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
-        subprocess.run([*command, str(SOURCE), "-o", str(staged)], check=True, capture_output=True, timeout=300)
-        os.replace(staged, target)
-
-
-_REGISTERING = threading.Lock()
-
-
-def _registered() -> bool:
-    """Build (once per machine) and load the kernel, and register it with XLA, once per process (threads wait for
-    the first); False, with a warning, where it cannot be."""
-    with _REGISTERING:
-        return _build_and_register()
-
-
-@functools.cache
-def _build_and_register() -> bool:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None or not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
-        missing = "no C++ compiler (c++, g++, clang++ or $CXX)" if compiler is None else "this JAX has no jax.ffi"
-        warnings.warn(
-            f"jaxlora: the CPU decode kernel could not be built ({missing}); decoding uses XLA's dot", stacklevel=3
-        )
-        return False
-    import jaxlib
-
-    key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + _cpu_signature().encode())
-    target = kernels_folder() / f"tiled_matmul-{key.hexdigest()[:24]}.so"
-    try:
-        if not target.exists():
-            _build(compiler, jax.ffi.include_dir(), target)
-        library = ctypes.cdll.LoadLibrary(str(target))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxloraTiledMatmul), platform="cpu")
-    except (OSError, subprocess.SubprocessError, AttributeError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        warnings.warn(
-            f"jaxlora: the CPU decode kernel could not be built or loaded ({error}"
-            f"{': ' + detail.decode(errors='replace')[-400:] if detail else ''}); decoding uses XLA's dot",
-            stacklevel=3,
-        )
-        return False
-    return True
+# Build (once per machine) and load the kernel, and register it with XLA, once per process (`jaxlora.native`);
+# False, with a warning, where it cannot be.
+_registered = native.declare(
+    "tiled_matmul", "JaxloraTiledMatmul", TARGET, "CPU decode kernel", "decoding uses XLA's dot"
+)
 
 
 # The decode loop over tiled weights compiles with YNNPACK's fusions off: the weight products are the kernel's, and

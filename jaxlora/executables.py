@@ -9,11 +9,12 @@ MLIR) before the cache is looked up. Measured on SmolLM2, batch 1, a 64-token pr
 `stored_jit` is `jax.jit` for the functions of the generation path, with a store beside that cache: a call that
 misses compiles as jit would, then writes the executable (`jax.experimental.serialize_executable`); a later process
 with the same call reads it back in milliseconds. A program is stored under a key of everything it is built from:
-the function, jaxlora's source, the versions of jax and jaxlib, the backend and the CPU's instruction sets, XLA's
-flags, JAX's tracing configuration, the input tree with each array's shape, dtype, weak type and device, and the
-static arguments (only those whose repr is a value; an object's address changes with the process). Anything else
-makes the call a plain `jax.jit` call: the store off, an input that is not an array on one device (a tracer inside
-a caller's `jit`, a global array on a mesh, a Python scalar), a write or read that fails. Only a program XLA
+the function, jaxlora's source (its kernels' too), whether its CPU kernels are switched off, the versions of jax
+and jaxlib, the backend and the CPU's instruction sets, XLA's flags, JAX's tracing configuration, the input tree
+with each array's shape, dtype, weak type and device, and the static arguments (only those whose repr is a value;
+an object's address changes with the process). Anything else makes the call a plain `jax.jit` call: the store
+off, an input that is not an array on one device (a tracer inside a caller's `jit`, a global array on a mesh, a
+Python scalar), a write or read that fails. Only a program XLA
 compiled in this process is stored: one JAX read from its own cache serializes incomplete, so after jaxlora's
 source changes, a program whose HLO did not change stays with JAX's cache (traced and lowered as before).
 
@@ -40,6 +41,8 @@ from pathlib import Path
 import jax
 from jax._src import config as jax_config
 from jax.experimental import serialize_executable
+
+from jaxlora import native
 
 FORMAT = 1
 SUBFOLDER = "executables"
@@ -105,6 +108,7 @@ class StoredJit:
         path = self._path(key)
         if path is not None and path.is_file():
             try:
+                native.register_declared()  # the program may call jaxlora's kernels: XLA must know them first
                 compiled = _read(path)
                 _mark_used(path)
                 return compiled
@@ -130,6 +134,7 @@ class StoredJit:
         described = repr(
             (FORMAT, self.__module__, self.__qualname__, _environment(), str(tree), signature, statics)
             + ((self._compiler_options,) if self._compiler_options else ())  # (the same key as before without)
+            + (("kernels off",) if native.switched_off() else ())  # traced without jaxlora's CPU kernels
         )
         described += _ADDRESS.sub("", repr(context))  # JAX's configuration (its empty axis environment is an object)
         digest = hashlib.sha256(described.encode()).hexdigest()[:40]
@@ -198,7 +203,7 @@ def _environment() -> tuple:
 
     source = hashlib.sha256()
     package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted([*package.rglob("*.py"), *package.rglob("*.cc")]):  # the kernels' sources too
         source.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     device = jax.devices()[0]
     return (

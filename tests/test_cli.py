@@ -164,11 +164,12 @@ def test_generate_uses_a_persistent_compile_cache_unless_told_not_to(smollm2_che
         )
         assert result.returncode == 0, result.stderr
     assert any((tmp_path / "on" / "jaxlora" / "xla").iterdir())
-    # Told not to, it writes no compiled program: the one thing in its cache folder is the CPU decode kernel's
-    # build (`jaxlora.cpu_matmul`, once per machine, not a compile cache).
+    # Told not to, it writes no compiled program: the only things in its cache folder are the CPU kernels' builds
+    # (`jaxlora.native`: attention and the decode products, once per machine, not a compile cache).
     written = sorted(p.relative_to(tmp_path / "off").as_posix() for p in (tmp_path / "off").rglob("*"))
-    assert written[:2] == ["jaxlora", "jaxlora/kernels"] and len(written) == 3, written
-    assert re.fullmatch(r"jaxlora/kernels/tiled_matmul-[0-9a-f]{24}\.so", written[2]), written
+    assert written[:2] == ["jaxlora", "jaxlora/kernels"] and len(written) == 4, written
+    assert re.fullmatch(r"jaxlora/kernels/causal_attention-[0-9a-f]{24}\.so", written[2]), written
+    assert re.fullmatch(r"jaxlora/kernels/tiled_matmul-[0-9a-f]{24}\.so", written[3]), written
 
 
 @pytest.mark.real

@@ -1,0 +1,390 @@
+// Causal grouped-query attention on the CPU, float32, forward: out and the logsumexp of every query row.
+//
+//   q [b, t, h, d], k [b, s, kvh, d], v [b, s, kvh, dv], q_slots [t], k_slots [s] int32, key_valid [b, s] uint8,
+//   q_segments [b, t], k_segments [b, s] int32 (all zero when the call has none)
+//   -> out [b, t, h, dv], lse [b, kvh, h / kvh, t] float32 (+inf for a row that sees no key; its out is zero).
+//
+// Key j is visible to query i when it holds a token (key_valid), k_slots[j] <= q_slots[i], q_slots[i] - k_slots[j]
+// < window (window 0: none), and both lie in the same segment; scores are scale * q.k, softmaxed over the visible
+// keys in float32. The same numbers as jaxlora/attention.py's chunked and xla cores up to float32 rounding.
+//
+// XLA:CPU runs a flash-style loop of small batched dots, masks and exps as separate passes over each score block.
+// Here one work item takes one kv head of one row and a chunk of query positions (all the query heads that share
+// the kv head), packs the keys it can see transposed ([d, keys], contiguous), and for every 8 query rows computes
+// their scores in registers, their exact softmax over the scores kept in the core's cache, and their weighted sum
+// of values, 4 rows x 64 value columns at a time in registers. With contiguous key slots (0..s-1: no ring buffer)
+// a chunk reads only the keys its causal (and windowed) rows can see.
+//
+// Portable C++ (GCC/Clang vector extensions), built on the user's machine for its own vector width by
+// jaxlora/native.py, and called as an XLA FFI custom call, its items split over XLA's intra-op thread pool.
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+constexpr int kRows = 8;        // query rows whose scores one pass computes
+constexpr int kValueRows = 4;   // rows whose weighted values one pass sums (4 rows x 4 vectors of sums)
+constexpr int kChunk = 32;      // query positions per work item
+constexpr float kFloor = -std::numeric_limits<float>::max();
+constexpr int32_t kNever = std::numeric_limits<int32_t>::max();  // the slot of a key no query sees
+
+inline Vec16 load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline Int16 load16i(const int32_t* p) {
+  Int16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline Vec16 splat(float x) { return Vec16{} + x; }
+
+// exp(x) for x <= 0, to float32's precision: 2^n * e^r with |r| <= ln2 / 2 and a degree-7 Taylor polynomial for
+// e^r. Inputs below -87 give e^-87 (a normal float, nothing in a softmax's sum).
+inline Vec16 exp16(Vec16 x) {
+  const Vec16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const Vec16 shifted = x * splat(1.44269504088896341f) + magic;
+  const Vec16 n = shifted - magic;
+  Vec16 r = x - n * splat(0.693145751953125f);
+  r = r - n * splat(1.42860682030941723212e-6f);
+  Vec16 p = splat(1.0f / 5040);
+  p = p * r + splat(1.0f / 720);
+  p = p * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const Int16 exponent = ((Int16)shifted - (Int16)magic) << 23;
+  return (Vec16)((Int16)p + exponent);
+}
+
+struct Shapes {
+  int64_t b, t, h, d, s, kvh, dv, groups;
+  float scale;
+  int64_t window;
+  bool contiguous;
+};
+
+struct Inputs {
+  const float *q, *k, *v;
+  const int32_t *q_slots, *k_slots, *q_segments, *k_segments;
+  const uint8_t* key_valid;
+  float *out, *lse;
+};
+
+// One query row: where its vector and outputs are, and what it may see.
+struct Row {
+  const float* q;
+  float* out;
+  float* lse;
+  int32_t slot, segment;
+};
+
+// A work item's scratch, kept per thread and grown as needed.
+struct Scratch {
+  std::vector<float> keys_t;      // [d, width]: the item's keys, transposed
+  std::vector<int32_t> slots;     // [width]: each key's slot, kNever for a key without a token or past the range
+  std::vector<int32_t> segments;  // [width]
+  std::vector<float> scores;      // [kRows, width]: scores, then probabilities
+};
+
+// Scores of 8 rows against `width` packed keys from column `first` (a multiple of 16): scores[r][j - first].
+void row_scores(const Row* rows, int64_t d, const float* keys_t, int64_t stride, int64_t first, int64_t last,
+                float* scores, int64_t width) {
+  const float* q[kRows];
+  for (int r = 0; r < kRows; ++r) q[r] = rows[r].q;
+  int64_t j = first;
+  for (; j + 32 <= last; j += 32) {
+    Vec16 low[kRows], high[kRows];
+    for (int r = 0; r < kRows; ++r) low[r] = high[r] = Vec16{};
+    for (int64_t c = 0; c < d; ++c) {
+      const Vec16 k_low = load16(keys_t + c * stride + j), k_high = load16(keys_t + c * stride + j + 16);
+      for (int r = 0; r < kRows; ++r) {
+        const float qc = q[r][c];
+        low[r] += qc * k_low;
+        high[r] += qc * k_high;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      store16(scores + r * width + j - first, low[r]);
+      store16(scores + r * width + j - first + 16, high[r]);
+    }
+  }
+  for (; j < last; j += 16) {
+    Vec16 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = Vec16{};
+    for (int64_t c = 0; c < d; ++c) {
+      const Vec16 kc = load16(keys_t + c * stride + j);
+      for (int r = 0; r < kRows; ++r) acc[r] += q[r][c] * kc;
+    }
+    for (int r = 0; r < kRows; ++r) store16(scores + r * width + j - first, acc[r]);
+  }
+}
+
+// One row's scores -> probabilities (unnormalized, masked keys 0) in place; returns their sum and sets the max.
+float row_softmax(const Shapes& sh, const Row& row, const int32_t* slots, const int32_t* segments, float* scores,
+                  int64_t count, float* max_out) {
+  const Int16 slot = Int16{} + row.slot, segment = Int16{} + row.segment;
+  const Int16 window = Int16{} + static_cast<int32_t>(sh.window > 0 ? sh.window : 0);
+  const Vec16 floor = splat(kFloor);
+  Vec16 high = floor;
+  for (int64_t j = 0; j < count; j += 16) {
+    const Int16 key_slot = load16i(slots + j);
+    Int16 visible = (key_slot <= slot) & (load16i(segments + j) == segment);
+    if (sh.window > 0) visible &= (slot - key_slot) < window;
+    const Vec16 s = visible ? load16(scores + j) * sh.scale : floor;
+    store16(scores + j, s);
+    high = high > s ? high : s;
+  }
+  float m = kFloor;
+  for (int i = 0; i < 16; ++i) m = m > high[i] ? m : high[i];
+  *max_out = m;
+  if (m == kFloor) {  // no key to see: zero probabilities (the value sums read them)
+    std::memset(scores, 0, count * sizeof(float));
+    return 0.0f;
+  }
+  Vec16 total{};
+  for (int64_t j = 0; j < count; j += 16) {
+    const Vec16 s = load16(scores + j);
+    const Vec16 p = s == floor ? Vec16{} : exp16(s - m);
+    store16(scores + j, p);
+    total += p;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < 16; ++i) sum += total[i];
+  return sum;
+}
+
+// out[r][c0, c0 + 16 V) = sum_j p[r][j] v[j][c0, ...] / totals[r] for 4 rows, V vectors of value columns.
+template <int V>
+void row_values(const float* const* probs, int64_t count, const float* values, int64_t v_stride, float* const* outs,
+                const float* inverse) {
+  Vec16 acc[kValueRows][V];
+  for (int r = 0; r < kValueRows; ++r)
+    for (int c = 0; c < V; ++c) acc[r][c] = Vec16{};
+  for (int64_t j = 0; j < count; ++j) {
+    Vec16 vj[V];
+    for (int c = 0; c < V; ++c) vj[c] = load16(values + j * v_stride + 16 * c);
+    for (int r = 0; r < kValueRows; ++r) {
+      const float p = probs[r][j];
+      for (int c = 0; c < V; ++c) acc[r][c] += p * vj[c];
+    }
+  }
+  for (int r = 0; r < kValueRows; ++r)
+    for (int c = 0; c < V; ++c) store16(outs[r] + 16 * c, acc[r][c] * inverse[r]);
+}
+
+// The same for value columns past the last multiple of 16 (small heads: tiny test models), one at a time.
+void row_values_tail(const float* const* probs, int64_t count, const float* values, int64_t v_stride,
+                     float* const* outs, const float* inverse, int64_t first, int64_t dv) {
+  for (int r = 0; r < kValueRows; ++r) {
+    for (int64_t c = first; c < dv; ++c) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < count; ++j) sum += probs[r][j] * values[j * v_stride + c];
+      outs[r][c] = sum * inverse[r];
+    }
+  }
+}
+
+void values_for(const float* const* probs, int64_t count, const float* values, int64_t v_stride, float* const* outs,
+                const float* inverse, int64_t dv) {
+  const int64_t whole = dv / 16 * 16;
+  if (whole < dv) row_values_tail(probs, count, values, v_stride, outs, inverse, whole, dv);
+  for (int64_t c = 0; c < whole; c += 64) {
+    float* at[kValueRows];
+    for (int r = 0; r < kValueRows; ++r) at[r] = outs[r] + c;
+    const float* v = values + c;
+    switch ((whole - c >= 64 ? 64 : whole - c) / 16) {
+      case 4: row_values<4>(probs, count, v, v_stride, at, inverse); break;
+      case 3: row_values<3>(probs, count, v, v_stride, at, inverse); break;
+      case 2: row_values<2>(probs, count, v, v_stride, at, inverse); break;
+      default: row_values<1>(probs, count, v, v_stride, at, inverse); break;
+    }
+  }
+}
+
+// The keys [lo, hi) the query slots [first, last) of one chunk can see (all keys when slots are not contiguous).
+void key_range(const Shapes& sh, const int32_t* q_slots, int64_t first, int64_t last, int64_t* lo, int64_t* hi) {
+  *lo = 0;
+  *hi = sh.s;
+  if (!sh.contiguous) return;
+  int32_t low = q_slots[first], high = q_slots[first];
+  for (int64_t i = first; i < last; ++i) {
+    low = q_slots[i] < low ? q_slots[i] : low;
+    high = q_slots[i] > high ? q_slots[i] : high;
+  }
+  *hi = high + 1 < sh.s ? (high + 1 > 0 ? high + 1 : 0) : sh.s;
+  if (sh.window > 0) {
+    const int64_t start = static_cast<int64_t>(low) - sh.window + 1;
+    *lo = start > 0 ? (start < *hi ? start : *hi) : 0;
+  }
+}
+
+void run_item(const Shapes& sh, const Inputs& in, int64_t item, Scratch& scratch) {
+  const int64_t chunks = (sh.t + kChunk - 1) / kChunk;
+  const int64_t chunk = item % chunks, head = (item / chunks) % sh.kvh, row = item / (chunks * sh.kvh);
+  const int64_t first = chunk * kChunk, last = first + kChunk < sh.t ? first + kChunk : sh.t;
+  int64_t lo, hi;
+  key_range(sh, in.q_slots, first, last, &lo, &hi);
+  const int64_t count = hi - lo, width = (count + 15) / 16 * 16;
+
+  // The chunk's rows: each position's query heads that share this kv head.
+  const int64_t rows = (last - first) * sh.groups;
+  std::vector<Row> chunk_rows(rows);
+  for (int64_t i = first; i < last; ++i) {
+    for (int64_t g = 0; g < sh.groups; ++g) {
+      const int64_t qh = head * sh.groups + g;
+      Row& r = chunk_rows[(i - first) * sh.groups + g];
+      r.q = in.q + ((row * sh.t + i) * sh.h + qh) * sh.d;
+      r.out = in.out + ((row * sh.t + i) * sh.h + qh) * sh.dv;
+      r.lse = in.lse + ((row * sh.kvh + head) * sh.groups + g) * sh.t + i;
+      r.slot = in.q_slots[i];
+      r.segment = in.q_segments[row * sh.t + i];
+    }
+  }
+
+  scratch.keys_t.resize(sh.d * width > 0 ? sh.d * width : 1);
+  scratch.slots.resize(width > 0 ? width : 1);
+  scratch.segments.resize(width > 0 ? width : 1);
+  scratch.scores.resize(kRows * (width > 0 ? width : 1));
+  float* keys_t = scratch.keys_t.data();
+  for (int64_t j = 0; j < width; ++j) {
+    const int64_t key = lo + j;
+    const bool real = j < count;
+    const float* src = in.k + ((row * sh.s + (real ? key : lo)) * sh.kvh + head) * sh.d;
+    for (int64_t c = 0; c < sh.d; ++c) keys_t[c * width + j] = real ? src[c] : 0.0f;
+    scratch.slots[j] = real && in.key_valid[row * sh.s + key] ? in.k_slots[key] : kNever;
+    scratch.segments[j] = real ? in.k_segments[row * sh.s + key] : 0;
+  }
+  const float* values = in.v + (row * sh.s * sh.kvh + head) * sh.dv + lo * sh.kvh * sh.dv;
+  const int64_t v_stride = sh.kvh * sh.dv;
+
+  float* scores = scratch.scores.data();
+  std::vector<float> spare_out(sh.dv > 0 ? sh.dv : 1);
+  float spare_lse;
+  for (int64_t block = 0; block < rows; block += kRows) {
+    const int real_rows = static_cast<int>(rows - block < kRows ? rows - block : kRows);
+    Row br[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      br[r] = chunk_rows[block + (r < real_rows ? r : 0)];
+      if (r >= real_rows) br[r].out = spare_out.data(), br[r].lse = &spare_lse;
+    }
+    // The block's own keys: with contiguous slots, up to its last row's slot.
+    int64_t block_hi = count;
+    if (sh.contiguous) {
+      int32_t top = br[0].slot;
+      for (int r = 1; r < real_rows; ++r) top = br[r].slot > top ? br[r].slot : top;
+      block_hi = top + 1 - lo < count ? (top + 1 - lo > 0 ? top + 1 - lo : 0) : count;
+    }
+    const int64_t block_width = (block_hi + 15) / 16 * 16;
+    row_scores(br, sh.d, keys_t, width, 0, block_width, scores, width);
+    float inverse[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      float m;
+      const float total = row_softmax(sh, br[r], scratch.slots.data(), scratch.segments.data(), scores + r * width,
+                                      block_width, &m);
+      inverse[r] = total > 0.0f ? 1.0f / total : 0.0f;
+      *br[r].lse = total > 0.0f ? m + std::log(total) : std::numeric_limits<float>::infinity();
+    }
+    for (int r0 = 0; r0 < kRows; r0 += kValueRows) {
+      const float* probs[kValueRows];
+      float* outs[kValueRows];
+      for (int r = 0; r < kValueRows; ++r) {
+        probs[r] = scores + (r0 + r) * width;
+        outs[r] = br[r0 + r].out;
+      }
+      values_for(probs, block_hi, values, v_stride, outs, inverse + r0, sh.dv);
+    }
+  }
+}
+
+// The call's items, claimed one at a time by the calling thread and the tasks it hands XLA's pool (later
+// positions first: they see the most keys), so a call finishes even when the pool's threads are busy and its
+// tasks start late or after it returned (they then find nothing to claim). The tasks share this state, never the
+// caller's stack.
+struct Split {
+  Shapes shapes;
+  Inputs inputs;
+  int64_t items, workers;
+  std::atomic<int64_t> next{0}, finished{0};
+
+  void work() {
+    thread_local Scratch scratch;
+    const int64_t chunks = (shapes.t + kChunk - 1) / kChunk;
+    for (;;) {
+      const int64_t n = next.fetch_add(1, std::memory_order_relaxed);
+      if (n >= items) break;
+      // Item n in claim order: chunks from the last, each over every (row, kv head).
+      const int64_t per_chunk = shapes.b * shapes.kvh, chunk = chunks - 1 - n / per_chunk;
+      run_item(shapes, inputs, (n % per_chunk) * chunks + chunk, scratch);
+    }
+    finished.fetch_add(1, std::memory_order_release);
+  }
+};
+
+ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_slots, ffi::Buffer<ffi::S32> k_slots,
+                           ffi::Buffer<ffi::U8> key_valid, ffi::Buffer<ffi::S32> q_segments,
+                           ffi::Buffer<ffi::S32> k_segments, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> lse, float scale, int64_t window, int64_t contiguous) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || vd[0] != qd[0] || vd[1] != kd[1] ||
+      vd[2] != kd[2] || kd[3] != qd[3] || kd[2] < 1 || qd[2] % kd[2] != 0) {
+    return ffi::Error::InvalidArgument(
+        "causal_attention: q [b, t, h, d], k [b, s, kvh, d], v [b, s, kvh, dv] with kvh dividing h expected");
+  }
+  auto split = std::make_shared<Split>();
+  Shapes& sh = split->shapes;
+  sh = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], vd[3], qd[2] / kd[2], scale, window, contiguous != 0};
+  split->inputs = Inputs{q.typed_data(),          k.typed_data(),          v.typed_data(),
+                         q_slots.typed_data(),    k_slots.typed_data(),    q_segments.typed_data(),
+                         k_segments.typed_data(), key_valid.typed_data(),  out->typed_data(),
+                         lse->typed_data()};
+  split->items = sh.b * sh.kvh * ((sh.t + kChunk - 1) / kChunk);
+  const int64_t threads = pool.num_threads();
+  split->workers = threads < 1 ? 1 : (threads > split->items ? split->items : threads);
+  if (split->items == 0) return ffi::Error::Success();
+  for (int64_t w = 1; w < split->workers; ++w) pool.Schedule([split]() { split->work(); });
+  split->work();
+  while (split->finished.load(std::memory_order_acquire) < split->workers) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxloraCausalAttention, CausalAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("contiguous"));
