@@ -258,3 +258,50 @@ def test_a_stored_program_calling_the_kernel_runs_in_a_new_process(tmp_path):
     assert run("read") == first
     run("compile", **{native.SWITCH: "off"})
     assert len(list((tmp_path / "store").glob("*.bin"))) == 2
+
+
+CONCURRENT_KERNEL_CALLS = """
+import sys, threading
+import jax, jax.numpy as jnp, numpy as np
+from jaxlora.attention import AttentionSpec, kernel_attention
+
+spec = AttentionSpec(None, 0.5, None)
+rng = np.random.default_rng(0)
+xs = [tuple(jnp.asarray(rng.normal(size=(1, 64, h, 32)), jnp.float32) for h in (4, 2, 2)) for _ in range(8)]
+
+
+@jax.jit
+def many(xs):  # eight independent calls: XLA runs them side by side on its pool's threads
+    return [kernel_attention(q, k, v, jnp.arange(64), jnp.ones((1, 64), bool), spec=spec) for q, k, v in xs]
+
+
+want = [np.asarray(o) for o in many(xs)]
+failures = []
+
+
+def calls():
+    for _ in range(100):
+        if any(not np.array_equal(o, w) for o, w in zip(many(xs), want)):
+            failures.append(1)
+
+
+threads = [threading.Thread(target=calls) for _ in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("done", len(failures))
+"""
+
+
+def test_calls_running_at_once_on_every_pool_thread_finish():
+    """Programs from three threads, each with eight independent kernel calls, keep all of XLA's pool threads in
+    the kernel at once: a call must not wait for its pool tasks to start (it deadlocked so, in a server test)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_KERNEL_CALLS], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["done", "0"]

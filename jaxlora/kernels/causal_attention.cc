@@ -319,9 +319,10 @@ void run_item(const Shapes& sh, const Inputs& in, int64_t item, Scratch& scratch
 }
 
 // The call's items, claimed one at a time by the calling thread and the tasks it hands XLA's pool (later
-// positions first: they see the most keys), so a call finishes even when the pool's threads are busy and its
-// tasks start late or after it returned (they then find nothing to claim). The tasks share this state, never the
-// caller's stack.
+// positions first: they see the most keys). The caller waits for the items to finish, never for its tasks to
+// start: when every pool thread is busy (other calls of this kernel waiting on theirs, as in concurrent programs),
+// the caller does the work itself, and tasks that start late or after it returned find nothing to claim. The
+// tasks share this state, never the caller's stack.
 struct Split {
   Shapes shapes;
   Inputs inputs;
@@ -337,8 +338,8 @@ struct Split {
       // Item n in claim order: chunks from the last, each over every (row, kv head).
       const int64_t per_chunk = shapes.b * shapes.kvh, chunk = chunks - 1 - n / per_chunk;
       run_item(shapes, inputs, (n % per_chunk) * chunks + chunk, scratch);
+      finished.fetch_add(1, std::memory_order_release);
     }
-    finished.fetch_add(1, std::memory_order_release);
   }
 };
 
@@ -366,7 +367,7 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (split->items == 0) return ffi::Error::Success();
   for (int64_t w = 1; w < split->workers; ++w) pool.Schedule([split]() { split->work(); });
   split->work();
-  while (split->finished.load(std::memory_order_acquire) < split->workers) std::this_thread::yield();
+  while (split->finished.load(std::memory_order_acquire) < split->items) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
