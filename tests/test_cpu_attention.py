@@ -261,7 +261,7 @@ def test_a_stored_program_calling_the_kernel_runs_in_a_new_process(tmp_path):
 
 
 CONCURRENT_KERNEL_CALLS = """
-import sys, threading
+import threading
 import jax, jax.numpy as jnp, numpy as np
 from jaxlora.attention import AttentionSpec, kernel_attention
 
@@ -296,7 +296,7 @@ print("done", len(failures))
 
 def test_calls_running_at_once_on_every_pool_thread_finish():
     """Programs from three threads, each with eight independent kernel calls, keep all of XLA's pool threads in
-    the kernel at once: a call must not wait for its pool tasks to start (it deadlocked so, in a server test)."""
+    the kernel at once: a call must not wait for its pool tasks to start (it deadlocked so in a run of the suite)."""
     import subprocess
     import sys
 
