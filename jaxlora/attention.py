@@ -374,9 +374,31 @@ def _kernel_fwd(q, k, v, q_slots, k_slots, key_valid, segments, spec):
     return out, (q, k, v, q_slots, k_slots, key_valid, segments, out, lse)
 
 
-# The kernel's forward saves what the chunked core's does (the output and each row's logsumexp): its backward pass
-# recomputes the probabilities from them.
-_kernel.defvjp(_kernel_fwd, _chunked_backward)
+def _kernel_backward(spec: AttentionSpec, residuals, d_out):
+    """The backward kernel where it is built, else the chunked core's backward (the forward kernel saves what the
+    chunked core's forward does: the output and each row's logsumexp)."""
+    if not cpu_attention.takes_backward():
+        return _chunked_backward(spec, residuals, d_out)
+    q, k, v, q_slots, k_slots, key_valid, segments, out, lse = residuals
+    dq, dk, dv = cpu_attention.backward(
+        q,
+        k,
+        v,
+        q_slots,
+        k_slots,
+        key_valid,
+        segments,
+        out,
+        lse,
+        d_out,
+        scale=spec.scale,
+        window=spec.window,
+        contiguous=spec.contiguous_keys,
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_backward)
 
 
 def _slots_and_spec(k, key_slots, spec: AttentionSpec):

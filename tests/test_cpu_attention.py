@@ -111,22 +111,82 @@ def test_packed_segments_stay_apart():
     assert np.abs(np.asarray(leaky) - np.asarray(out)).max() > 1e-2
 
 
-def test_gradients_through_the_kernel_equal_the_reference():
-    q, k, v = inputs(2, 45, 45, 6, 2, 16, 16)
-    valid = np.ones((2, 45), bool)
-    valid[1, :6] = False
-    key_valid, slots = jnp.asarray(valid), jnp.arange(45)
-    spec = AttentionSpec(None, 0.3, None)
-    cotangent = jnp.asarray(np.random.default_rng(7).normal(size=q.shape).astype(np.float32))
+def _cotangent_grads(fn, q, k, v, seed=7):
+    """d/d(q, k, v) of sum(fn(q, k, v) * a fixed random cotangent)."""
+    out_shape = jax.eval_shape(fn, q, k, v).shape
+    cotangent = jnp.asarray(np.random.default_rng(seed).normal(size=out_shape).astype(np.float32))
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent), (0, 1, 2)))(q, k, v)
 
-    def grads(fn):
-        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent), (0, 1, 2)))(q, k, v)
 
-    got = grads(lambda q, k, v: kernel_attention(q, k, v, slots, key_valid, spec=spec))
-    want = grads(lambda q, k, v: reference(q, k, v, slots, key_valid, slots, spec))
+def _assert_grads_equal(got, want):
     for g, w in zip(got, want, strict=True):
         assert np.abs(np.asarray(w)).max() > 1e-2
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+
+
+def _backward_spy(monkeypatch):
+    calls = []
+    real = cpu_attention.backward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, "backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_gradients_through_the_kernel_equal_the_reference(name, monkeypatch):
+    """The backward kernel's dq, dk, dv against XLA's gradients of the reference core, over the forward test's
+    shapes and masks (a padded row's blind queries, missing keys, a window, grouped heads, odd widths)."""
+    calls = _backward_spy(monkeypatch)
+    b, t, s, h, kvh, d, dv, window = SHAPES[name]
+    q, k, v = inputs(b, t, s, h, kvh, d, dv, seed=3)
+    spec = AttentionSpec(window, 0.7 / np.sqrt(d), None)
+    valid = np.ones((b, s), bool)
+    valid[-1, : s - t + min(t, 5) if t > 1 else 3] = False
+    if b > 2:
+        valid[0, 1::3] = False
+    q_slots, key_valid, key_slots = jnp.arange(s - t, s), jnp.asarray(valid), jnp.arange(s)
+    got = _cotangent_grads(lambda q, k, v: kernel_attention(q, k, v, q_slots, key_valid, spec=spec), q, k, v)
+    want = _cotangent_grads(lambda q, k, v: reference(q, k, v, q_slots, key_valid, key_slots, spec), q, k, v)
+    _assert_grads_equal(got, want)
+    assert calls == [q.shape], "the backward kernel ran"
+
+
+def test_gradients_with_ring_slots_and_packed_segments_equal_the_reference(monkeypatch):
+    calls = _backward_spy(monkeypatch)
+    q, k, v = inputs(2, 5, 12, 6, 2, 16, 16, seed=5)
+    q_slots = jnp.arange(20, 25)
+    key_slots = jnp.asarray([12, 13, 14, 15, 16, 17, 18, 19, -1, -2, 10, 11], jnp.int32)
+    key_valid = jnp.asarray(np.tile(np.arange(12) < 8, (2, 1)) | (np.arange(12) >= 10))
+    spec = AttentionSpec(9, 0.3, None)
+    got = _cotangent_grads(lambda q, k, v: kernel_attention(q, k, v, q_slots, key_valid, key_slots, spec=spec), q, k, v)
+    want = _cotangent_grads(lambda q, k, v: reference(q, k, v, q_slots, key_valid, key_slots, spec), q, k, v)
+    _assert_grads_equal(got, want)
+
+    q, k, v = inputs(2, 40, 40, 4, 2, 16, 16, seed=6)
+    segments = jnp.asarray(np.repeat([[0, 1, 2, 3], [5, 5, 6, 7]], [7, 13, 11, 9], axis=1), jnp.int32)
+    key_valid, slots, spec = jnp.ones((2, 40), bool), jnp.arange(40), AttentionSpec(None, 0.25, None)
+    got = _cotangent_grads(
+        lambda q, k, v: kernel_attention(q, k, v, slots, key_valid, segments=segments, spec=spec), q, k, v
+    )
+    want = _cotangent_grads(lambda q, k, v: reference(q, k, v, slots, key_valid, slots, spec, segments), q, k, v)
+    _assert_grads_equal(got, want)
+    assert len(calls) == 2
+
+
+def test_gradients_without_the_backward_kernel_come_from_the_chunked_loop(monkeypatch):
+    """Where the backward kernel is not built, the forward kernel's gradients come from the chunked core's loop."""
+    calls = _backward_spy(monkeypatch)
+    monkeypatch.setattr(cpu_attention, "takes_backward", lambda: False)
+    q, k, v = inputs(1, 30, 30, 4, 2, 16, 16, seed=8)
+    slots, valid, spec = jnp.arange(30), jnp.ones((1, 30), bool), AttentionSpec(None, 0.3, None)
+    got = _cotangent_grads(lambda q, k, v: kernel_attention(q, k, v, slots, valid, spec=spec), q, k, v)
+    want = _cotangent_grads(lambda q, k, v: reference(q, k, v, slots, valid, slots, spec), q, k, v)
+    _assert_grads_equal(got, want)
+    assert calls == []
 
 
 def test_under_vmap_each_call_runs_by_itself():
