@@ -23,8 +23,6 @@ from jaxlora import native
 from jaxlora.errors import ConfigError
 
 TARGET = "jaxlora_causal_attention"
-
-
 BACKWARD_TARGET = "jaxlora_causal_attention_backward"
 
 
