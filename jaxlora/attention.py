@@ -348,25 +348,17 @@ def _chunked_fwd(q, k, v, q_slots, k_slots, key_valid, segments, spec):
 _chunked.defvjp(_chunked_fwd, _chunked_backward)
 
 
+def _kernel_options(spec: AttentionSpec) -> dict:
+    return {"scale": spec.scale, "window": spec.window, "contiguous": spec.contiguous_keys}
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _kernel(q, k, v, q_slots, k_slots, key_valid, segments, spec):
     return _kernel_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec)[0]
 
 
 def _kernel_forward(q, k, v, q_slots, k_slots, key_valid, segments, spec):
-    out, lse = cpu_attention.forward(
-        q,
-        k,
-        v,
-        q_slots,
-        k_slots,
-        key_valid,
-        segments,
-        scale=spec.scale,
-        window=spec.window,
-        contiguous=spec.contiguous_keys,
-    )
-    return out, lse
+    return cpu_attention.forward(q, k, v, q_slots, k_slots, key_valid, segments, **_kernel_options(spec))
 
 
 def _kernel_fwd(q, k, v, q_slots, k_slots, key_valid, segments, spec):
@@ -380,21 +372,8 @@ def _kernel_backward(spec: AttentionSpec, residuals, d_out):
     if not cpu_attention.takes_backward():
         return _chunked_backward(spec, residuals, d_out)
     q, k, v, q_slots, k_slots, key_valid, segments, out, lse = residuals
-    dq, dk, dv = cpu_attention.backward(
-        q,
-        k,
-        v,
-        q_slots,
-        k_slots,
-        key_valid,
-        segments,
-        out,
-        lse,
-        d_out,
-        scale=spec.scale,
-        window=spec.window,
-        contiguous=spec.contiguous_keys,
-    )
+    options = _kernel_options(spec)
+    dq, dk, dv = cpu_attention.backward(q, k, v, q_slots, k_slots, key_valid, segments, out, lse, d_out, **options)
     return dq, dk, dv, None, None, None, None
 
 

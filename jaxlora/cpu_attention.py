@@ -43,10 +43,28 @@ def takes_backward() -> bool:
     return not native.switched_off() and _backward_registered()
 
 
-def _segment_pair(segments, b: int, t: int, s: int):
+def _operands(q, k, v, q_slots, k_slots, key_valid, segments) -> tuple:
+    """The kernels' shared operands, in their order: q, k, v, the slots, key_valid as bytes, the query and key
+    segments (zeros for a call without any)."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
     if segments is None:
-        return jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-    return segments.astype(jnp.int32), segments.astype(jnp.int32)
+        q_segments, k_segments = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+    else:
+        q_segments = k_segments = segments.astype(jnp.int32)
+    return (
+        q,
+        k,
+        v,
+        q_slots.astype(jnp.int32),
+        k_slots.astype(jnp.int32),
+        key_valid.astype(jnp.uint8),
+        q_segments,
+        k_segments,
+    )
+
+
+def _attributes(scale: float, window: int | None, contiguous: bool) -> dict:
+    return {"scale": np.float32(scale), "window": np.int64(window or 0), "contiguous": np.int64(contiguous)}
 
 
 def takes(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float | None) -> bool:
@@ -68,27 +86,15 @@ def forward(q, k, v, q_slots, k_slots, key_valid, segments, *, scale: float, win
     if not _registered():
         raise ConfigError("the CPU attention kernel is not built here (see the warning above); use another attention")
     b, t, h, _ = q.shape
-    s, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
-    q_segments, k_segments = _segment_pair(segments, b, t, s)
+    kvh, dv = k.shape[2], v.shape[-1]
     results = (
         jax.ShapeDtypeStruct((b, t, h, dv), jnp.float32),
         jax.ShapeDtypeStruct((b, kvh, h // kvh, t), jnp.float32),
     )
     # Under a caller's vmap each mapped call runs by itself (`sequential`): the handler takes one batch.
     call = jax.ffi.ffi_call(TARGET, results, vmap_method="sequential")
-    return call(
-        q,
-        k,
-        v,
-        q_slots.astype(jnp.int32),
-        k_slots.astype(jnp.int32),
-        key_valid.astype(jnp.uint8),
-        q_segments,
-        k_segments,
-        scale=np.float32(scale),
-        window=np.int64(window or 0),
-        contiguous=np.int64(contiguous),
-    )
+    operands = _operands(q, k, v, q_slots, k_slots, key_valid, segments)
+    return call(*operands, **_attributes(scale, window, contiguous))
 
 
 def backward(q, k, v, q_slots, k_slots, key_valid, segments, out, lse, d_out, *, scale, window, contiguous):
@@ -98,28 +104,15 @@ def backward(q, k, v, q_slots, k_slots, key_valid, segments, out, lse, d_out, *,
         raise ConfigError("the CPU attention backward kernel is not built here (see the warning above)")
     b, t, h, d = q.shape
     s, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
-    q_segments, k_segments = _segment_pair(segments, b, t, s)
     results = (
         jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
         jax.ShapeDtypeStruct((b, s, h, d), jnp.float32),  # each query head's share of its kv head's dk
         jax.ShapeDtypeStruct((b, s, h, dv), jnp.float32),
     )
     call = jax.ffi.ffi_call(BACKWARD_TARGET, results, vmap_method="sequential")
+    operands = _operands(q, k, v, q_slots, k_slots, key_valid, segments)
     dq, dk_shares, dv_shares = call(
-        q,
-        k,
-        v,
-        q_slots.astype(jnp.int32),
-        k_slots.astype(jnp.int32),
-        key_valid.astype(jnp.uint8),
-        q_segments,
-        k_segments,
-        out,
-        lse,
-        d_out.astype(jnp.float32),
-        scale=np.float32(scale),
-        window=np.int64(window or 0),
-        contiguous=np.int64(contiguous),
+        *operands, out, lse, d_out.astype(jnp.float32), **_attributes(scale, window, contiguous)
     )
     # Query head qh shares kv head qh // (h / kvh): sum each kv head's group of shares.
     dk = dk_shares.reshape(b, s, kvh, h // kvh, d).sum(axis=3)

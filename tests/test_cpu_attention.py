@@ -40,6 +40,19 @@ def kernel(q, k, v, q_slots, key_valid, key_slots=None, segments=None, spec=None
     return jax.jit(lambda *a: kernel_attention(*a, spec=spec))(q, k, v, q_slots, key_valid, key_slots, segments)
 
 
+def _spy(monkeypatch, kernel: str = "forward"):
+    """The q shapes `cpu_attention.<kernel>` ("forward" or "backward") is called with from here on."""
+    calls = []
+    real = getattr(cpu_attention, kernel)
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, kernel, spy)
+    return calls
+
+
 def test_the_kernel_builds_and_registers_here():
     # The machines this suite runs on have a C++ compiler: a fallback to XLA's cores must not pass for the kernel.
     assert cpu_attention._registered()
@@ -124,23 +137,11 @@ def _assert_grads_equal(got, want):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
 
 
-def _backward_spy(monkeypatch):
-    calls = []
-    real = cpu_attention.backward
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_attention, "backward", spy)
-    return calls
-
-
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_gradients_through_the_kernel_equal_the_reference(name, monkeypatch):
     """The backward kernel's dq, dk, dv against XLA's gradients of the reference core, over the forward test's
     shapes and masks (a padded row's blind queries, missing keys, a window, grouped heads, odd widths)."""
-    calls = _backward_spy(monkeypatch)
+    calls = _spy(monkeypatch, "backward")
     b, t, s, h, kvh, d, dv, window = SHAPES[name]
     q, k, v = inputs(b, t, s, h, kvh, d, dv, seed=3)
     spec = AttentionSpec(window, 0.7 / np.sqrt(d), None)
@@ -156,7 +157,7 @@ def test_gradients_through_the_kernel_equal_the_reference(name, monkeypatch):
 
 
 def test_gradients_with_ring_slots_and_packed_segments_equal_the_reference(monkeypatch):
-    calls = _backward_spy(monkeypatch)
+    calls = _spy(monkeypatch, "backward")
     q, k, v = inputs(2, 5, 12, 6, 2, 16, 16, seed=5)
     q_slots = jnp.arange(20, 25)
     key_slots = jnp.asarray([12, 13, 14, 15, 16, 17, 18, 19, -1, -2, 10, 11], jnp.int32)
@@ -179,7 +180,7 @@ def test_gradients_with_ring_slots_and_packed_segments_equal_the_reference(monke
 
 def test_gradients_without_the_backward_kernel_come_from_the_chunked_loop(monkeypatch):
     """Where the backward kernel is not built, the forward kernel's gradients come from the chunked core's loop."""
-    calls = _backward_spy(monkeypatch)
+    calls = _spy(monkeypatch, "backward")
     monkeypatch.setattr(cpu_attention, "takes_backward", lambda: False)
     q, k, v = inputs(1, 30, 30, 4, 2, 16, 16, seed=8)
     slots, valid, spec = jnp.arange(30), jnp.ones((1, 30), bool), AttentionSpec(None, 0.3, None)
@@ -198,18 +199,6 @@ def test_under_vmap_each_call_runs_by_itself():
 
     mapped = jax.jit(jax.vmap(one))(q, k, v)
     np.testing.assert_allclose(mapped, reference(q, k, v, slots, jnp.ones((3, 20), bool), slots, spec), atol=1e-5)
-
-
-def _spy(monkeypatch):
-    calls = []
-    real = cpu_attention.forward
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_attention, "forward", spy)
-    return calls
 
 
 def test_auto_gives_the_kernel_every_call_it_takes(monkeypatch):

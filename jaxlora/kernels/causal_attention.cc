@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -85,6 +86,21 @@ struct Shapes {
   int64_t window;
   bool contiguous;
 };
+
+constexpr const char* kShapeRule =
+    "q [b, t, h, d], k [b, s, kvh, d], v [b, s, kvh, dv] with kvh dividing h expected";
+
+// A call's shapes from its q, k, v dimensions; false where they break kShapeRule.
+template <class Dims>
+bool shapes_of(const Dims& qd, const Dims& kd, const Dims& vd, float scale, int64_t window, int64_t contiguous,
+               Shapes* sh) {
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || vd[0] != qd[0] || vd[1] != kd[1] ||
+      vd[2] != kd[2] || kd[3] != qd[3] || kd[2] < 1 || qd[2] % kd[2] != 0) {
+    return false;
+  }
+  *sh = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], vd[3], qd[2] / kd[2], scale, window, contiguous != 0};
+  return true;
+}
 
 struct Inputs {
   const float *q, *k, *v;
@@ -368,15 +384,11 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
                            ffi::Buffer<ffi::U8> key_valid, ffi::Buffer<ffi::S32> q_segments,
                            ffi::Buffer<ffi::S32> k_segments, ffi::ResultBuffer<ffi::F32> out,
                            ffi::ResultBuffer<ffi::F32> lse, float scale, int64_t window, int64_t contiguous) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || vd[0] != qd[0] || vd[1] != kd[1] ||
-      vd[2] != kd[2] || kd[3] != qd[3] || kd[2] < 1 || qd[2] % kd[2] != 0) {
-    return ffi::Error::InvalidArgument(
-        "causal_attention: q [b, t, h, d], k [b, s, kvh, d], v [b, s, kvh, dv] with kvh dividing h expected");
-  }
   auto split = std::make_shared<Split<Forward>>();
   Shapes& sh = split->job.shapes;
-  sh = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], vd[3], qd[2] / kd[2], scale, window, contiguous != 0};
+  if (!shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), scale, window, contiguous, &sh)) {
+    return ffi::Error::InvalidArgument(std::string("causal_attention: ") + kShapeRule);
+  }
   split->job.inputs = Inputs{q.typed_data(),          k.typed_data(),          v.typed_data(),
                              q_slots.typed_data(),    k_slots.typed_data(),    q_segments.typed_data(),
                              k_segments.typed_data(), key_valid.typed_data(),  out->typed_data(),
@@ -560,15 +572,11 @@ ffi::Error CausalAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
                                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
                                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                                    ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, int64_t contiguous) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || vd[0] != qd[0] || vd[1] != kd[1] ||
-      vd[2] != kd[2] || kd[3] != qd[3] || kd[2] < 1 || qd[2] % kd[2] != 0) {
-    return ffi::Error::InvalidArgument(
-        "causal_attention_backward: q [b, t, h, d], k [b, s, kvh, d], v [b, s, kvh, dv] with kvh dividing h expected");
-  }
   auto split = std::make_shared<Split<Backward>>();
   Shapes& sh = split->job.shapes;
-  sh = Shapes{qd[0], qd[1], qd[2], qd[3], kd[1], kd[2], vd[3], qd[2] / kd[2], scale, window, contiguous != 0};
+  if (!shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), scale, window, contiguous, &sh)) {
+    return ffi::Error::InvalidArgument(std::string("causal_attention_backward: ") + kShapeRule);
+  }
   split->job.inputs = BackwardInputs{q.typed_data(),       k.typed_data(),        v.typed_data(),
                                      out.typed_data(),     lse.typed_data(),      d_out.typed_data(),
                                      q_slots.typed_data(), k_slots.typed_data(),  q_segments.typed_data(),
