@@ -71,6 +71,9 @@ SHAPES = {
     "window": (2, 100, 100, 8, 2, 128, 128, 17),
     "cached": (2, 9, 64, 6, 3, 16, 16, None),
     "decode": (3, 1, 50, 6, 2, 32, 48, None),
+    # At most 8 query rows per item: scores straight from the keys, unpacked (widths past a multiple of 16, a window)
+    "decode-odd-widths": (2, 1, 40, 4, 1, 20, 13, None),
+    "decode-window": (2, 2, 60, 6, 2, 24, 24, 9),
 }
 
 
