@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -187,15 +188,14 @@ void row_scores(const Row* rows, int64_t d, const float* keys_t, int64_t stride,
   }
 }
 
-// The same for the block's first `rows` rows (1 to kRows): a decode step's block holds only the query heads of one
-// kv head (3 for SmolLM2), and its scores cost what its rows do.
-template <int R = kRows>
-void block_scores(int rows, const Row* br, int64_t d, const float* keys_t, int64_t stride, int64_t first,
-                  int64_t last, float* scores, int64_t width) {
+// f(std::integral_constant<int, R>) for R = rows (1 to kRows): a block's products for just its real rows, as a
+// decode step's block holds only the query heads of one kv head (3 for SmolLM2) and costs what its rows do.
+template <int R = kRows, class F>
+void with_rows(int rows, F&& f) {
   if constexpr (R > 1) {
-    if (rows < R) return block_scores<R - 1>(rows, br, d, keys_t, stride, first, last, scores, width);
+    if (rows < R) return with_rows<R - 1>(rows, f);
   }
-  row_scores<R>(br, d, keys_t, stride, first, last, scores, width);
+  f(std::integral_constant<int, R>{});
 }
 
 // Scores of R rows against keys [0, count) read where they lie (key j at keys + j * key_stride), zeros up to `padded`:
@@ -216,15 +216,6 @@ void direct_scores(const Row* rows, int64_t d, const float* keys, int64_t key_st
     }
   }
   for (int r = 0; r < R; ++r) std::memset(scores + r * width + count, 0, (padded - count) * sizeof(float));
-}
-
-template <int R = kRows>
-void block_direct_scores(int rows, const Row* br, int64_t d, const float* keys, int64_t key_stride, int64_t count,
-                         int64_t padded, float* scores, int64_t width) {
-  if constexpr (R > 1) {
-    if (rows < R) return block_direct_scores<R - 1>(rows, br, d, keys, key_stride, count, padded, scores, width);
-  }
-  direct_scores<R>(br, d, keys, key_stride, count, padded, scores, width);
 }
 
 // One row's scores -> probabilities (unnormalized, masked keys 0) in place; returns their sum and sets the max.
@@ -350,19 +341,19 @@ void run_item(const Shapes& sh, const Inputs& in, int64_t item, Scratch& scratch
     }
   }
 
-  scratch.keys_t.resize(sh.d * width > 0 ? sh.d * width : 1);
+  const bool packed = rows > kRows;  // more than one block of rows shares the packed keys
+  if (packed) scratch.keys_t.resize(sh.d * width > 0 ? sh.d * width : 1);
   scratch.slots.resize(width > 0 ? width : 1);
   scratch.segments.resize(width > 0 ? width : 1);
   scratch.scores.resize(kRows * (width > 0 ? width : 1));
   float* keys_t = scratch.keys_t.data();
-  const float* keys = in.k + ((row * sh.s + lo) * sh.kvh + head) * sh.d;
   const int64_t k_stride = sh.kvh * sh.d;
-  const bool packed = rows > kRows;  // more than one block of rows shares the packed keys
+  const float* keys = in.k + ((row * sh.s + lo) * sh.kvh + head) * sh.d;  // key lo + j at keys + j * k_stride
   for (int64_t j = 0; j < width; ++j) {
     const int64_t key = lo + j;
     const bool real = j < count;
-    const float* src = in.k + ((row * sh.s + (real ? key : lo)) * sh.kvh + head) * sh.d;
     if (packed) {
+      const float* src = keys + (real ? j : 0) * k_stride;
       for (int64_t c = 0; c < sh.d; ++c) keys_t[c * width + j] = real ? src[c] : 0.0f;
     }
     scratch.slots[j] = real && in.key_valid[row * sh.s + key] ? in.k_slots[key] : kNever;
@@ -389,12 +380,14 @@ void run_item(const Shapes& sh, const Inputs& in, int64_t item, Scratch& scratch
       block_hi = top + 1 - lo < count ? (top + 1 - lo > 0 ? top + 1 - lo : 0) : count;
     }
     const int64_t block_width = (block_hi + 15) / 16 * 16;
-    if (packed) {
-      block_scores(real_rows, br, sh.d, keys_t, width, 0, block_width, scores, width);
-    } else {
-      const int64_t seen = block_hi < count ? block_hi : count;
-      block_direct_scores(real_rows, br, sh.d, keys, k_stride, seen, block_width, scores, width);
-    }
+    const int64_t seen = block_hi < count ? block_hi : count;
+    with_rows(real_rows, [&](auto r) {
+      if (packed) {
+        row_scores<decltype(r)::value>(br, sh.d, keys_t, width, 0, block_width, scores, width);
+      } else {
+        direct_scores<decltype(r)::value>(br, sh.d, keys, k_stride, seen, block_width, scores, width);
+      }
+    });
     float inverse[kRows];
     for (int r = 0; r < real_rows; ++r) {
       float m;
