@@ -489,39 +489,50 @@ constexpr int kKeyBlock = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// c[m][n] += sum_k a(k, m) * b[k][n] for 4 rows m and V vectors of 16 columns n: a(k, m) = a[k * a_k + m * a_m].
-template <int V>
+// c[m][n] += sum_k a(k, m) * b[k][n] for M rows m and V vectors of 16 columns n: a(k, m) = a[k * a_k + m * a_m].
+template <int M, int V>
 void product_tile(int64_t depth, const float* a, int64_t a_k, int64_t a_m, const float* b, int64_t b_k, float* c,
                   int64_t c_m) {
-  Vec16 acc[4][V];
-  for (int m = 0; m < 4; ++m)
+  Vec16 acc[M][V];
+  for (int m = 0; m < M; ++m)
     for (int v = 0; v < V; ++v) acc[m][v] = load16(c + m * c_m + 16 * v);
   for (int64_t k = 0; k < depth; ++k) {
     Vec16 bk[V];
     for (int v = 0; v < V; ++v) bk[v] = load16(b + k * b_k + 16 * v);
-    for (int m = 0; m < 4; ++m) {
+    for (int m = 0; m < M; ++m) {
       const float x = a[k * a_k + m * a_m];
       for (int v = 0; v < V; ++v) acc[m][v] += x * bk[v];
     }
   }
-  for (int m = 0; m < 4; ++m)
+  for (int m = 0; m < M; ++m)
     for (int v = 0; v < V; ++v) store16(c + m * c_m + 16 * v, acc[m][v]);
 }
 
-// c [rows, cols] += a^T-or-a [depth, rows] x b [depth, cols]: rows a multiple of 4, cols a multiple of 16.
+// c [rows, cols] += a^T-or-a [depth, rows] x b [depth, cols]: rows a multiple of 4, cols a multiple of 16. Tiles
+// hold 16 sums: 4 rows x 4 vectors, or 8 rows x 2 vectors where the columns are 32 (score blocks).
 void add_product(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_k, int64_t a_m, const float* b,
                  int64_t b_k, float* c, int64_t c_m) {
   for (int64_t n = 0; n < cols; n += 64) {
     const int64_t vectors = cols - n >= 64 ? 4 : (cols - n) / 16;
-    for (int64_t m = 0; m < rows; m += 4) {
+    for (int64_t m = 0; m < rows;) {
       const float* at = a + m * a_m;
       float* ct = c + m * c_m + n;
-      switch (vectors) {
-        case 4: product_tile<4>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-        case 3: product_tile<3>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-        case 2: product_tile<2>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-        default: product_tile<1>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
+      if (vectors <= 2 && rows - m >= 8) {
+        if (vectors == 2) {
+          product_tile<8, 2>(depth, at, a_k, a_m, b + n, b_k, ct, c_m);
+        } else {
+          product_tile<8, 1>(depth, at, a_k, a_m, b + n, b_k, ct, c_m);
+        }
+        m += 8;
+        continue;
       }
+      switch (vectors) {
+        case 4: product_tile<4, 4>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
+        case 3: product_tile<4, 3>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
+        case 2: product_tile<4, 2>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
+        default: product_tile<4, 1>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
+      }
+      m += 4;
     }
   }
 }
