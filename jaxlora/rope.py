@@ -118,7 +118,22 @@ def rope_cos_sin(
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if rope.attention_factor != 1.0:
         cos, sin = cos * jnp.float32(rope.attention_factor), sin * jnp.float32(rope.attention_factor)
-    return cos, sin
+    return computed_once(cos), computed_once(sin)
+
+
+def computed_once(table: jax.Array) -> jax.Array:
+    """On the CPU, the table [..., n] as a product with the n x n identity, which XLA computes once and stores.
+
+    XLA:CPU fuses an elementwise producer such as cos into each of its consumers, and a loop fusion computes it
+    again for every element it writes: each RoPE rotation of q and k, and each of their gradients, in every layer,
+    took cos and sin once per head and half-dimension. A dot's output it reads from memory instead. Exact: each entry
+    is itself times 1 plus zeros. SmolLM2's 512-token prefill, alternated in fresh processes, best of 7: 803-819 ->
+    780-787 ms on an AMD EPYC (Zen 4) host.
+    """
+    if jax.default_backend() != "cpu":
+        return table
+    identity = jnp.eye(table.shape[-1], dtype=table.dtype)
+    return jnp.matmul(table, identity, precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, style: str = "half") -> jax.Array:
