@@ -510,30 +510,17 @@ void product_tile(int64_t depth, const float* a, int64_t a_k, int64_t a_m, const
     for (int v = 0; v < V; ++v) store16(c + m * c_m + 16 * v, acc[m][v]);
 }
 
-// c [rows, cols] += a^T-or-a [depth, rows] x b [depth, cols]: rows a multiple of 4, cols a multiple of 16. Tiles
-// hold 16 sums, 8 rows x 2 vectors (4 x 4 where fewer than 8 rows are left).
+// c [rows, cols] += a^T-or-a [depth, rows] x b [depth, cols]: rows a multiple of 8 (each product here has a block's
+// 32 rows), cols a multiple of 16. Tiles hold 16 sums: 8 rows x 2 vectors.
+static_assert(kQueryBlock % 8 == 0 && kKeyBlock % 8 == 0, "add_product takes rows in tiles of 8");
 void add_product(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_k, int64_t a_m, const float* b,
                  int64_t b_k, float* c, int64_t c_m) {
-  int64_t m = 0;
-  for (; rows - m >= 8; m += 8) {
+  for (int64_t m = 0; m < rows; m += 8) {
     const float* at = a + m * a_m;
     float* ct = c + m * c_m;
     int64_t n = 0;
     for (; cols - n >= 32; n += 32) product_tile<8, 2>(depth, at, a_k, a_m, b + n, b_k, ct + n, c_m);
     if (n < cols) product_tile<8, 1>(depth, at, a_k, a_m, b + n, b_k, ct + n, c_m);
-  }
-  for (int64_t n = 0; n < cols; n += 64) {
-    const int64_t vectors = cols - n >= 64 ? 4 : (cols - n) / 16;
-    for (int64_t r = m; r < rows; r += 4) {
-      const float* at = a + r * a_m;
-      float* ct = c + r * c_m + n;
-      switch (vectors) {
-        case 4: product_tile<4, 4>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-        case 3: product_tile<4, 3>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-        case 2: product_tile<4, 2>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-        default: product_tile<4, 1>(depth, at, a_k, a_m, b + n, b_k, ct, c_m); break;
-      }
-    }
   }
 }
 
