@@ -127,6 +127,29 @@ def _low_rank_update_bwd(scale, residuals, dy):
 low_rank_update.defvjp(_low_rank_update_fwd, _low_rank_update_bwd)
 
 
+@jax.custom_vjp
+def silu_gated(gate, up):
+    """silu(gate) * up, a SwiGLU MLP's hidden activation, with its derivative written out: XLA:CPU computes the
+    backward pass in fewer, leaner fusions than it does from autodiff's (SmolLM2's LoRA step, one process, the two
+    alternated 12 times: median 3.79 -> 3.67 s, fastest 3.67 -> 3.53 s). The same values as autodiff's up to
+    float32 rounding."""
+    return jax.nn.silu(gate) * up
+
+
+def _silu_gated_fwd(gate, up):
+    return silu_gated(gate, up), (gate, up)
+
+
+def _silu_gated_bwd(residuals, dh):
+    gate, up = residuals
+    sigmoid = jax.nn.sigmoid(gate)
+    silu = gate * sigmoid
+    return dh * up * (sigmoid + silu * (1 - sigmoid)), dh * silu
+
+
+silu_gated.defvjp(_silu_gated_fwd, _silu_gated_bwd)
+
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -394,7 +417,8 @@ class MLP(nn.Module):
         width = self.width or c.intermediate_size
         up = Linear(width, c.mlp_bias, ("embed", "mlp"), name="up_proj", lora=self.lora)(x)
         if c.gated_mlp:
-            up = act(Linear(width, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora=self.lora)(x)) * up
+            gate = Linear(width, c.mlp_bias, ("embed", "mlp"), name="gate_proj", lora=self.lora)(x)
+            up = silu_gated(gate, up) if c.activation == "silu" else act(gate) * up
         else:
             up = act(up)
         return Linear(c.hidden_size, c.mlp_bias, ("mlp", "embed"), name="down_proj", lora=self.lora)(up)
